@@ -1,0 +1,497 @@
+//! Configuration: one TOML file (optional) plus environment overrides, validated up front so
+//! a bad setting stops the service with a message naming the field (exit 78).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+use crate::token::{AppToken, TokenError};
+
+/// Environment variables the service reads. Later packaging and outside checks rely on
+/// these names.
+pub mod env {
+    pub const APP_TOKEN: &str = "SLACK_APP_TOKEN";
+    pub const API_URL: &str = "FLOWCOACH_SLACK_API_URL";
+    pub const CONFIG: &str = "FLOWCOACH_CONFIG";
+    pub const LOG: &str = "FLOWCOACH_LOG";
+    pub const LOG_FORMAT: &str = "FLOWCOACH_LOG_FORMAT";
+}
+
+pub const DEFAULT_API_URL: &str = "https://slack.com/api";
+
+/// The settings file, as written by an operator. Every section and field is optional.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Name of this deployment (`dev`, `prod`, …): shown in status answers and logs.
+    pub environment: String,
+    pub slack: SlackSettings,
+    pub connection: ConnectionSettings,
+    pub dispatch: DispatchSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlackSettings {
+    /// Web API base; `http://` is accepted for loopback addresses only (the simulator).
+    pub api_url: String,
+    /// Append `debug_reconnects=true` to the websocket URL: Slack then refreshes the
+    /// connection after about 360 s instead of hours, which exercises rotation.
+    pub debug_reconnects: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionSettings {
+    /// A client ping is sent when nothing has arrived for this long.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// The connection is declared dead when nothing (pong or any frame) arrives within this
+    /// time after a ping: half-open connections are found within ping_interval + pong_timeout.
+    #[serde(with = "humantime_serde")]
+    pub pong_timeout: Duration,
+    /// How long a new socket may take to send `hello`.
+    #[serde(with = "humantime_serde")]
+    pub hello_timeout: Duration,
+    /// After sending Close, how long to wait for Slack's reply before dropping the socket.
+    #[serde(with = "humantime_serde")]
+    pub close_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// A connection that stays up this long resets the backoff: a server that sends `hello`
+    /// and then drops us at once cannot drive a tight reconnect loop.
+    #[serde(with = "humantime_serde")]
+    pub stable_after: Duration,
+    /// Lower bound for the wait after `too_many_websockets`: reconnecting at once only adds
+    /// to the app's socket count.
+    #[serde(with = "humantime_serde")]
+    pub too_many_websockets_backoff: Duration,
+    /// Inbound messages larger than this end the connection (a resync is not possible).
+    pub max_message_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchSettings {
+    /// Handlers running at once.
+    pub max_concurrent_handlers: usize,
+    /// Accepted envelopes waiting for a handler slot. Beyond this, envelopes are left
+    /// unacked so that Slack redelivers them instead of us losing them.
+    pub max_queued_handlers: usize,
+    /// How long a handler may take to answer in the ack (slash commands, interactions)
+    /// before we ack without a payload; Slack's deadline is 3 s.
+    #[serde(with = "humantime_serde")]
+    pub response_deadline: Duration,
+    /// How long an event id is remembered to drop redeliveries (Slack retries for minutes).
+    #[serde(with = "humantime_serde")]
+    pub dedup_ttl: Duration,
+    /// Upper bound on remembered event ids, so memory stays bounded under any load.
+    pub dedup_capacity: usize,
+    /// On shutdown, how long in-flight handlers get to finish and ack.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// A `tracing` filter, e.g. `info` or `flowcoach=debug`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            environment: "default".to_owned(),
+            slack: SlackSettings::default(),
+            connection: ConnectionSettings::default(),
+            dispatch: DispatchSettings::default(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
+impl Default for SlackSettings {
+    fn default() -> Self {
+        SlackSettings {
+            api_url: DEFAULT_API_URL.to_owned(),
+            debug_reconnects: false,
+        }
+    }
+}
+
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        ConnectionSettings {
+            ping_interval: Duration::from_secs(5),
+            pong_timeout: Duration::from_secs(5),
+            hello_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(1),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            stable_after: Duration::from_secs(30),
+            too_many_websockets_backoff: Duration::from_secs(10),
+            max_message_bytes: 4 << 20,
+        }
+    }
+}
+
+impl Default for DispatchSettings {
+    fn default() -> Self {
+        DispatchSettings {
+            max_concurrent_handlers: 64,
+            max_queued_handlers: 4096,
+            response_deadline: Duration::from_millis(2500),
+            dedup_ttl: Duration::from_secs(15 * 60),
+            // Slack's Events API sends at most 30 000 events an hour per workspace, about
+            // 7 500 per 15 minutes: this leaves room for several workspaces.
+            dedup_capacity: 50_000,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            level: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Everything the daemon needs: validated settings plus the token.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub settings: Settings,
+    pub api_url: Url,
+    pub token: AppToken,
+    /// Where the token came from, for status output (never the token itself).
+    pub token_source: &'static str,
+    /// The settings file, if one was read.
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("no Slack app token: set {} to the app-level token (xapp-…)", env::APP_TOKEN)]
+    MissingToken,
+    #[error("{source_name}: {error}")]
+    BadToken {
+        source_name: &'static str,
+        error: TokenError,
+    },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Where to read variables from: the process environment in production, a map in tests.
+pub trait EnvSource {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl EnvSource for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl<const N: usize> EnvSource for [(&str, &str); N] {
+    fn var(&self, name: &str) -> Option<String> {
+        self.iter()
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| (*value).to_owned())
+    }
+}
+
+impl Settings {
+    /// Reads and parses a settings file; unknown keys are errors (a typo must not be
+    /// silently ignored).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })
+    }
+
+    fn apply_env(&mut self, env: &dyn EnvSource) {
+        if let Some(url) = env.var(env::API_URL) {
+            self.slack.api_url = url;
+        }
+        if let Some(level) = env.var(env::LOG) {
+            self.log.level = level;
+        }
+        if let Some(format) = env.var(env::LOG_FORMAT) {
+            self.log.format = match format.as_str() {
+                "json" => LogFormat::Json,
+                _ => LogFormat::Text,
+            };
+        }
+    }
+
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<Url, ConfigError> {
+        let env_ok = !self.environment.is_empty()
+            && self
+                .environment
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !env_ok {
+            return Err(invalid(
+                "environment",
+                format!(
+                    "{:?} must be a non-empty name of letters, digits, '-' or '_'",
+                    self.environment
+                ),
+            ));
+        }
+        let api_url = validate_api_url(&self.slack.api_url)?;
+        self.connection.validate()?;
+        self.dispatch.validate()?;
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(invalid("log.level", e.to_string()));
+        }
+        Ok(api_url)
+    }
+}
+
+/// `https://` anywhere; plain `http://` only on loopback, where the simulator runs.
+pub fn validate_api_url(raw: &str) -> Result<Url, ConfigError> {
+    let field = "slack.api_url";
+    let url = Url::parse(raw).map_err(|e| invalid(field, format!("{raw:?} is not a URL: {e}")))?;
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if is_loopback(&url) => Ok(url),
+        "http" => Err(invalid(
+            field,
+            format!("{raw:?} uses plain http, which is accepted for loopback addresses only"),
+        )),
+        other => Err(invalid(
+            field,
+            format!("{raw:?} has scheme {other:?}; expected https"),
+        )),
+    }
+}
+
+/// True for `127.0.0.0/8`, `::1` and `localhost`.
+pub fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name == "localhost",
+        None => false,
+    }
+}
+
+impl ConnectionSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("connection.ping_interval", self.ping_interval),
+            ("connection.pong_timeout", self.pong_timeout),
+            ("connection.hello_timeout", self.hello_timeout),
+            ("connection.close_timeout", self.close_timeout),
+            ("connection.backoff_initial", self.backoff_initial),
+        ];
+        for (field, value) in positive {
+            if value.is_zero() {
+                return Err(invalid(field, "must be greater than zero"));
+            }
+        }
+        if self.close_timeout > Duration::from_secs(10) {
+            return Err(invalid(
+                "connection.close_timeout",
+                "must be at most 10s: Slack does not close TCP after the close handshake",
+            ));
+        }
+        if self.backoff_max < self.backoff_initial {
+            return Err(invalid(
+                "connection.backoff_max",
+                "must not be smaller than connection.backoff_initial",
+            ));
+        }
+        if self.max_message_bytes < 64 * 1024 {
+            return Err(invalid(
+                "connection.max_message_bytes",
+                "must be at least 65536: Slack's interactive payloads can be large",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl DispatchSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_concurrent_handlers == 0 {
+            return Err(invalid(
+                "dispatch.max_concurrent_handlers",
+                "must be at least 1",
+            ));
+        }
+        if self.response_deadline.is_zero() || self.response_deadline >= Duration::from_secs(3) {
+            return Err(invalid(
+                "dispatch.response_deadline",
+                "must be above zero and below 3s, Slack's ack deadline",
+            ));
+        }
+        if self.dedup_ttl < Duration::from_secs(10 * 60) {
+            return Err(invalid(
+                "dispatch.dedup_ttl",
+                "must be at least 10m: Slack redelivers events for minutes",
+            ));
+        }
+        if self.dedup_capacity < 1000 {
+            return Err(invalid("dispatch.dedup_capacity", "must be at least 1000"));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Loads the file named by `path` (else `$FLOWCOACH_CONFIG`, else none: defaults),
+    /// applies environment overrides, validates, and reads the token.
+    pub fn load(path: Option<&Path>, env: &dyn EnvSource) -> Result<Config, ConfigError> {
+        let path = path
+            .map(Path::to_path_buf)
+            .or_else(|| env.var(env::CONFIG).map(PathBuf::from));
+        let mut settings = match &path {
+            Some(path) => Settings::from_file(path)?,
+            None => Settings::default(),
+        };
+        settings.apply_env(env);
+        let api_url = settings.validate()?;
+        let raw = env.var(env::APP_TOKEN).ok_or(ConfigError::MissingToken)?;
+        let token = AppToken::parse(&raw).map_err(|error| ConfigError::BadToken {
+            source_name: env::APP_TOKEN,
+            error,
+        })?;
+        Ok(Config {
+            settings,
+            api_url,
+            token,
+            token_source: env::APP_TOKEN,
+            path,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const TOKEN: &str = "xapp-1-A0TEST-1-abcdef";
+
+    fn write_config(text: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(text.as_bytes()).unwrap();
+        file
+    }
+
+    #[test]
+    fn defaults_need_only_a_token() {
+        let config = Config::load(None, &[(env::APP_TOKEN, TOKEN)]).unwrap();
+        assert_eq!(config.api_url.as_str(), "https://slack.com/api");
+        assert_eq!(config.settings.environment, "default");
+        assert_eq!(config.token.expose_secret(), TOKEN);
+    }
+
+    #[test]
+    fn file_then_environment() {
+        let file = write_config(
+            "environment = \"prod\"\n[slack]\napi_url = \"https://example.test/api\"\n\
+             [connection]\nping_interval = \"3s\"\n",
+        );
+        let config = Config::load(
+            Some(file.path()),
+            &[
+                (env::APP_TOKEN, TOKEN),
+                (env::API_URL, "http://127.0.0.1:9/api"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.settings.environment, "prod");
+        assert_eq!(config.api_url.as_str(), "http://127.0.0.1:9/api");
+        assert_eq!(config.settings.connection.ping_interval.as_secs(), 3);
+    }
+
+    #[test]
+    fn config_path_from_the_environment() {
+        let file = write_config("environment = \"staging\"\n");
+        let path = file.path().to_str().unwrap();
+        let config = Config::load(None, &[(env::APP_TOKEN, TOKEN), (env::CONFIG, path)]).unwrap();
+        assert_eq!(config.settings.environment, "staging");
+    }
+
+    fn error_for(file_text: &str) -> String {
+        let file = write_config(file_text);
+        Config::load(Some(file.path()), &[(env::APP_TOKEN, TOKEN)])
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert!(error_for("[connection]\nping_intervall = \"3s\"\n").contains("ping_intervall"));
+        assert!(error_for("[connection]\nping_interval = \"soon\"\n").contains("ping_interval"));
+        assert!(error_for("[slack]\napi_url = \"http://slack.com/api\"\n").contains("slack.api_url"));
+        assert!(error_for("[dispatch]\nresponse_deadline = \"3s\"\n")
+            .contains("dispatch.response_deadline"));
+        assert!(error_for("[dispatch]\ndedup_ttl = \"1m\"\n").contains("dispatch.dedup_ttl"));
+        assert!(error_for("environment = \"a b\"\n").contains("environment"));
+        assert!(error_for("[log]\nlevel = \"=(\"\n").contains("log.level"));
+        assert!(error_for("[connection]\nbackoff_max = \"1ms\"\n").contains("backoff_max"));
+    }
+
+    #[test]
+    fn token_problems_are_reported_without_the_token() {
+        let missing = Config::load(None, &[]).unwrap_err();
+        assert!(matches!(missing, ConfigError::MissingToken));
+        let bot = Config::load(None, &[(env::APP_TOKEN, "xoxb-secret-value")]).unwrap_err();
+        let text = bot.to_string();
+        assert!(text.contains(env::APP_TOKEN) && !text.contains("secret-value"));
+    }
+
+    #[test]
+    fn unreadable_file_is_reported_with_its_path() {
+        let err = Config::load(
+            Some(Path::new("/nonexistent/flowcoach.toml")),
+            &[(env::APP_TOKEN, TOKEN)],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/flowcoach.toml"));
+    }
+}

@@ -1,0 +1,231 @@
+//! Envelope routing: deduplication, acks, bounded concurrent handlers, in-flight tracking.
+
+mod ack;
+mod dedup;
+mod handler;
+
+pub use ack::{AckSendError, AckSink, PendingAck, PendingAcks};
+pub use dedup::Dedup;
+pub use handler::{Handler, HandlerError, HandlerFuture, HandlerResult, Incoming};
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+use crate::config::DispatchSettings;
+use crate::slack::wire::Envelope;
+use crate::state::{Counters, ServiceState};
+
+/// What happened to one envelope on arrival.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// Handed to a handler.
+    Dispatched,
+    /// Seen before: acked again, not handled again.
+    Duplicate,
+    /// Not acked, so Slack redelivers it (queue full, or the service is stopping).
+    Deferred,
+}
+
+/// Routes envelopes to the handler. Cheap to share: connections call [`Dispatcher::accept`]
+/// from their read loops, which never waits on a handler.
+pub struct Dispatcher {
+    handler: Arc<dyn Handler>,
+    settings: DispatchSettings,
+    state: Arc<ServiceState>,
+    dedup: std::sync::Mutex<Dedup>,
+    /// Handlers running or queued; bounds memory.
+    admitted: Arc<Semaphore>,
+    /// Handlers running.
+    running: Arc<Semaphore>,
+    tracker: TaskTracker,
+    accepting: AtomicBool,
+}
+
+impl Dispatcher {
+    pub fn new(
+        handler: Arc<dyn Handler>,
+        settings: DispatchSettings,
+        state: Arc<ServiceState>,
+    ) -> Self {
+        let admitted = settings.max_concurrent_handlers + settings.max_queued_handlers;
+        Dispatcher {
+            handler,
+            dedup: std::sync::Mutex::new(Dedup::new(settings.dedup_ttl, settings.dedup_capacity)),
+            admitted: Arc::new(Semaphore::new(admitted)),
+            running: Arc::new(Semaphore::new(settings.max_concurrent_handlers)),
+            settings,
+            state,
+            tracker: TaskTracker::new(),
+            accepting: AtomicBool::new(true),
+        }
+    }
+
+    /// Takes one envelope from the connection `acks` belongs to.
+    pub fn accept(&self, envelope: Envelope, acks: &AckSink) -> Accepted {
+        let counters = &self.state.counters;
+        Counters::bump(&counters.envelopes_received);
+        let summary = envelope.summary();
+        // Slack's event_id survives redeliveries; the envelope id does not, but it is all
+        // slash commands and interactions have.
+        let key = summary.event_id.as_deref().unwrap_or(&envelope.envelope_id);
+        let now = Instant::now();
+        let mut dedup = self.dedup.lock().expect("dedup lock poisoned");
+        if dedup.contains(key, now) {
+            drop(dedup);
+            tracing::info!(
+                envelope_id = %envelope.envelope_id,
+                event_id = summary.event_id.as_deref(),
+                retry_attempt = envelope.retry_attempt,
+                "duplicate delivery acked again, not handled again"
+            );
+            Counters::bump(&counters.envelopes_deduplicated);
+            self.send_ack(acks.expect(envelope.envelope_id), None);
+            return Accepted::Duplicate;
+        }
+        if !self.accepting.load(Ordering::Acquire) {
+            return self.defer(&envelope, "the service is stopping");
+        }
+        let Ok(admission) = self.admitted.clone().try_acquire_owned() else {
+            return self.defer(&envelope, "the handler queue is full");
+        };
+        dedup.insert(key, now);
+        drop(dedup);
+
+        let pending = acks.expect(envelope.envelope_id.clone());
+        // The response rides in the ack only where Slack accepts one; everything else is
+        // acked now, before the handler runs, so a slow handler never costs a redelivery.
+        let pending = if envelope.accepts_response_payload {
+            Some(pending)
+        } else {
+            self.send_ack(pending, None);
+            None
+        };
+        let job = Job {
+            handler: self.handler.clone(),
+            state: self.state.clone(),
+            running: self.running.clone(),
+            response_deadline: self.settings.response_deadline,
+            accepted_at: now,
+        };
+        Counters::bump(&counters.in_flight);
+        self.tracker.spawn(async move {
+            let _admission = admission;
+            job.run(Incoming { envelope, summary }, pending).await;
+        });
+        Accepted::Dispatched
+    }
+
+    fn defer(&self, envelope: &Envelope, why: &str) -> Accepted {
+        Counters::bump(&self.state.counters.envelopes_deferred);
+        tracing::warn!(
+            envelope_id = %envelope.envelope_id,
+            "{why}: envelope left unacked for Slack to redeliver"
+        );
+        Accepted::Deferred
+    }
+
+    fn send_ack(&self, pending: PendingAck, payload: Option<serde_json::Value>) {
+        send_ack(&self.state.counters, pending, payload);
+    }
+
+    /// Stops taking new envelopes: from now on they are left for Slack to redeliver.
+    pub fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::Release);
+    }
+
+    /// Resolves when every accepted envelope has been handled (call after
+    /// [`Dispatcher::stop_accepting`]).
+    pub async fn wait_idle(&self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// How long shutdown waits for in-flight handlers.
+    pub fn drain_timeout(&self) -> Duration {
+        self.settings.drain_timeout
+    }
+
+    /// Envelopes accepted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.tracker.len()
+    }
+}
+
+fn send_ack(counters: &Counters, pending: PendingAck, payload: Option<serde_json::Value>) {
+    match pending.send(payload) {
+        Ok(()) => {}
+        Err(AckSendError::Refused(error)) => {
+            Counters::bump(&counters.acks_failed);
+            tracing::error!(%error, "response not sent");
+        }
+        Err(error @ AckSendError::ConnectionGone(_)) => {
+            Counters::bump(&counters.acks_failed);
+            tracing::warn!(%error, "ack not sent");
+        }
+    }
+}
+
+/// One handler invocation and the ack that depends on it.
+struct Job {
+    handler: Arc<dyn Handler>,
+    state: Arc<ServiceState>,
+    running: Arc<Semaphore>,
+    response_deadline: Duration,
+    accepted_at: Instant,
+}
+
+impl Job {
+    async fn run(self, incoming: Incoming, pending: Option<PendingAck>) {
+        let counters = &self.state.counters;
+        let envelope_id = incoming.envelope.envelope_id.clone();
+        let deadline = self.accepted_at + self.response_deadline;
+        let outcome = match pending {
+            None => self.invoke(incoming).await,
+            Some(pending) => {
+                let invocation = self.invoke(incoming);
+                tokio::pin!(invocation);
+                tokio::select! {
+                    outcome = &mut invocation => {
+                        let payload = outcome.as_ref().ok().cloned().flatten();
+                        send_ack(counters, pending, payload);
+                        outcome
+                    }
+                    _ = tokio::time::sleep_until(deadline) => {
+                        // Slack's deadline is 3 s: ack now, without the answer, rather
+                        // than have the envelope redelivered and handled twice.
+                        send_ack(counters, pending, None);
+                        let outcome = invocation.await;
+                        Counters::bump(&counters.late_responses);
+                        tracing::warn!(
+                            %envelope_id,
+                            deadline_ms = self.response_deadline.as_millis() as u64,
+                            "handler answered after the response deadline; acked without its response"
+                        );
+                        outcome
+                    }
+                }
+            }
+        };
+        if let Err(error) = outcome {
+            Counters::bump(&counters.handler_errors);
+            tracing::error!(%envelope_id, %error, "handler failed");
+        }
+        counters
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn invoke(&self, incoming: Incoming) -> HandlerResult {
+        let _permit = self
+            .running
+            .acquire()
+            .await
+            .map_err(|_| HandlerError::from("handler pool closed"))?;
+        self.handler.handle(incoming).await
+    }
+}

@@ -1,0 +1,210 @@
+//! `apps.connections.open`: the Web API call that yields a fresh, single-use websocket URL.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+use crate::config::is_loopback;
+use crate::token::AppToken;
+
+/// Errors that mean the configuration must change; retrying cannot help.
+const PERMANENT_ERRORS: &[&str] = &[
+    "invalid_auth",
+    "not_authed",
+    "account_inactive",
+    "token_revoked",
+    "token_expired",
+    "user_removed_from_team",
+    "team_disabled",
+    "forbidden_team",
+    "link_disabled",
+    "not_allowed_token_type",
+    "missing_scope",
+    "invalid_token",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The token or the app's settings are wrong: stop and tell the operator.
+    #[error("Slack refused the app token: {code} ({})", permanent_hint(code))]
+    Permanent { code: String },
+    /// HTTP 429: wait at least `retry_after` before the next call.
+    #[error("apps.connections.open is rate limited; Slack asks to retry after {retry_after:?}")]
+    RateLimited { retry_after: Duration },
+    /// Anything else: network errors, 5xx, odd answers. Retried with backoff.
+    #[error("apps.connections.open failed: {0}")]
+    Transient(String),
+}
+
+impl OpenError {
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, OpenError::Permanent { .. })
+    }
+}
+
+/// What the operator should do about a permanent error.
+pub fn permanent_hint(code: &str) -> &'static str {
+    match code {
+        "invalid_auth" | "not_authed" | "invalid_token" => {
+            "the token is wrong or missing; copy the app-level token (xapp-…) from the app's Basic Information page"
+        }
+        "token_revoked" | "token_expired" => {
+            "the token was revoked; generate a new app-level token with scope connections:write"
+        }
+        "not_allowed_token_type" => {
+            "this is not an app-level token; Socket Mode needs an xapp-… token"
+        }
+        "missing_scope" => "add the connections:write scope to the app-level token",
+        "link_disabled" => "Socket Mode is switched off in the app's settings; enable it",
+        _ => "the workspace or account behind this token is not usable; check the app's installation",
+    }
+}
+
+#[derive(Deserialize)]
+struct OpenResponse {
+    ok: bool,
+    url: Option<String>,
+    error: Option<String>,
+}
+
+/// A client for `apps.connections.open`.
+#[derive(Clone)]
+pub struct SlackApi {
+    http: reqwest::Client,
+    endpoint: Url,
+    debug_reconnects: bool,
+}
+
+impl SlackApi {
+    pub fn new(api_base: &Url, debug_reconnects: bool) -> Result<Self, OpenError> {
+        let mut endpoint = api_base.clone();
+        endpoint
+            .path_segments_mut()
+            .map_err(|_| OpenError::Transient(format!("{api_base} cannot be a base URL")))?
+            .pop_if_empty()
+            .push("apps.connections.open");
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(15))
+            .user_agent(concat!("flowcoach/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| OpenError::Transient(e.to_string()))?;
+        Ok(SlackApi {
+            http,
+            endpoint,
+            debug_reconnects,
+        })
+    }
+
+    /// Asks Slack for a new websocket URL. Called before every connect: the URL is
+    /// single-use in practice.
+    pub async fn open_connection(&self, token: &AppToken) -> Result<Url, OpenError> {
+        let response = self
+            .http
+            .post(self.endpoint.clone())
+            .bearer_auth(token.expose_secret())
+            .header("content-type", "application/x-www-form-urlencoded")
+            .send()
+            .await
+            .map_err(|e| OpenError::Transient(e.without_url().to_string()))?;
+        if response.status() == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            return Err(OpenError::RateLimited {
+                retry_after: retry_after(response.headers()),
+            });
+        }
+        if !response.status().is_success() {
+            return Err(OpenError::Transient(format!("HTTP {}", response.status())));
+        }
+        let body: OpenResponse = response
+            .json()
+            .await
+            .map_err(|e| OpenError::Transient(format!("unreadable answer: {}", e.without_url())))?;
+        if !body.ok {
+            let code = body.error.unwrap_or_else(|| "unknown_error".to_owned());
+            if code == "ratelimited" {
+                return Err(OpenError::RateLimited {
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+            if PERMANENT_ERRORS.contains(&code.as_str()) {
+                return Err(OpenError::Permanent { code });
+            }
+            return Err(OpenError::Transient(code));
+        }
+        let raw = body
+            .url
+            .ok_or_else(|| OpenError::Transient("answer has ok=true but no url".to_owned()))?;
+        self.websocket_url(&raw)
+    }
+
+    fn websocket_url(&self, raw: &str) -> Result<Url, OpenError> {
+        let mut url = Url::parse(raw)
+            .map_err(|e| OpenError::Transient(format!("answer has a bad url: {e}")))?;
+        match url.scheme() {
+            "wss" => {}
+            "ws" if is_loopback(&url) => {}
+            other => {
+                return Err(OpenError::Transient(format!(
+                    "refusing websocket URL with scheme {other:?}: only wss (or ws on loopback)"
+                )));
+            }
+        }
+        if self.debug_reconnects {
+            url.query_pairs_mut().append_pair("debug_reconnects", "true");
+        }
+        Ok(url)
+    }
+}
+
+/// `Retry-After` in seconds; Slack sends integers. Missing or unreadable: 1 s.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Duration {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(debug: bool) -> SlackApi {
+        SlackApi::new(&Url::parse("https://slack.com/api").unwrap(), debug).unwrap()
+    }
+
+    #[test]
+    fn endpoint_is_appended_to_the_base() {
+        assert_eq!(
+            api(false).endpoint.as_str(),
+            "https://slack.com/api/apps.connections.open"
+        );
+        let with_slash = SlackApi::new(&Url::parse("http://127.0.0.1:1/api/").unwrap(), false)
+            .unwrap();
+        assert_eq!(
+            with_slash.endpoint.as_str(),
+            "http://127.0.0.1:1/api/apps.connections.open"
+        );
+    }
+
+    #[test]
+    fn websocket_urls_are_checked_and_tagged() {
+        let url = api(true)
+            .websocket_url("wss://wss-primary.slack.com/link/?ticket=t&app_id=h")
+            .unwrap();
+        assert!(url.as_str().ends_with("&debug_reconnects=true"));
+        assert!(api(false).websocket_url("ws://127.0.0.1:9/link/").is_ok());
+        assert!(api(false).websocket_url("ws://slack.com/link/").is_err());
+        assert!(api(false).websocket_url("https://slack.com/").is_err());
+    }
+
+    #[test]
+    fn retry_after_defaults_to_a_second() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        assert_eq!(retry_after(&headers), Duration::from_secs(1));
+        headers.insert(reqwest::header::RETRY_AFTER, "7".parse().unwrap());
+        assert_eq!(retry_after(&headers), Duration::from_secs(7));
+    }
+}

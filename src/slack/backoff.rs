@@ -1,0 +1,111 @@
+//! Reconnect delays: capped exponential backoff with jitter.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+/// Delays grow as `initial * 2^attempt` up to `max`; each delay is drawn uniformly between
+/// `initial` and that ceiling. Jitter spreads the reconnects of many clients (a fleet
+/// restarted at once must not hit `apps.connections.open` in step), and the floor of
+/// `initial` means no server behaviour can drive a tight loop.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            max: max.max(initial),
+            attempt: 0,
+        }
+    }
+
+    /// The ceiling of the next delay, before jitter.
+    pub fn ceiling(&self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+
+    /// The next delay; each call raises the ceiling until `max`.
+    pub fn next_delay(&mut self, rng: &mut impl Rng) -> Duration {
+        let ceiling = self.ceiling();
+        self.attempt = self.attempt.saturating_add(1);
+        if ceiling <= self.initial {
+            return ceiling;
+        }
+        rng.random_range(self.initial..=ceiling)
+    }
+
+    /// Consecutive failures so far.
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Called once a connection has proved stable.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    #[test]
+    fn delays_stay_between_floor_and_a_growing_capped_ceiling() {
+        let initial = Duration::from_millis(100);
+        let max = Duration::from_secs(2);
+        let mut backoff = Backoff::new(initial, max);
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut ceilings = Vec::new();
+        for _ in 0..40 {
+            let ceiling = backoff.ceiling();
+            let delay = backoff.next_delay(&mut rng);
+            assert!(delay >= initial && delay <= ceiling, "{delay:?} > {ceiling:?}");
+            ceilings.push(ceiling);
+        }
+        assert_eq!(ceilings[0], initial);
+        assert_eq!(ceilings[1], initial * 2);
+        assert_eq!(ceilings[4], initial * 16);
+        assert_eq!(*ceilings.last().unwrap(), max);
+    }
+
+    #[test]
+    fn jitter_spreads_delays() {
+        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(10));
+        for _ in 0..10 {
+            backoff.next_delay(&mut rand::rng());
+        }
+        let mut rng = StdRng::seed_from_u64(1);
+        let delays: std::collections::HashSet<_> = (0..20)
+            .map(|_| backoff.clone().next_delay(&mut rng))
+            .collect();
+        assert!(delays.len() > 10, "jitter produced {delays:?}");
+    }
+
+    #[test]
+    fn reset_starts_over() {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        for _ in 0..5 {
+            backoff.next_delay(&mut rand::rng());
+        }
+        assert_eq!(backoff.attempts(), 5);
+        backoff.reset();
+        assert_eq!(backoff.ceiling(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn huge_attempt_counts_do_not_overflow() {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        for _ in 0..100 {
+            backoff.next_delay(&mut rand::rng());
+        }
+        assert_eq!(backoff.ceiling(), Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,472 @@
+//! One Socket Mode websocket: connect and wait for `hello`, then a single task that reads
+//! frames, writes acks (the only writer, so frames never interleave), keeps the connection
+//! alive with pings and closes it within a bound.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use url::Url;
+
+use crate::config::ConnectionSettings;
+use crate::dispatch::{AckSink, Dispatcher, PendingAcks};
+use crate::slack::far_future;
+use crate::slack::wire::{DisconnectReason, FrameError, Hello, Inbound, parse_inbound};
+use crate::state::{Counters, ServiceState};
+
+type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Acks written per flush at most: batching saves syscalls under load, the cap keeps reads
+/// (and pongs) flowing.
+const MAX_ACKS_PER_FLUSH: usize = 128;
+
+/// Why a connection could not be established.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("websocket handshake failed: {0}")]
+    Handshake(String),
+    #[error("no hello within {0:?}")]
+    HelloTimeout(Duration),
+    #[error("Slack sent disconnect ({}) instead of hello", .0.as_str())]
+    Disconnected(DisconnectReason),
+    #[error("the socket closed before hello")]
+    ClosedBeforeHello,
+}
+
+/// Sent by a connection task to the supervisor.
+#[derive(Debug)]
+pub enum ConnEvent {
+    Disconnect {
+        conn: u64,
+        reason: DisconnectReason,
+    },
+    Ended {
+        conn: u64,
+        cause: EndCause,
+    },
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndCause {
+    /// We closed it (rotation, shutdown, a disconnect reason).
+    ClosedByUs,
+    /// Slack sent a Close frame.
+    ClosedByServer,
+    /// Neither a pong nor any frame arrived in time: half-open.
+    Stale,
+    /// A message exceeded `max_message_bytes`; the stream cannot be resynchronised.
+    Oversized,
+    /// TCP or protocol error, or EOF without a Close frame.
+    Lost(String),
+}
+
+impl std::fmt::Display for EndCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndCause::ClosedByUs => f.write_str("closed by us"),
+            EndCause::ClosedByServer => f.write_str("closed by Slack"),
+            EndCause::Stale => f.write_str("stale (no pong)"),
+            EndCause::Oversized => f.write_str("oversized message"),
+            EndCause::Lost(why) => write!(f, "lost: {why}"),
+        }
+    }
+}
+
+enum Control {
+    /// Close once every envelope this socket delivered is acked, or at `deadline`.
+    Retire { deadline: Instant },
+    /// Close now.
+    Close,
+}
+
+/// The supervisor's grip on a running connection.
+pub struct ConnectionHandle {
+    pub id: u64,
+    control: mpsc::UnboundedSender<Control>,
+    task: JoinHandle<()>,
+}
+
+impl ConnectionHandle {
+    /// Stop using this socket: it closes as soon as its pending acks are written.
+    pub fn retire(&self, budget: Duration) {
+        let _ = self.control.send(Control::Retire {
+            deadline: Instant::now() + budget,
+        });
+    }
+
+    pub fn close(&self) {
+        let _ = self.control.send(Control::Close);
+    }
+
+    /// Waits for the task to finish (it always does, within its close bound).
+    pub async fn finished(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Opens the websocket and waits for `hello`.
+pub async fn open(
+    url: &Url,
+    settings: &ConnectionSettings,
+) -> Result<(WebSocket, Hello), ConnectError> {
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(settings.max_message_bytes))
+        .max_frame_size(Some(settings.max_message_bytes));
+    let handshake =
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), false);
+    let (ws, _response) = timeout(settings.hello_timeout, handshake)
+        .await
+        .map_err(|_| ConnectError::HelloTimeout(settings.hello_timeout))?
+        .map_err(|e| ConnectError::Handshake(describe_handshake_error(e)))?;
+    let mut ws = WebSocket { ws };
+    match timeout(settings.hello_timeout, ws.wait_for_hello()).await {
+        Ok(Ok(hello)) => Ok((ws, hello)),
+        Ok(Err(error)) => {
+            ws.close(settings.close_timeout).await;
+            Err(error)
+        }
+        Err(_) => {
+            ws.close(settings.close_timeout).await;
+            Err(ConnectError::HelloTimeout(settings.hello_timeout))
+        }
+    }
+}
+
+/// The handshake error without the URL: it carries a single-use ticket.
+fn describe_handshake_error(error: tungstenite::Error) -> String {
+    match error {
+        tungstenite::Error::Http(response) => format!("HTTP {}", response.status()),
+        other => other.to_string(),
+    }
+}
+
+/// An open websocket that has said hello.
+pub struct WebSocket {
+    ws: WsStream,
+}
+
+impl WebSocket {
+    async fn wait_for_hello(&mut self) -> Result<Hello, ConnectError> {
+        while let Some(message) = self.ws.next().await {
+            let message = message.map_err(|e| ConnectError::Handshake(e.to_string()))?;
+            let Message::Text(text) = message else {
+                if let Message::Close(_) = message {
+                    return Err(ConnectError::ClosedBeforeHello);
+                }
+                continue;
+            };
+            match parse_inbound(&text) {
+                Ok(Inbound::Hello(hello)) => return Ok(hello),
+                Ok(Inbound::Disconnect(reason)) => return Err(ConnectError::Disconnected(reason)),
+                // Not acked: Slack redelivers it to a socket that has said hello.
+                Ok(Inbound::Envelope(envelope)) => tracing::warn!(
+                    envelope_id = %envelope.envelope_id,
+                    "envelope before hello left for redelivery"
+                ),
+                Err(error) => tracing::warn!(%error, "unusable frame before hello"),
+            }
+        }
+        Err(ConnectError::ClosedBeforeHello)
+    }
+
+    /// Sends Close, then waits at most `bound` for Slack's reply; the caller drops the
+    /// socket after this, since Slack does not close TCP after the close handshake.
+    async fn close(&mut self, bound: Duration) {
+        let ws = &mut self.ws;
+        let handshake = async {
+            if ws.close(None).await.is_err() {
+                return;
+            }
+            // Over RFC 6455 nothing may follow our Close: envelopes read now are not
+            // accepted (Slack redelivers them) and queued acks are not sent.
+            while let Some(Ok(_)) = ws.next().await {}
+        };
+        if timeout(bound, handshake).await.is_err() {
+            tracing::debug!("no close reply in time; dropping the socket");
+        }
+    }
+
+    /// Starts the connection's task.
+    pub fn spawn(
+        self,
+        id: u64,
+        settings: ConnectionSettings,
+        dispatcher: Arc<Dispatcher>,
+        state: Arc<ServiceState>,
+        events: mpsc::UnboundedSender<ConnEvent>,
+    ) -> ConnectionHandle {
+        let (frames_tx, frames) = mpsc::unbounded_channel();
+        let (acks, pending) = AckSink::new(frames_tx);
+        let (control_tx, control) = mpsc::unbounded_channel();
+        let task = ConnectionTask {
+            id,
+            ws: self,
+            frames,
+            control,
+            acks,
+            pending,
+            dispatcher,
+            state,
+            settings,
+            events,
+            last_inbound: Instant::now(),
+            ping_sent_at: None,
+        };
+        let task = tokio::spawn(async move {
+            let mut task = task;
+            let cause = task.serve().await;
+            task.report_unsent_acks();
+            task.forward(ConnEvent::Ended { conn: id, cause });
+        });
+        ConnectionHandle {
+            id,
+            control: control_tx,
+            task,
+        }
+    }
+}
+
+/// What reading one message means for the connection.
+enum Next {
+    Continue,
+    End(EndCause),
+    Disconnect(DisconnectReason),
+}
+
+struct ConnectionTask {
+    id: u64,
+    ws: WebSocket,
+    frames: mpsc::UnboundedReceiver<String>,
+    control: mpsc::UnboundedReceiver<Control>,
+    acks: AckSink,
+    pending: Arc<PendingAcks>,
+    dispatcher: Arc<Dispatcher>,
+    state: Arc<ServiceState>,
+    settings: ConnectionSettings,
+    events: mpsc::UnboundedSender<ConnEvent>,
+    last_inbound: Instant,
+    ping_sent_at: Option<Instant>,
+}
+
+impl ConnectionTask {
+    async fn serve(&mut self) -> EndCause {
+        let mut retire_by: Option<Instant> = None;
+        loop {
+            if retire_by.is_some() && self.pending.count() == 0 && self.frames.is_empty() {
+                return self.close().await;
+            }
+            let liveness_deadline = match self.ping_sent_at {
+                None => self.last_inbound + self.settings.ping_interval,
+                Some(sent) => sent + self.settings.pong_timeout,
+            };
+            let retire_deadline = retire_by.unwrap_or_else(far_future);
+            tokio::select! {
+                biased;
+                Some(control) = self.control.recv() => match control {
+                    Control::Retire { deadline } => retire_by = Some(deadline),
+                    Control::Close => return self.close().await,
+                },
+                Some(frame) = self.frames.recv() => {
+                    if let Err(error) = self.write_acks(frame).await {
+                        return EndCause::Lost(format!("writing acks: {error}"));
+                    }
+                }
+                () = self.pending.wait_drained(), if retire_by.is_some() => {}
+                () = sleep_until(retire_deadline), if retire_by.is_some() => {
+                    tracing::warn!(
+                        conn = self.id,
+                        pending = self.pending.count(),
+                        "acks still pending at the retirement deadline; closing anyway"
+                    );
+                    return self.close().await;
+                }
+                message = self.ws.ws.next() => match self.on_message(message) {
+                    Next::Continue => {}
+                    Next::End(cause) => return cause,
+                    Next::Disconnect(reason) => self.on_disconnect(reason),
+                },
+                () = sleep_until(liveness_deadline) => {
+                    if self.ping_sent_at.is_some() {
+                        tracing::warn!(
+                            conn = self.id,
+                            silent_for_ms = self.last_inbound.elapsed().as_millis() as u64,
+                            "no pong or frame from Slack in time: connection is stale"
+                        );
+                        return EndCause::Stale;
+                    }
+                    if let Err(error) = self.ping().await {
+                        return EndCause::Lost(format!("sending ping: {error}"));
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_disconnect(&self, reason: DisconnectReason) {
+        tracing::info!(conn = self.id, reason = reason.as_str(), "Slack sent disconnect");
+        self.forward(ConnEvent::Disconnect {
+            conn: self.id,
+            reason,
+        });
+    }
+
+    fn forward(&self, event: ConnEvent) {
+        // The supervisor outlives its connections; a send fails only during teardown.
+        let _ = self.events.send(event);
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.state.counters
+    }
+
+    fn on_message(&mut self, message: Option<Result<Message, tungstenite::Error>>) -> Next {
+        let message = match message {
+            None => return Next::End(EndCause::Lost("TCP closed without a Close frame".into())),
+            Some(Err(tungstenite::Error::Capacity(error))) => {
+                Counters::bump(&self.counters().frames_oversized);
+                tracing::error!(
+                    conn = self.id,
+                    %error,
+                    limit = self.settings.max_message_bytes,
+                    "oversized message from Slack; reconnecting, since the stream cannot be resynchronised"
+                );
+                return Next::End(EndCause::Oversized);
+            }
+            Some(Err(error)) => return Next::End(EndCause::Lost(error.to_string())),
+            Some(Ok(message)) => message,
+        };
+        // Any frame proves the peer is alive, not just a pong.
+        self.last_inbound = Instant::now();
+        self.ping_sent_at = None;
+        match message {
+            Message::Text(text) => self.on_text(&text),
+            Message::Binary(bytes) => {
+                Counters::bump(&self.counters().frames_binary);
+                tracing::warn!(conn = self.id, len = bytes.len(), "ignored a binary frame");
+                Next::Continue
+            }
+            Message::Close(frame) => {
+                tracing::info!(
+                    conn = self.id,
+                    code = frame.as_ref().map(|f| u16::from(f.code)),
+                    reason = frame.as_ref().map(|f| f.reason.as_str()),
+                    "Slack closed the websocket"
+                );
+                Next::End(EndCause::ClosedByServer)
+            }
+            // tungstenite answers pings itself; pongs only refresh liveness.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Next::Continue,
+        }
+    }
+
+    fn on_text(&mut self, text: &str) -> Next {
+        match parse_inbound(text) {
+            Ok(Inbound::Envelope(envelope)) => {
+                self.dispatcher.accept(envelope, &self.acks);
+                Next::Continue
+            }
+            Ok(Inbound::Disconnect(reason)) => Next::Disconnect(reason),
+            Ok(Inbound::Hello(hello)) => {
+                tracing::info!(
+                    conn = self.id,
+                    num_connections = hello.num_connections,
+                    "repeated hello"
+                );
+                Next::Continue
+            }
+            Err(error) => {
+                self.on_bad_frame(error, text);
+                Next::Continue
+            }
+        }
+    }
+
+    fn on_bad_frame(&self, error: FrameError, text: &str) {
+        let excerpt: String = text.chars().take(120).collect();
+        match error {
+            FrameError::UnknownType {
+                kind,
+                envelope_id: Some(envelope_id),
+            } => {
+                Counters::bump(&self.counters().frames_unknown);
+                // We cannot handle it, and redelivery would not change that: ack it so
+                // Slack stops retrying, and say so.
+                tracing::warn!(conn = self.id, kind, %envelope_id, "acked an envelope of unknown type without handling it");
+                if let Err(error) = self.acks.expect(envelope_id).send(None) {
+                    tracing::warn!(%error, "ack not sent");
+                }
+            }
+            FrameError::UnknownType { kind, .. } => {
+                Counters::bump(&self.counters().frames_unknown);
+                tracing::warn!(conn = self.id, kind, "ignored a frame of unknown type");
+            }
+            error => {
+                Counters::bump(&self.counters().frames_malformed);
+                tracing::warn!(conn = self.id, %error, excerpt, "ignored a malformed frame");
+            }
+        }
+    }
+
+    /// Writes `first` and whatever else is queued, then flushes once.
+    async fn write_acks(&mut self, first: String) -> Result<(), tungstenite::Error> {
+        let mut written = 1u64;
+        let bound = self.settings.pong_timeout;
+        let ws = &mut self.ws.ws;
+        let frames = &mut self.frames;
+        let batch = async {
+            ws.feed(Message::text(first)).await?;
+            while written < MAX_ACKS_PER_FLUSH as u64 {
+                let Ok(frame) = frames.try_recv() else { break };
+                ws.feed(Message::text(frame)).await?;
+                written += 1;
+            }
+            ws.flush().await
+        };
+        // A peer that stops reading must not wedge us: treat it like a stale connection.
+        timeout(bound, batch)
+            .await
+            .map_err(|_| tungstenite::Error::Io(std::io::ErrorKind::TimedOut.into()))??;
+        self.counters()
+            .envelopes_acked
+            .fetch_add(written, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn ping(&mut self) -> Result<(), tungstenite::Error> {
+        self.ping_sent_at = Some(Instant::now());
+        let bound = self.settings.pong_timeout;
+        timeout(bound, self.ws.ws.send(Message::Ping(Default::default())))
+            .await
+            .map_err(|_| tungstenite::Error::Io(std::io::ErrorKind::TimedOut.into()))?
+    }
+
+    async fn close(&mut self) -> EndCause {
+        self.ws.close(self.settings.close_timeout).await;
+        EndCause::ClosedByUs
+    }
+
+    fn report_unsent_acks(&mut self) {
+        let mut unsent = 0u64;
+        while self.frames.try_recv().is_ok() {
+            unsent += 1;
+        }
+        if unsent > 0 {
+            self.counters()
+                .acks_failed
+                .fetch_add(unsent, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                conn = self.id,
+                unsent,
+                "acks not sent before the socket closed; Slack will redeliver those envelopes"
+            );
+        }
+    }
+}

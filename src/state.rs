@@ -1,0 +1,231 @@
+//! What the service is doing right now: lifecycle phase, connection facts and counters,
+//! shared by the supervisor, the dispatcher, the built-in handlers and (later) the control
+//! socket and systemd notifications.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+/// The lifecycle: `starting → connecting → connected ⇄ reconnecting → draining → stopped`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum Phase {
+    Starting,
+    Connecting,
+    Connected,
+    /// Waiting `delay` before the next connect because of `cause`.
+    Reconnecting {
+        #[serde(with = "humantime_serde")]
+        delay: Duration,
+        cause: String,
+    },
+    Draining,
+    Stopped,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Phase::Starting => f.write_str("starting"),
+            Phase::Connecting => f.write_str("connecting"),
+            Phase::Connected => f.write_str("connected"),
+            Phase::Reconnecting { delay, cause } => {
+                write!(f, "reconnecting in {:.1}s after {cause}", delay.as_secs_f64())
+            }
+            Phase::Draining => f.write_str("draining"),
+            Phase::Stopped => f.write_str("stopped"),
+        }
+    }
+}
+
+/// Facts about the Slack connection that change over time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConnectionStatus {
+    pub phase: Phase,
+    /// The app ID from the latest `hello`.
+    pub app_id: Option<String>,
+    pub connected_since: Option<SystemTime>,
+    /// Sockets this instance holds open (two during a rotation).
+    pub sockets_open: u32,
+    /// `hello.num_connections`: every open socket of the app, other clients included.
+    pub num_connections: Option<u32>,
+    pub last_disconnect: Option<String>,
+}
+
+impl Default for ConnectionStatus {
+    fn default() -> Self {
+        ConnectionStatus {
+            phase: Phase::Starting,
+            app_id: None,
+            connected_since: None,
+            sockets_open: 0,
+            num_connections: None,
+            last_disconnect: None,
+        }
+    }
+}
+
+/// Monotonic counters. Relaxed atomics: each is read on its own, for reporting.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub envelopes_received: AtomicU64,
+    pub envelopes_acked: AtomicU64,
+    pub envelopes_deduplicated: AtomicU64,
+    /// Left unacked because the handler queue was full; Slack redelivers them.
+    pub envelopes_deferred: AtomicU64,
+    pub handler_errors: AtomicU64,
+    /// Handler answers that came after the response deadline (acked without payload).
+    pub late_responses: AtomicU64,
+    /// Acks that could not be sent (socket already gone or ack too large).
+    pub acks_failed: AtomicU64,
+    pub frames_malformed: AtomicU64,
+    pub frames_unknown: AtomicU64,
+    pub frames_binary: AtomicU64,
+    pub frames_oversized: AtomicU64,
+    pub connects: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub rotations: AtomicU64,
+    pub in_flight: AtomicU64,
+}
+
+/// A point-in-time copy of the counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CounterSnapshot {
+    pub envelopes_received: u64,
+    pub envelopes_acked: u64,
+    pub envelopes_deduplicated: u64,
+    pub envelopes_deferred: u64,
+    pub handler_errors: u64,
+    pub late_responses: u64,
+    pub acks_failed: u64,
+    pub frames_malformed: u64,
+    pub frames_unknown: u64,
+    pub frames_binary: u64,
+    pub frames_oversized: u64,
+    pub connects: u64,
+    pub reconnects: u64,
+    pub rotations: u64,
+    pub in_flight: u64,
+}
+
+impl Counters {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CounterSnapshot {
+            envelopes_received: get(&self.envelopes_received),
+            envelopes_acked: get(&self.envelopes_acked),
+            envelopes_deduplicated: get(&self.envelopes_deduplicated),
+            envelopes_deferred: get(&self.envelopes_deferred),
+            handler_errors: get(&self.handler_errors),
+            late_responses: get(&self.late_responses),
+            acks_failed: get(&self.acks_failed),
+            frames_malformed: get(&self.frames_malformed),
+            frames_unknown: get(&self.frames_unknown),
+            frames_binary: get(&self.frames_binary),
+            frames_oversized: get(&self.frames_oversized),
+            connects: get(&self.connects),
+            reconnects: get(&self.reconnects),
+            rotations: get(&self.rotations),
+            in_flight: get(&self.in_flight),
+        }
+    }
+}
+
+/// Who this instance is, for answers like `/flowcoach status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceInfo {
+    pub host: String,
+    pub pid: u32,
+    pub environment: String,
+    pub version: &'static str,
+}
+
+impl InstanceInfo {
+    pub fn current(environment: &str) -> Self {
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "unknown-host".to_owned());
+        InstanceInfo {
+            host,
+            pid: std::process::id(),
+            environment: environment.to_owned(),
+            version: env!("CARGO_PKG_VERSION"),
+        }
+    }
+}
+
+/// The shared state of one service instance.
+#[derive(Debug)]
+pub struct ServiceState {
+    pub instance: InstanceInfo,
+    pub counters: Counters,
+    status: watch::Sender<ConnectionStatus>,
+}
+
+impl ServiceState {
+    pub fn new(instance: InstanceInfo) -> Self {
+        ServiceState {
+            instance,
+            counters: Counters::default(),
+            status: watch::Sender::new(ConnectionStatus::default()),
+        }
+    }
+
+    pub fn status(&self) -> ConnectionStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Changes of the connection status, for STATUS= notifications and tests.
+    pub fn subscribe(&self) -> watch::Receiver<ConnectionStatus> {
+        self.status.subscribe()
+    }
+
+    pub fn update(&self, change: impl FnOnce(&mut ConnectionStatus)) {
+        self.status.send_if_modified(|status| {
+            let before = status.clone();
+            change(status);
+            *status != before
+        });
+    }
+
+    pub fn set_phase(&self, phase: Phase) {
+        self.update(|status| status.phase = phase);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_read_as_words() {
+        let phase = Phase::Reconnecting {
+            delay: Duration::from_millis(4200),
+            cause: "too_many_websockets".into(),
+        };
+        assert_eq!(
+            phase.to_string(),
+            "reconnecting in 4.2s after too_many_websockets"
+        );
+        assert_eq!(Phase::Connected.to_string(), "connected");
+    }
+
+    #[test]
+    fn updates_notify_only_on_change() {
+        let state = ServiceState::new(InstanceInfo::current("test"));
+        let mut changes = state.subscribe();
+        state.set_phase(Phase::Starting);
+        assert!(!changes.has_changed().unwrap());
+        state.set_phase(Phase::Connecting);
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(changes.borrow_and_update().phase, Phase::Connecting);
+    }
+}
