@@ -143,8 +143,10 @@ mod tests {
 
     #[tokio::test]
     async fn status_names_the_instance() {
-        let reply = answer(r#"{"envelope_id":"e","type":"slash_commands","accepts_response_payload":true,
-            "payload":{"command":"/flowcoach","text":"status"}}"#)
+        let reply = answer(
+            r#"{"envelope_id":"e","type":"slash_commands","accepts_response_payload":true,
+            "payload":{"command":"/flowcoach","text":"status"}}"#,
+        )
         .await
         .unwrap();
         let text = reply["text"].as_str().unwrap();
@@ -162,7 +164,12 @@ mod tests {
                 r#"{{"envelope_id":"e","type":"slash_commands","payload":{{"command":"/flowcoach","text":"{text}"}}}}"#
             );
             let reply = answer(&frame).await.unwrap();
-            assert!(reply["text"].as_str().unwrap().contains("/flowcoach status"));
+            assert!(
+                reply["text"]
+                    .as_str()
+                    .unwrap()
+                    .contains("/flowcoach status")
+            );
         }
     }
 

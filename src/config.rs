@@ -196,7 +196,10 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{field}: {reason}")]
     Invalid { field: &'static str, reason: String },
-    #[error("no Slack app token: set {} to the app-level token (xapp-…)", env::APP_TOKEN)]
+    #[error(
+        "no Slack app token: set {} to the app-level token (xapp-…)",
+        env::APP_TOKEN
+    )]
     MissingToken,
     #[error("{source_name}: {error}")]
     BadToken {
@@ -467,9 +470,13 @@ mod tests {
     fn errors_name_the_field() {
         assert!(error_for("[connection]\nping_intervall = \"3s\"\n").contains("ping_intervall"));
         assert!(error_for("[connection]\nping_interval = \"soon\"\n").contains("ping_interval"));
-        assert!(error_for("[slack]\napi_url = \"http://slack.com/api\"\n").contains("slack.api_url"));
-        assert!(error_for("[dispatch]\nresponse_deadline = \"3s\"\n")
-            .contains("dispatch.response_deadline"));
+        assert!(
+            error_for("[slack]\napi_url = \"http://slack.com/api\"\n").contains("slack.api_url")
+        );
+        assert!(
+            error_for("[dispatch]\nresponse_deadline = \"3s\"\n")
+                .contains("dispatch.response_deadline")
+        );
         assert!(error_for("[dispatch]\ndedup_ttl = \"1m\"\n").contains("dispatch.dedup_ttl"));
         assert!(error_for("environment = \"a b\"\n").contains("environment"));
         assert!(error_for("[log]\nlevel = \"=(\"\n").contains("log.level"));

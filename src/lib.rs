@@ -1,9 +1,14 @@
 //! flowcoach: a Slack Socket Mode bot service built to run under systemd and Podman.
 
 pub mod bot;
+pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod dispatch;
+pub mod exit;
+pub mod logging;
 pub mod sim;
 pub mod slack;
 pub mod state;
 pub mod token;
+pub mod tools;

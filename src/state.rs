@@ -33,7 +33,11 @@ impl fmt::Display for Phase {
             Phase::Connecting => f.write_str("connecting"),
             Phase::Connected => f.write_str("connected"),
             Phase::Reconnecting { delay, cause } => {
-                write!(f, "reconnecting in {:.1}s after {cause}", delay.as_secs_f64())
+                write!(
+                    f,
+                    "reconnecting in {:.1}s after {cause}",
+                    delay.as_secs_f64()
+                )
             }
             Phase::Draining => f.write_str("draining"),
             Phase::Stopped => f.write_str("stopped"),

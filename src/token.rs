@@ -48,7 +48,9 @@ impl AppToken {
         let field = self.0.split('-').nth(2)?;
         let looks_like_app_id = field.len() > 1
             && field.starts_with('A')
-            && field.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit());
+            && field
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit());
         looks_like_app_id.then_some(field)
     }
 
@@ -110,7 +112,9 @@ mod tests {
         );
         assert_eq!(AppToken::parse("xapp-1 2"), Err(TokenError::BadCharacters));
         assert_eq!(
-            AppToken::parse(&format!("{SECRET}\n")).unwrap().expose_secret(),
+            AppToken::parse(&format!("{SECRET}\n"))
+                .unwrap()
+                .expose_secret(),
             SECRET
         );
     }

@@ -57,7 +57,9 @@ pub fn permanent_hint(code: &str) -> &'static str {
         }
         "missing_scope" => "add the connections:write scope to the app-level token",
         "link_disabled" => "Socket Mode is switched off in the app's settings; enable it",
-        _ => "the workspace or account behind this token is not usable; check the app's installation",
+        _ => {
+            "the workspace or account behind this token is not usable; check the app's installation"
+        }
     }
 }
 
@@ -151,7 +153,8 @@ impl SlackApi {
             }
         }
         if self.debug_reconnects {
-            url.query_pairs_mut().append_pair("debug_reconnects", "true");
+            url.query_pairs_mut()
+                .append_pair("debug_reconnects", "true");
         }
         Ok(url)
     }
@@ -181,8 +184,8 @@ mod tests {
             api(false).endpoint.as_str(),
             "https://slack.com/api/apps.connections.open"
         );
-        let with_slash = SlackApi::new(&Url::parse("http://127.0.0.1:1/api/").unwrap(), false)
-            .unwrap();
+        let with_slash =
+            SlackApi::new(&Url::parse("http://127.0.0.1:1/api/").unwrap(), false).unwrap();
         assert_eq!(
             with_slash.endpoint.as_str(),
             "http://127.0.0.1:1/api/apps.connections.open"

@@ -67,7 +67,10 @@ mod tests {
         for _ in 0..40 {
             let ceiling = backoff.ceiling();
             let delay = backoff.next_delay(&mut rng);
-            assert!(delay >= initial && delay <= ceiling, "{delay:?} > {ceiling:?}");
+            assert!(
+                delay >= initial && delay <= ceiling,
+                "{delay:?} > {ceiling:?}"
+            );
             ceilings.push(ceiling);
         }
         assert_eq!(ceilings[0], initial);

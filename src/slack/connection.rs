@@ -43,14 +43,8 @@ pub enum ConnectError {
 /// Sent by a connection task to the supervisor.
 #[derive(Debug)]
 pub enum ConnEvent {
-    Disconnect {
-        conn: u64,
-        reason: DisconnectReason,
-    },
-    Ended {
-        conn: u64,
-        cause: EndCause,
-    },
+    Disconnect { conn: u64, reason: DisconnectReason },
+    Ended { conn: u64, cause: EndCause },
 }
 
 /// How a connection ended.
@@ -120,8 +114,7 @@ pub async fn open(
     let config = WebSocketConfig::default()
         .max_message_size(Some(settings.max_message_bytes))
         .max_frame_size(Some(settings.max_message_bytes));
-    let handshake =
-        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), false);
+    let handshake = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), false);
     let (ws, _response) = timeout(settings.hello_timeout, handshake)
         .await
         .map_err(|_| ConnectError::HelloTimeout(settings.hello_timeout))?
@@ -311,7 +304,11 @@ impl ConnectionTask {
     }
 
     fn on_disconnect(&self, reason: DisconnectReason) {
-        tracing::info!(conn = self.id, reason = reason.as_str(), "Slack sent disconnect");
+        tracing::info!(
+            conn = self.id,
+            reason = reason.as_str(),
+            "Slack sent disconnect"
+        );
         self.forward(ConnEvent::Disconnect {
             conn: self.id,
             reason,

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rand::rngs::SmallRng;
 use rand::SeedableRng;
+use rand::rngs::SmallRng;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
@@ -14,8 +14,8 @@ use crate::config::{Config, ConnectionSettings};
 use crate::dispatch::Dispatcher;
 use crate::slack::api::{OpenError, SlackApi};
 use crate::slack::backoff::Backoff;
-use crate::slack::far_future;
 use crate::slack::connection::{self, ConnEvent, ConnectError, ConnectionHandle, EndCause};
+use crate::slack::far_future;
 use crate::slack::wire::{DisconnectReason, Hello};
 use crate::state::{Counters, Phase, ServiceState};
 use crate::token::AppToken;
@@ -220,7 +220,11 @@ impl Supervisor {
             Ok((replacement, hello)) => {
                 Counters::bump(&self.state.counters.rotations);
                 if let Some(old) = self.active.replace(replacement) {
-                    tracing::info!(old = old.id, new = self.active.as_ref().map(|c| c.id), "rotated to a new connection");
+                    tracing::info!(
+                        old = old.id,
+                        new = self.active.as_ref().map(|c| c.id),
+                        "rotated to a new connection"
+                    );
                     old.retire(self.retire_budget);
                     self.retiring.push(old);
                 }
@@ -249,17 +253,24 @@ impl Supervisor {
     /// `hello`.
     async fn connect(&mut self) -> Result<(ConnectionHandle, Hello), Failure> {
         Counters::bump(&self.state.counters.connects);
-        let url = self.api.open_connection(&self.token).await.map_err(|error| match error {
-            OpenError::Permanent { .. } => Failure::Fatal(FatalError::Auth(error)),
-            OpenError::RateLimited { retry_after } => Failure::Retry {
-                at_least: retry_after,
-                cause: format!("rate limited by apps.connections.open (Retry-After {}s)", retry_after.as_secs()),
-            },
-            OpenError::Transient(why) => Failure::Retry {
-                at_least: Duration::ZERO,
-                cause: why,
-            },
-        })?;
+        let url = self
+            .api
+            .open_connection(&self.token)
+            .await
+            .map_err(|error| match error {
+                OpenError::Permanent { .. } => Failure::Fatal(FatalError::Auth(error)),
+                OpenError::RateLimited { retry_after } => Failure::Retry {
+                    at_least: retry_after,
+                    cause: format!(
+                        "rate limited by apps.connections.open (Retry-After {}s)",
+                        retry_after.as_secs()
+                    ),
+                },
+                OpenError::Transient(why) => Failure::Retry {
+                    at_least: Duration::ZERO,
+                    cause: why,
+                },
+            })?;
         let (socket, hello) = connection::open(&url, &self.settings)
             .await
             .map_err(|error| self.classify_connect_error(error))?;
@@ -354,7 +365,10 @@ impl Supervisor {
         self.state.set_phase(Phase::Draining);
         self.dispatcher.stop_accepting();
         let drain = self.dispatcher.wait_idle();
-        if tokio::time::timeout(self.drain_budget(), drain).await.is_err() {
+        if tokio::time::timeout(self.drain_budget(), drain)
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 in_flight = self.dispatcher.in_flight(),
                 "drain budget spent with handlers still running"

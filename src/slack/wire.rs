@@ -393,15 +393,24 @@ mod tests {
         ));
         assert!(matches!(
             parse_inbound(r#"{"type":"events_api","payload":{}}"#),
-            Err(FrameError::MissingField { field: "envelope_id", .. })
+            Err(FrameError::MissingField {
+                field: "envelope_id",
+                ..
+            })
         ));
         assert!(matches!(
             parse_inbound(r#"{"type":"slash_commands","envelope_id":"x"}"#),
-            Err(FrameError::MissingField { field: "payload", .. })
+            Err(FrameError::MissingField {
+                field: "payload",
+                ..
+            })
         ));
         assert!(matches!(
             parse_inbound(r#"{"type":"hello"}"#),
-            Err(FrameError::MissingField { field: "connection_info", .. })
+            Err(FrameError::MissingField {
+                field: "connection_info",
+                ..
+            })
         ));
     }
 

@@ -1,0 +1,19 @@
+//! Exit codes, from sysexits(3), so systemd units and scripts can tell failures apart.
+
+use std::process::ExitCode;
+
+/// Clean stop.
+pub const OK: u8 = 0;
+/// Anything not covered below.
+pub const FAILURE: u8 = 1;
+/// Bad command line.
+pub const USAGE: u8 = 64;
+/// Another instance holds the app (EX_TEMPFAIL): try again later.
+pub const TEMPFAIL: u8 = 75;
+/// Bad configuration or a permanent Slack error (EX_CONFIG): restarting will not help,
+/// hence `RestartPreventExitStatus=78` in the unit.
+pub const CONFIG: u8 = 78;
+
+pub fn code(value: u8) -> ExitCode {
+    ExitCode::from(value)
+}

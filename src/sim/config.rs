@@ -1,0 +1,153 @@
+//! What the simulated Slack knows (apps and their tokens) and how it paces connections.
+
+use std::time::Duration;
+
+/// The app the default configuration serves.
+pub const DEFAULT_APP_ID: &str = "A0SIMAPP01";
+
+/// Settings of a [`Simulator`](super::Simulator). The defaults copy Slack's observed values.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub apps: Vec<SimApp>,
+    /// Slack allows 10 open sockets per app (not per token); stale ones count.
+    pub max_sockets_per_app: usize,
+    /// Unacked envelopes are redelivered (events) or given up (others) after this.
+    pub ack_deadline: Duration,
+    /// Redeliveries of an unacked `events_api` envelope before it is given up.
+    pub max_retries: u32,
+    /// Interval of the websocket Ping frames the sim sends; `None` sends none.
+    pub server_ping_interval: Option<Duration>,
+    /// After a `warning` disconnect the sim closes the socket after this.
+    pub warning_grace: Duration,
+    /// After any other disconnect reason the sim closes the socket after this.
+    pub refresh_grace: Duration,
+    /// Like Slack, the sim keeps TCP open after the close handshake and drops it only after
+    /// this, so clients must drop it themselves.
+    pub hold_tcp_after_close: Duration,
+    /// A stale (half-open) socket counts toward the app's sockets until this has passed.
+    pub stale_socket_ttl: Duration,
+    /// Seconds, announced in `hello.debug_info.approximate_connection_time`.
+    pub approximate_connection_time: u64,
+    /// Like `debug_reconnects`: at this age each socket gets `warning`, then
+    /// `refresh_requested` once the warning grace has passed, then is closed.
+    pub rotate_after: Option<Duration>,
+}
+
+/// One Slack app and the app-level tokens that may open connections for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimApp {
+    pub app_id: String,
+    pub tokens: Vec<String>,
+}
+
+impl SimApp {
+    /// An app whose only token is [`fake_token`]`(app_id)`.
+    pub fn new(app_id: &str) -> Self {
+        SimApp {
+            app_id: app_id.to_owned(),
+            tokens: vec![fake_token(app_id)],
+        }
+    }
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        let mut app = SimApp::new(DEFAULT_APP_ID);
+        // The literal token earlier drafts of the test plan named; kept so both spellings work.
+        app.tokens
+            .push(format!("xapp-1-{DEFAULT_APP_ID}-1-simsecret"));
+        SimConfig {
+            apps: vec![app],
+            max_sockets_per_app: 10,
+            ack_deadline: Duration::from_secs(3),
+            max_retries: 3,
+            server_ping_interval: Some(Duration::from_secs(10)),
+            warning_grace: Duration::from_secs(10),
+            refresh_grace: Duration::from_secs(1),
+            hold_tcp_after_close: Duration::from_secs(5),
+            stale_socket_ttl: Duration::from_secs(30),
+            approximate_connection_time: 18060,
+            rotate_after: None,
+        }
+    }
+}
+
+impl SimConfig {
+    /// How long a socket stays open after a disconnect frame with this reason.
+    pub(super) fn close_grace(&self, reason: &str) -> Duration {
+        if reason == "warning" {
+            self.warning_grace
+        } else {
+            self.refresh_grace
+        }
+    }
+
+    pub(super) fn app_for_token(&self, token: &str) -> Option<&SimApp> {
+        self.apps
+            .iter()
+            .find(|app| app.tokens.iter().any(|t| t == token))
+    }
+}
+
+/// A token shaped like Slack's app-level tokens (`xapp-1-{app_id}-1-<hex>`). It is derived
+/// from the app id, so a test can compute the token the default configuration accepts.
+pub fn fake_token(app_id: &str) -> String {
+    format!("xapp-1-{app_id}-1-{}", stable_hex(app_id, 64))
+}
+
+/// `len` hex digits that depend only on `input` (FNV-1a, one round per 16 digits). Not a
+/// secret: the sim only needs stable, token-looking strings.
+pub(super) fn stable_hex(input: &str, len: usize) -> String {
+    let mut out = String::with_capacity(len + 16);
+    let mut round: u64 = 0;
+    while out.len() < len {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ round;
+        for byte in input.bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        out.push_str(&format!("{hash:016x}"));
+        round += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fake_tokens_are_stable_and_slack_shaped() {
+        let token = fake_token("A0SIMAPP01");
+        assert_eq!(token, fake_token("A0SIMAPP01"));
+        assert_ne!(token, fake_token("A0SIMAPP02"));
+        let hex = token.strip_prefix("xapp-1-A0SIMAPP01-1-").unwrap();
+        assert_eq!(hex.len(), 64);
+        assert!(hex.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn default_config_accepts_the_default_app_tokens() {
+        let config = SimConfig::default();
+        let app = config.app_for_token(&fake_token(DEFAULT_APP_ID)).unwrap();
+        assert_eq!(app.app_id, DEFAULT_APP_ID);
+        assert!(
+            config
+                .app_for_token("xapp-1-A0SIMAPP01-1-simsecret")
+                .is_some()
+        );
+        assert!(config.app_for_token("xapp-1-nope").is_none());
+    }
+
+    #[test]
+    fn warning_gets_the_long_grace() {
+        let config = SimConfig::default();
+        assert_eq!(config.close_grace("warning"), config.warning_grace);
+        assert_eq!(
+            config.close_grace("refresh_requested"),
+            config.refresh_grace
+        );
+        assert_eq!(config.close_grace("link_disabled"), config.refresh_grace);
+    }
+}

@@ -1,0 +1,206 @@
+//! Test harness: a simulator in the test process and flowcoach as a real child process,
+//! its JSON log lines collected so tests can wait on events instead of sleeping.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+use flowcoach::sim::{SimConfig, Simulator};
+
+pub const APP: &str = "A0SIMAPP01";
+
+/// Generous bound for anything a test waits on.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// The token of the simulator's default app.
+pub fn token() -> String {
+    SimConfig::default().apps[0].tokens[0].clone()
+}
+
+/// The part of the token that must never be printed.
+pub fn token_secret() -> String {
+    token().rsplit('-').next().unwrap().to_owned()
+}
+
+/// A running flowcoach process.
+pub struct Daemon {
+    pub child: Child,
+    logs: watch::Receiver<Vec<Value>>,
+    raw: Arc<Mutex<String>>,
+    _config: tempfile::NamedTempFile,
+}
+
+/// Settings that make timing-dependent behaviour fast enough to test.
+pub const FAST_CONFIG: &str = r#"
+environment = "test"
+[connection]
+ping_interval = "1s"
+pong_timeout = "1s"
+hello_timeout = "5s"
+close_timeout = "1s"
+backoff_initial = "200ms"
+backoff_max = "2s"
+too_many_websockets_backoff = "500ms"
+max_message_bytes = 65536
+"#;
+
+impl Daemon {
+    /// Starts flowcoach against `sim` with [`FAST_CONFIG`] plus `extra` TOML.
+    pub fn start(sim: &Simulator, extra: &str) -> Daemon {
+        Self::start_with(sim, &format!("{FAST_CONFIG}\n{extra}"), &[])
+    }
+
+    pub fn start_with(sim: &Simulator, config_text: &str, env: &[(&str, &str)]) -> Daemon {
+        let mut config = tempfile::NamedTempFile::new().unwrap();
+        config.write_all(config_text.as_bytes()).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_flowcoach"));
+        command
+            .arg("--config")
+            .arg(config.path())
+            .env_clear()
+            .env("SLACK_APP_TOKEN", token())
+            .env("FLOWCOACH_SLACK_API_URL", sim.api_url())
+            .env("FLOWCOACH_LOG_FORMAT", "json")
+            .env("FLOWCOACH_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("spawn flowcoach");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, logs) = watch::channel(Vec::new());
+        let raw = Arc::new(Mutex::new(String::new()));
+        let raw_sink = raw.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                raw_sink.lock().unwrap().push_str(&line);
+                raw_sink.lock().unwrap().push('\n');
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({ "message": line, "unparsed": true }));
+                tx.send_modify(|logs| logs.push(value));
+            }
+        });
+        Daemon {
+            child,
+            logs,
+            raw,
+            _config: config,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id().expect("running") as i32
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.raw.lock().unwrap().clone()
+    }
+
+    pub fn logs(&self) -> Vec<Value> {
+        self.logs.borrow().clone()
+    }
+
+    /// Waits for a log line whose message starts with `message` (and matching `pred`).
+    pub async fn wait_log(&mut self, message: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let found = tokio::time::timeout(
+            WAIT,
+            self.logs
+                .wait_for(|logs| logs.iter().any(|l| starts_with(l, message) && pred(l))),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .and_then(|logs| {
+            logs.iter()
+                .find(|l| starts_with(l, message) && pred(l))
+                .cloned()
+        });
+        match found {
+            Some(line) => line,
+            None => panic!(
+                "no log line {message:?} within {WAIT:?}; stderr so far:\n{}",
+                self.stderr()
+            ),
+        }
+    }
+
+    /// Waits until `count` log lines start with `message`.
+    pub async fn wait_log_count(&mut self, message: &str, count: usize) {
+        let found = tokio::time::timeout(
+            WAIT,
+            self.logs
+                .wait_for(|logs| logs.iter().filter(|l| starts_with(l, message)).count() >= count),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        if !found {
+            panic!(
+                "fewer than {count} log lines {message:?} within {WAIT:?}; stderr so far:\n{}",
+                self.stderr()
+            );
+        }
+    }
+
+    /// Counts log lines with this message, per value of `field`.
+    pub fn count_by(&self, message: &str, field: &str) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for line in self.logs() {
+            if starts_with(&line, message) {
+                let key = line[field].as_str().unwrap_or_default().to_owned();
+                *counts.entry(key).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub async fn exit_code(&mut self) -> i32 {
+        let status = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("flowcoach did not exit; stderr:\n{}", self.stderr()))
+            .unwrap();
+        // Let the log reader catch the last lines.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.logs.wait_for(|_| false)).await;
+        status.code().unwrap_or(-1)
+    }
+
+    /// The token must never appear in what flowcoach prints.
+    pub fn assert_token_never_printed(&self) {
+        let stderr = self.stderr();
+        assert!(
+            !stderr.contains(&token_secret()),
+            "the token leaked into the logs:\n{stderr}"
+        );
+    }
+}
+
+fn starts_with(line: &Value, message: &str) -> bool {
+    line["message"]
+        .as_str()
+        .is_some_and(|m| m.starts_with(message))
+}
+
+/// A simulator with the default app and `adjust` applied to its configuration.
+pub async fn simulator(adjust: impl FnOnce(&mut SimConfig)) -> Simulator {
+    let mut config = SimConfig::default();
+    adjust(&mut config);
+    Simulator::start(config).await.expect("start simulator")
+}
