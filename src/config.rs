@@ -30,7 +30,35 @@ pub struct Settings {
     pub slack: SlackSettings,
     pub connection: ConnectionSettings,
     pub dispatch: DispatchSettings,
+    pub service: ServiceSettings,
+    pub control: ControlSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceSettings {
+    /// While reconnecting, the service counts as degraded, not unhealthy, for this long:
+    /// the systemd watchdog keeps being fed, so a Slack outage does not turn into a
+    /// restart loop. Beyond it, health is unhealthy and the watchdog is no longer fed.
+    #[serde(with = "humantime_serde")]
+    pub outage_budget: Duration,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlSettings {
+    /// Members of this group may use the control socket, besides root and the daemon's
+    /// own user. Empty: nobody else.
+    pub group: String,
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        ServiceSettings {
+            outage_budget: Duration::from_secs(300),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -119,6 +147,8 @@ impl Default for Settings {
             slack: SlackSettings::default(),
             connection: ConnectionSettings::default(),
             dispatch: DispatchSettings::default(),
+            service: ServiceSettings::default(),
+            control: ControlSettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -156,9 +186,10 @@ impl Default for DispatchSettings {
             max_queued_handlers: 4096,
             response_deadline: Duration::from_millis(2500),
             dedup_ttl: Duration::from_secs(15 * 60),
-            // Slack's Events API sends at most 30 000 events an hour per workspace, about
-            // 7 500 per 15 minutes: this leaves room for several workspaces.
-            dedup_capacity: 50_000,
+            // Slack's Events API sends at most 30 000 events an hour per workspace and app,
+            // 7 500 per 15 minutes: room for more than two workspaces at full rate, in
+            // about 0.5 MiB. Apps in many workspaces raise it.
+            dedup_capacity: 20_000,
             drain_timeout: Duration::from_secs(10),
         }
     }

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::bot::FlowCoach;
@@ -34,12 +35,9 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Da
     let state = Arc::new(ServiceState::new(InstanceInfo::current(
         &config.settings.environment,
     )));
+    let (_reload, live) = watch::channel(config.settings.clone());
     let handler = Arc::new(FlowCoach::new(state.clone()));
-    let dispatcher = Arc::new(Dispatcher::new(
-        handler,
-        config.settings.dispatch.clone(),
-        state.clone(),
-    ));
+    let dispatcher = Arc::new(Dispatcher::new(handler, live.clone(), state.clone()));
     tracing::info!(
         environment = %config.settings.environment,
         token = %config.token,
@@ -48,7 +46,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Da
         version = env!("CARGO_PKG_VERSION"),
         "flowcoach starting"
     );
-    let supervisor = Supervisor::new(&config, dispatcher, state)?;
+    let supervisor = Supervisor::new(&config, live, dispatcher, state)?;
     supervisor.run(shutdown).await?;
     tracing::info!("flowcoach stopped");
     Ok(())

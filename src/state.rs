@@ -57,6 +57,9 @@ pub struct ConnectionStatus {
     /// `hello.num_connections`: every open socket of the app, other clients included.
     pub num_connections: Option<u32>,
     pub last_disconnect: Option<String>,
+    /// When the current outage began: set when a connection that had said hello is lost,
+    /// cleared by the next hello. Drives health and the watchdog's outage budget.
+    pub down_since: Option<SystemTime>,
 }
 
 impl Default for ConnectionStatus {
@@ -68,6 +71,7 @@ impl Default for ConnectionStatus {
             sockets_open: 0,
             num_connections: None,
             last_disconnect: None,
+            down_since: None,
         }
     }
 }

@@ -110,12 +110,13 @@ async fn run(sim: &Simulator, dispatch_settings: &str) -> Running {
     .unwrap();
     let recorder = Arc::new(Recorder::default());
     let state = Arc::new(ServiceState::new(InstanceInfo::current("test")));
+    let (_, live) = tokio::sync::watch::channel(config.settings.clone());
     let dispatcher = Arc::new(Dispatcher::new(
         Arc::new(RecordingHandler(recorder.clone())),
-        config.settings.dispatch.clone(),
+        live.clone(),
         state.clone(),
     ));
-    let supervisor = Supervisor::new(&config, dispatcher, state.clone()).unwrap();
+    let supervisor = Supervisor::new(&config, live, dispatcher, state.clone()).unwrap();
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     let task = tokio::spawn(async move {

@@ -6,19 +6,26 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// Insertions within this long share one age record: expiry is this coarse, so keys live
+/// up to this much longer than the TTL, never shorter.
+const AGE_GRANULARITY: Duration = Duration::from_secs(1);
+
 /// A time- and size-bounded set of keys.
 ///
 /// Keys are stored as 64-bit hashes (randomly keyed per process), which keeps memory at
-/// about 40 bytes an entry whatever the key length; with 2^64 values the chance that two of
+/// about 20 bytes an entry whatever the key length; with 2^64 values the chance that two of
 /// the at most `capacity` live keys collide is negligible (about 1e-10 at 50 000 keys).
+/// Ages are kept per second of insertions, not per key, for the same reason.
 #[derive(Debug)]
 pub struct Dedup {
     ttl: Duration,
     capacity: usize,
     hasher: RandomState,
     live: HashSet<u64>,
-    /// Insertion order, oldest first, for expiry and eviction.
-    order: VecDeque<(Instant, u64)>,
+    /// Hashes in insertion order, oldest first, for expiry and eviction.
+    order: VecDeque<u64>,
+    /// Runs of `order`: when the run started and how many hashes it holds.
+    ages: VecDeque<(Instant, usize)>,
 }
 
 impl Dedup {
@@ -29,6 +36,7 @@ impl Dedup {
             hasher: RandomState::new(),
             live: HashSet::new(),
             order: VecDeque::new(),
+            ages: VecDeque::new(),
         }
     }
 
@@ -45,7 +53,13 @@ impl Dedup {
         if !self.live.insert(hash) {
             return;
         }
-        self.order.push_back((now, hash));
+        self.order.push_back(hash);
+        match self.ages.back_mut() {
+            Some((started, count)) if now.duration_since(*started) < AGE_GRANULARITY => {
+                *count += 1
+            }
+            _ => self.ages.push_back((now, 1)),
+        }
         // Memory stays bounded under any load: past capacity the oldest key goes, even
         // before its TTL.
         while self.order.len() > self.capacity {
@@ -62,17 +76,26 @@ impl Dedup {
     }
 
     fn expire(&mut self, now: Instant) {
-        while let Some(&(at, _)) = self.order.front() {
-            if now.duration_since(at) < self.ttl {
+        while let Some(&(started, count)) = self.ages.front() {
+            if now.duration_since(started) < self.ttl {
                 break;
             }
-            self.evict_oldest();
+            for _ in 0..count {
+                self.evict_oldest();
+            }
         }
     }
 
     fn evict_oldest(&mut self) {
-        if let Some((_, hash)) = self.order.pop_front() {
-            self.live.remove(&hash);
+        let Some(hash) = self.order.pop_front() else {
+            return;
+        };
+        self.live.remove(&hash);
+        if let Some((_, count)) = self.ages.front_mut() {
+            *count -= 1;
+            if *count == 0 {
+                self.ages.pop_front();
+            }
         }
     }
 }
@@ -110,6 +133,18 @@ mod tests {
         assert_eq!(dedup.len(), 3);
         assert!(!dedup.contains("a", t0), "oldest key was evicted");
         assert!(dedup.contains("d", t0));
+    }
+
+    #[test]
+    fn expiry_follows_insertion_time_across_runs() {
+        let mut dedup = Dedup::new(Duration::from_secs(600), 100);
+        let t0 = Instant::now();
+        dedup.insert("early", t0);
+        dedup.insert("late", t0 + Duration::from_secs(300));
+        let later = t0 + Duration::from_secs(601);
+        assert!(!dedup.contains("early", later));
+        assert!(dedup.contains("late", later));
+        assert_eq!(dedup.len(), 1);
     }
 
     #[test]

@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use crate::config::DispatchSettings;
+use crate::config::{DispatchSettings, Settings};
 use crate::slack::wire::Envelope;
 use crate::state::{Counters, ServiceState};
 
@@ -35,7 +35,8 @@ pub enum Accepted {
 /// from their read loops, which never waits on a handler.
 pub struct Dispatcher {
     handler: Arc<dyn Handler>,
-    settings: DispatchSettings,
+    /// Settings that a reload (SIGHUP) may change; the deadline is read per envelope.
+    live: watch::Receiver<Settings>,
     state: Arc<ServiceState>,
     dedup: std::sync::Mutex<Dedup>,
     /// Handlers running or queued; bounds memory.
@@ -47,18 +48,21 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
+    /// Queue bounds and the deduplication window are fixed at start; the response
+    /// deadline follows reloads.
     pub fn new(
         handler: Arc<dyn Handler>,
-        settings: DispatchSettings,
+        live: watch::Receiver<Settings>,
         state: Arc<ServiceState>,
     ) -> Self {
+        let settings: DispatchSettings = live.borrow().dispatch.clone();
         let admitted = settings.max_concurrent_handlers + settings.max_queued_handlers;
         Dispatcher {
             handler,
             dedup: std::sync::Mutex::new(Dedup::new(settings.dedup_ttl, settings.dedup_capacity)),
             admitted: Arc::new(Semaphore::new(admitted)),
             running: Arc::new(Semaphore::new(settings.max_concurrent_handlers)),
-            settings,
+            live,
             state,
             tracker: TaskTracker::new(),
             accepting: AtomicBool::new(true),
@@ -109,7 +113,7 @@ impl Dispatcher {
             handler: self.handler.clone(),
             state: self.state.clone(),
             running: self.running.clone(),
-            response_deadline: self.settings.response_deadline,
+            response_deadline: self.live.borrow().dispatch.response_deadline,
             accepted_at: now,
         };
         Counters::bump(&counters.in_flight);
@@ -143,11 +147,6 @@ impl Dispatcher {
     pub async fn wait_idle(&self) {
         self.tracker.close();
         self.tracker.wait().await;
-    }
-
-    /// How long shutdown waits for in-flight handlers.
-    pub fn drain_timeout(&self) -> Duration {
-        self.settings.drain_timeout
     }
 
     /// Envelopes accepted and not yet finished.

@@ -5,9 +5,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::value::{RawValue, to_raw_value};
+use serde_json::value::RawValue;
 use tokio::sync::Notify;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, warn};
 
@@ -15,6 +15,7 @@ use super::record::{Delivery, EnvelopeRecord, SocketId};
 use super::registry::SocketCommand;
 use super::spec::EnvelopeSpec;
 use super::state::{Inner, Shared};
+use super::timers::sleep_until_some;
 use crate::slack::wire::{Ack, Envelope, EnvelopeKind};
 
 /// What happens when an envelope's ack deadline passes.
@@ -112,11 +113,8 @@ impl Inner {
     pub(super) fn inject(&mut self, app_id: &str, spec: EnvelopeSpec, now: Instant) -> String {
         let (envelope_id, seq) = self.deliveries.new_envelope_id();
         let content = spec.into_content(app_id, seq);
-        let payload = to_raw_value(&content.payload).unwrap_or_else(|e| {
-            // A serde_json::Value always serialises; keep going with an empty object anyway.
-            warn!(error = %e, "payload could not be serialised");
-            to_raw_value(&serde_json::json!({})).expect("an empty object serialises")
-        });
+        let payload = RawValue::from_string(content.payload.to_string())
+            .expect("a serde_json::Value prints as valid JSON");
         self.deliveries
             .index
             .insert(envelope_id.clone(), self.record.envelopes.len());
@@ -301,14 +299,6 @@ pub(super) async fn run_redelivery_timer(shared: Arc<Shared>) {
                 shared.update(|inner| inner.expire_due(Instant::now()));
             }
         }
-    }
-}
-
-/// Sleeps until `at`, or forever when there is nothing to wait for.
-pub(super) async fn sleep_until_some(at: Option<Instant>) {
-    match at {
-        Some(at) => sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -20,6 +20,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 mod tickets;
+mod timers;
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -154,6 +155,12 @@ impl Simulator {
     /// Delivers an envelope to one random accepting socket of the app, or queues it until
     /// one opens. Returns the envelope id.
     pub fn inject(&self, app_id: &str, spec: EnvelopeSpec) -> String {
+        if !self.shared.config.apps.iter().any(|a| a.app_id == app_id) {
+            warn!(
+                app = app_id,
+                "injecting for an app the simulator does not serve"
+            );
+        }
         self.shared
             .update(|inner| inner.inject(app_id, spec, Instant::now()))
     }

@@ -1,6 +1,7 @@
 //! What the simulator saw: every `apps.connections.open` call, socket and envelope. Tests
 //! assert on snapshots of it.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -188,7 +189,10 @@ impl fmt::Display for Record {
             Some(epoch) => format!("+{:.3}s", t.saturating_duration_since(epoch).as_secs_f64()),
             None => "?".to_owned(),
         };
-        let outcomes: Vec<&str> = self.open_calls.iter().map(|c| c.outcome.as_str()).collect();
+        let mut outcomes: BTreeMap<&str, usize> = BTreeMap::new();
+        for call in &self.open_calls {
+            *outcomes.entry(call.outcome.as_str()).or_default() += 1;
+        }
         writeln!(f, "open calls: {} {outcomes:?}", self.open_calls.len())?;
         writeln!(f, "sockets: {}", self.sockets.len())?;
         for s in &self.sockets {

@@ -18,10 +18,10 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::delivery::sleep_until_some;
 use super::record::{CloseKind, SocketId};
 use super::registry::SocketCommand;
 use super::state::Shared;
+use super::timers::{sleep_until_some, tick};
 use crate::slack::wire::Hello;
 
 type Ws = WebSocketStream<TcpStream>;
@@ -93,7 +93,7 @@ impl Session {
         let ending = if hello_sent {
             self.serve_open().await
         } else {
-            Ending::ClientDroppedTcp
+            self.lost()
         };
         match ending {
             Ending::ClientClosed => {
@@ -145,12 +145,12 @@ impl Session {
                 command = self.commands.recv() => match command {
                     Some(SocketCommand::Send(message)) => {
                         if !self.write_batched(message).await {
-                            return Ending::ClientDroppedTcp;
+                            return self.lost();
                         }
                     }
                     Some(SocketCommand::Disconnect(reason)) => {
                         if !self.send_disconnect(&reason, &mut planned_close, false).await {
-                            return Ending::ClientDroppedTcp;
+                            return self.lost();
                         }
                     }
                     Some(SocketCommand::MakeStale) => return Ending::Stale,
@@ -166,14 +166,18 @@ impl Session {
                 _ = tick(&mut server_pings) => {
                     let ping = Message::Ping(format!("Ping from applink-sim-{}", self.id).into());
                     if !self.write(ping).await {
-                        return Ending::ClientDroppedTcp;
+                        return self.lost();
                     }
                 }
                 () = sleep_until_some(rotate_at) => {
                     rotate_at = None;
+                    // A socket already being disconnected is not rotated on top of that.
+                    if planned_close.is_some() {
+                        continue;
+                    }
                     let accepted = self.shared.update(|inner| inner.note_disconnect(self.id, "warning"));
                     if accepted && !self.send_disconnect("warning", &mut planned_close, true).await {
-                        return Ending::ClientDroppedTcp;
+                        return self.lost();
                     }
                 }
                 () = sleep_until_some(planned_close.as_ref().map(|c| c.at)) => {
@@ -184,7 +188,7 @@ impl Session {
                     let reason = "refresh_requested";
                     self.shared.update(|inner| inner.note_disconnect(self.id, reason));
                     if !self.send_disconnect(reason, &mut planned_close, false).await {
-                        return Ending::ClientDroppedTcp;
+                        return self.lost();
                     }
                 }
             }
@@ -300,6 +304,15 @@ impl Session {
         }
     }
 
+    /// A write or read failed: the client is gone, unless the sim is shutting down.
+    fn lost(&self) -> Ending {
+        if self.shared.shutdown.is_cancelled() {
+            Ending::Shutdown
+        } else {
+            Ending::ClientDroppedTcp
+        }
+    }
+
     fn closed(&self, kind: CloseKind) {
         self.shared
             .update(|inner| inner.socket_closed(self.id, kind, Instant::now()));
@@ -339,14 +352,4 @@ async fn bounded_write(
 fn disconnect_frame(reason: &str) -> Message {
     let frame = json!({"type": "disconnect", "reason": reason, "debug_info": {"host": "sim"}});
     Message::text(frame.to_string())
-}
-
-/// The next server ping, or never when pings are off.
-async fn tick(pings: &mut Option<Interval>) {
-    match pings {
-        Some(pings) => {
-            pings.tick().await;
-        }
-        None => std::future::pending().await,
-    }
 }

@@ -40,6 +40,12 @@ impl Backoff {
         rng.random_range(self.initial..=ceiling)
     }
 
+    /// Applies new bounds (after a configuration reload); the attempt count is kept.
+    pub fn set_bounds(&mut self, initial: Duration, max: Duration) {
+        self.initial = initial;
+        self.max = max.max(initial);
+    }
+
     /// Consecutive failures so far.
     pub fn attempts(&self) -> u32 {
         self.attempt

@@ -6,11 +6,11 @@ use std::time::{Duration, SystemTime};
 
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConnectionSettings};
+use crate::config::{Config, ConnectionSettings, Settings};
 use crate::dispatch::Dispatcher;
 use crate::slack::api::{OpenError, SlackApi};
 use crate::slack::backoff::Backoff;
@@ -45,8 +45,8 @@ enum Failure {
 pub struct Supervisor {
     api: SlackApi,
     token: AppToken,
-    settings: ConnectionSettings,
-    retire_budget: Duration,
+    /// Settings that a reload (SIGHUP) may change; read at each use.
+    live: watch::Receiver<Settings>,
     dispatcher: Arc<Dispatcher>,
     state: Arc<ServiceState>,
     events_tx: mpsc::UnboundedSender<ConnEvent>,
@@ -62,20 +62,18 @@ pub struct Supervisor {
 impl Supervisor {
     pub fn new(
         config: &Config,
+        live: watch::Receiver<Settings>,
         dispatcher: Arc<Dispatcher>,
         state: Arc<ServiceState>,
     ) -> Result<Self, OpenError> {
-        let settings = config.settings.connection.clone();
+        let settings = live.borrow().connection.clone();
         let api = SlackApi::new(&config.api_url, config.settings.slack.debug_reconnects)?;
         let (events_tx, events) = mpsc::unbounded_channel();
         Ok(Supervisor {
             api,
             token: config.token.clone(),
             backoff: Backoff::new(settings.backoff_initial, settings.backoff_max),
-            // A retired socket may still owe acks for envelopes whose handlers answer in
-            // the ack; give them their whole deadline, plus the time to write.
-            retire_budget: config.settings.dispatch.response_deadline + Duration::from_secs(1),
-            settings,
+            live,
             dispatcher,
             state,
             events_tx,
@@ -116,7 +114,7 @@ impl Supervisor {
                     Ok((handle, hello)) => {
                         self.active = Some(handle);
                         self.on_hello(&hello);
-                        stable_at = Some(Instant::now() + self.settings.stable_after);
+                        stable_at = Some(Instant::now() + self.settings().stable_after);
                     }
                     Err(Failure::Fatal(error)) => return Err(error),
                     Err(Failure::Retry { at_least, cause }) => {
@@ -156,8 +154,7 @@ impl Supervisor {
             ConnEvent::Ended { conn, cause } if Some(conn) == active_id => {
                 self.active = None;
                 self.sync_socket_count();
-                self.state
-                    .update(|s| s.last_disconnect = Some(cause.to_string()));
+                self.mark_down(&cause.to_string());
                 Counters::bump(&self.state.counters.reconnects);
                 tracing::warn!(conn, %cause, "connection ended; reconnecting");
                 let delay = self.next_delay(Duration::ZERO);
@@ -190,8 +187,9 @@ impl Supervisor {
                     self.retiring.push(active);
                 }
                 self.sync_socket_count();
+                self.mark_down("too_many_websockets");
                 Counters::bump(&self.state.counters.reconnects);
-                let delay = self.next_delay(self.settings.too_many_websockets_backoff);
+                let delay = self.next_delay(self.settings().too_many_websockets_backoff);
                 self.diagnose_too_many_websockets(delay);
                 Ok(Some((delay, "too_many_websockets".to_owned())))
             }
@@ -225,7 +223,7 @@ impl Supervisor {
                         new = self.active.as_ref().map(|c| c.id),
                         "rotated to a new connection"
                     );
-                    old.retire(self.retire_budget);
+                    old.retire(self.retire_budget());
                     self.retiring.push(old);
                 }
                 self.on_hello(&hello);
@@ -271,14 +269,15 @@ impl Supervisor {
                     cause: why,
                 },
             })?;
-        let (socket, hello) = connection::open(&url, &self.settings)
+        let settings = self.settings();
+        let (socket, hello) = connection::open(&url, &settings)
             .await
             .map_err(|error| self.classify_connect_error(error))?;
         let id = self.next_conn_id;
         self.next_conn_id += 1;
         let handle = socket.spawn(
             id,
-            self.settings.clone(),
+            settings,
             self.dispatcher.clone(),
             self.state.clone(),
             self.events_tx.clone(),
@@ -292,7 +291,7 @@ impl Supervisor {
                 Failure::Fatal(FatalError::LinkDisabled)
             }
             ConnectError::Disconnected(DisconnectReason::TooManyWebsockets) => {
-                let floor = self.settings.too_many_websockets_backoff;
+                let floor = self.settings().too_many_websockets_backoff;
                 self.diagnose_too_many_websockets(floor);
                 Failure::Retry {
                     at_least: floor,
@@ -323,7 +322,20 @@ impl Supervisor {
     }
 
     fn next_delay(&mut self, at_least: Duration) -> Duration {
+        let settings = self.settings();
+        self.backoff
+            .set_bounds(settings.backoff_initial, settings.backoff_max);
         self.backoff.next_delay(&mut self.rng).max(at_least)
+    }
+
+    fn settings(&self) -> ConnectionSettings {
+        self.live.borrow().connection.clone()
+    }
+
+    /// A retired socket may still owe acks for envelopes whose handlers answer in the ack:
+    /// it gets their whole deadline, plus the time to write.
+    fn retire_budget(&self) -> Duration {
+        self.live.borrow().dispatch.response_deadline + Duration::from_secs(1)
     }
 
     fn on_hello(&self, hello: &Hello) {
@@ -334,6 +346,7 @@ impl Supervisor {
             s.app_id = Some(hello.connection_info.app_id.clone());
             s.num_connections = Some(hello.num_connections);
             s.connected_since.get_or_insert_with(SystemTime::now);
+            s.down_since = None;
         });
         let expected_lifetime_s = hello
             .debug_info
@@ -385,7 +398,16 @@ impl Supervisor {
     }
 
     fn drain_budget(&self) -> Duration {
-        self.dispatcher.drain_timeout()
+        self.live.borrow().dispatch.drain_timeout
+    }
+
+    /// The app has no usable connection from now on, until the next hello.
+    fn mark_down(&self, cause: &str) {
+        self.state.update(|s| {
+            s.last_disconnect = Some(cause.to_owned());
+            s.connected_since = None;
+            s.down_since.get_or_insert_with(SystemTime::now);
+        });
     }
 
     fn sync_socket_count(&self) {

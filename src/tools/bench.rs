@@ -26,6 +26,9 @@ pub struct BenchReport {
     pub ack_latency_p99_us: u64,
     pub rss_idle_kib: u64,
     pub rss_peak_under_load_kib: u64,
+    /// Of which heap and stacks (the rest is the binary's and libraries' mapped pages).
+    pub rss_anon_idle_kib: u64,
+    pub rss_anon_peak_under_load_kib: u64,
 }
 
 pub fn run(args: &BenchArgs) -> ExitCode {
@@ -75,6 +78,11 @@ fn print_table(r: &BenchReport) {
         "  RSS peak, load    {:>10.1} MiB",
         r.rss_peak_under_load_kib as f64 / 1024.0
     );
+    println!(
+        "    of which anon   {:>10.1} MiB idle, {:.1} MiB peak",
+        r.rss_anon_idle_kib as f64 / 1024.0,
+        r.rss_anon_peak_under_load_kib as f64 / 1024.0
+    );
 }
 
 async fn bench(envelopes: u64, window: usize) -> Result<BenchReport, String> {
@@ -111,6 +119,7 @@ async fn bench(envelopes: u64, window: usize) -> Result<BenchReport, String> {
         },
     );
     let mut peak_rss = idle.rss_kib;
+    let mut peak_anon = idle.rss_anon_kib;
     let all_acked = |r: &Record| {
         r.envelopes.len() as u64 >= envelopes && r.envelopes.iter().all(|e| e.acked_at.is_some())
     };
@@ -118,6 +127,7 @@ async fn bench(envelopes: u64, window: usize) -> Result<BenchReport, String> {
         loop {
             if let Ok(stats) = proc_stats(pid) {
                 peak_rss = peak_rss.max(stats.rss_kib);
+                peak_anon = peak_anon.max(stats.rss_anon_kib);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -131,6 +141,7 @@ async fn bench(envelopes: u64, window: usize) -> Result<BenchReport, String> {
     let _ = load.await;
     let loaded = proc_stats(pid)?;
     peak_rss = peak_rss.max(loaded.rss_kib);
+    peak_anon = peak_anon.max(loaded.rss_anon_kib);
 
     child::terminate(&daemon);
     let _ = tokio::time::timeout(WAIT, daemon.wait()).await;
@@ -154,6 +165,8 @@ async fn bench(envelopes: u64, window: usize) -> Result<BenchReport, String> {
         ack_latency_p99_us: percentile(0.99),
         rss_idle_kib: idle.rss_kib,
         rss_peak_under_load_kib: peak_rss,
+        rss_anon_idle_kib: idle.rss_anon_kib,
+        rss_anon_peak_under_load_kib: peak_anon,
     })
 }
 
@@ -161,6 +174,7 @@ async fn bench(envelopes: u64, window: usize) -> Result<BenchReport, String> {
 struct ProcStats {
     cpu: Duration,
     rss_kib: u64,
+    rss_anon_kib: u64,
 }
 
 fn proc_stats(pid: u32) -> Result<ProcStats, String> {
@@ -183,10 +197,16 @@ fn proc_stats(pid: u32) -> Result<ProcStats, String> {
     let cpu = Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / hz as f64);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("reading /proc/{pid}/status: {e}"))?;
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    Ok(ProcStats { cpu, rss_kib })
+    let kib = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Ok(ProcStats {
+        cpu,
+        rss_kib: kib("VmRSS:"),
+        rss_anon_kib: kib("RssAnon:"),
+    })
 }

@@ -1,0 +1,120 @@
+//! One judgement of the service's health, used by `flowcoachctl health`, container health
+//! checks and the systemd watchdog alike.
+
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::{ConnectionStatus, Phase};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "health", content = "reason", rename_all = "snake_case")]
+pub enum Health {
+    Healthy,
+    /// Working, but someone should look: reconnecting within the outage budget, other
+    /// clients on the app, draining.
+    Degraded(String),
+    /// Not doing its job: an outage beyond the budget, stopped.
+    Unhealthy(String),
+}
+
+impl Health {
+    /// Whether the systemd watchdog should still be fed: a degraded service is recovering
+    /// on its own and a restart would not help it.
+    pub fn feeds_watchdog(&self) -> bool {
+        !matches!(self, Health::Unhealthy(_))
+    }
+}
+
+/// Judges `status` at `now`; an outage longer than `outage_budget` is unhealthy.
+pub fn evaluate(status: &ConnectionStatus, outage_budget: Duration, now: SystemTime) -> Health {
+    if let Some(down_since) = status.down_since {
+        let down_for = now.duration_since(down_since).unwrap_or_default();
+        let cause = status.last_disconnect.as_deref().unwrap_or("unknown cause");
+        if down_for > outage_budget {
+            return Health::Unhealthy(format!(
+                "no Slack connection for {}s (after {cause}), beyond the outage budget of {}s",
+                down_for.as_secs(),
+                outage_budget.as_secs()
+            ));
+        }
+        return Health::Degraded(format!(
+            "reconnecting for {}s after {cause}",
+            down_for.as_secs()
+        ));
+    }
+    match &status.phase {
+        Phase::Connected => match status.num_connections {
+            Some(total) if total > status.sockets_open => Health::Degraded(format!(
+                "Slack counts {total} open sockets for this app but this instance holds {}: another client is connected",
+                status.sockets_open
+            )),
+            _ => Health::Healthy,
+        },
+        Phase::Starting | Phase::Connecting | Phase::Reconnecting { .. } => {
+            Health::Degraded(format!("not connected yet ({})", status.phase))
+        }
+        Phase::Draining => Health::Degraded("draining before stopping".to_owned()),
+        Phase::Stopped => Health::Unhealthy("stopped".to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUDGET: Duration = Duration::from_secs(300);
+
+    fn connected() -> ConnectionStatus {
+        ConnectionStatus {
+            phase: Phase::Connected,
+            sockets_open: 1,
+            num_connections: Some(1),
+            ..ConnectionStatus::default()
+        }
+    }
+
+    #[test]
+    fn connected_alone_is_healthy() {
+        assert_eq!(evaluate(&connected(), BUDGET, SystemTime::now()), Health::Healthy);
+    }
+
+    #[test]
+    fn other_clients_degrade() {
+        let status = ConnectionStatus {
+            num_connections: Some(3),
+            ..connected()
+        };
+        let health = evaluate(&status, BUDGET, SystemTime::now());
+        assert!(matches!(&health, Health::Degraded(r) if r.contains("another client")));
+        assert!(health.feeds_watchdog());
+    }
+
+    #[test]
+    fn outages_degrade_then_turn_unhealthy_past_the_budget() {
+        let now = SystemTime::now();
+        let status = ConnectionStatus {
+            phase: Phase::Connecting,
+            down_since: Some(now - Duration::from_secs(30)),
+            last_disconnect: Some("stale (no pong)".into()),
+            ..ConnectionStatus::default()
+        };
+        let health = evaluate(&status, BUDGET, now);
+        assert!(matches!(&health, Health::Degraded(r) if r.contains("stale")));
+        let later = now + BUDGET;
+        let health = evaluate(&status, BUDGET, later);
+        assert!(matches!(&health, Health::Unhealthy(r) if r.contains("outage budget")));
+        assert!(!health.feeds_watchdog());
+    }
+
+    #[test]
+    fn starting_and_draining_are_degraded_stopped_is_unhealthy() {
+        let now = SystemTime::now();
+        let mut status = ConnectionStatus::default();
+        assert!(matches!(evaluate(&status, BUDGET, now), Health::Degraded(_)));
+        status.phase = Phase::Draining;
+        assert!(matches!(evaluate(&status, BUDGET, now), Health::Degraded(_)));
+        status.phase = Phase::Stopped;
+        assert!(matches!(evaluate(&status, BUDGET, now), Health::Unhealthy(_)));
+    }
+}
