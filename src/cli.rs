@@ -70,8 +70,3 @@ pub struct DemoArgs {
     #[arg(long, default_value = "12s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
 }
-
-/// flowcoachctl: talk to a running flowcoach over its control socket.
-#[derive(Debug, Parser)]
-#[command(name = "flowcoachctl", version, about)]
-pub struct CtlCli {}

@@ -22,7 +22,7 @@ pub mod env {
 pub const DEFAULT_API_URL: &str = "https://slack.com/api";
 
 /// The settings file, as written by an operator. Every section and field is optional.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// Name of this deployment (`dev`, `prod`, …): shown in status answers and logs.
@@ -35,7 +35,7 @@ pub struct Settings {
     pub log: LogSettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServiceSettings {
     /// While reconnecting, the service counts as degraded, not unhealthy, for this long:
@@ -45,7 +45,7 @@ pub struct ServiceSettings {
     pub outage_budget: Duration,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlSettings {
     /// Members of this group may use the control socket, besides root and the daemon's
@@ -61,7 +61,7 @@ impl Default for ServiceSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SlackSettings {
     /// Web API base; `http://` is accepted for loopback addresses only (the simulator).
@@ -71,7 +71,7 @@ pub struct SlackSettings {
     pub debug_reconnects: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConnectionSettings {
     /// A client ping is sent when nothing has arrived for this long.
@@ -103,7 +103,7 @@ pub struct ConnectionSettings {
     pub max_message_bytes: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DispatchSettings {
     /// Handlers running at once.
@@ -132,7 +132,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
     /// A `tracing` filter, e.g. `info` or `flowcoach=debug`.

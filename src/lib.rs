@@ -3,6 +3,7 @@
 pub mod bot;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod dispatch;
 pub mod exit;

@@ -1,25 +1,21 @@
-//! The flowcoach daemon and its offline tools (simulator, demo).
+//! The flowcoach daemon and its offline tools (simulator, demo, benchmark).
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use tokio::signal::unix::{SignalKind, signal};
-use tokio_util::sync::CancellationToken;
 
 use flowcoach::cli::{DaemonCli, DaemonCommand};
 use flowcoach::config::{Config, ProcessEnv};
-use flowcoach::{daemon, exit, logging, tools};
+use flowcoach::control::server::from_systemd;
+use flowcoach::daemon::{self, Startup};
+use flowcoach::{exit, logging, tools};
 
 fn main() -> ExitCode {
     let cli = match DaemonCli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {
             let _ = error.print();
-            return exit::code(if error.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
-            });
+            return exit::code(if error.use_stderr() { exit::USAGE } else { exit::OK });
         }
     };
     match cli.command {
@@ -51,10 +47,7 @@ fn check_config(cli: &DaemonCli) -> ExitCode {
     println!("  file:        {file}");
     println!("  environment: {}", config.settings.environment);
     println!("  api url:     {}", config.api_url);
-    println!(
-        "  token:       {} (from {})",
-        config.token, config.token_source
-    );
+    println!("  token:       {} (from {})", config.token, config.token_source);
     println!(
         "  app id hint: {}",
         config.token.app_id_hint().unwrap_or("none in token")
@@ -67,7 +60,15 @@ fn run(cli: &DaemonCli) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    logging::init(&config.settings.log);
+    let log = logging::init(&config.settings.log);
+    // Before the runtime starts: no other thread may be reading the environment.
+    let control_listener = match from_systemd() {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("flowcoach: socket activation: {error}");
+            return exit::code(exit::FAILURE);
+        }
+    };
     // One thread: Socket Mode traffic is a few hundred envelopes a second at most, and a
     // single-threaded runtime keeps CPU per envelope and memory lowest. Handlers are async;
     // CPU-heavy work goes to spawn_blocking.
@@ -81,42 +82,17 @@ fn run(cli: &DaemonCli) -> ExitCode {
             return exit::code(exit::FAILURE);
         }
     };
-    runtime.block_on(async {
-        let shutdown = CancellationToken::new();
-        if let Err(error) = watch_signals(shutdown.clone()) {
-            eprintln!("flowcoach: cannot install signal handlers: {error}");
-            return exit::code(exit::FAILURE);
+    let startup = Startup {
+        config,
+        control_listener,
+        log,
+    };
+    match runtime.block_on(daemon::run(startup)) {
+        Ok(()) => exit::code(exit::OK),
+        Err(error) => {
+            tracing::error!(%error, "flowcoach stopped on an error");
+            eprintln!("flowcoach: {error}");
+            exit::code(error.exit_code())
         }
-        match daemon::serve(config, shutdown).await {
-            Ok(()) => exit::code(exit::OK),
-            Err(error) => {
-                tracing::error!(%error, "flowcoach stopped on an error");
-                eprintln!("flowcoach: {error}");
-                exit::code(error.exit_code())
-            }
-        }
-    })
-}
-
-/// SIGTERM or SIGINT starts a graceful stop; a second one exits at once.
-fn watch_signals(shutdown: CancellationToken) -> std::io::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::spawn(async move {
-        let mut received = 0;
-        loop {
-            let name = tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = int.recv() => "SIGINT",
-            };
-            received += 1;
-            if received > 1 {
-                tracing::warn!(signal = name, "second stop signal: exiting at once");
-                std::process::exit(i32::from(exit::FAILURE));
-            }
-            tracing::info!(signal = name, "stopping: draining in-flight envelopes");
-            shutdown.cancel();
-        }
-    });
-    Ok(())
+    }
 }

@@ -4,15 +4,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use flowcoach::cli::CtlCli;
+use flowcoach::control::cli::CtlCli;
+use flowcoach::control::ctl;
 use flowcoach::exit;
 
 fn main() -> ExitCode {
     match CtlCli::try_parse() {
-        Ok(CtlCli {}) => {
-            eprintln!("flowcoachctl: no command given; see --help");
-            exit::code(exit::USAGE)
-        }
+        Ok(cli) => ctl::run(&cli),
         Err(error) => {
             let _ = error.print();
             exit::code(if error.use_stderr() {

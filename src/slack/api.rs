@@ -211,3 +211,25 @@ mod tests {
         assert_eq!(retry_after(&headers), Duration::from_secs(7));
     }
 }
+
+#[cfg(test)]
+mod network_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_https_failure_is_transient_not_a_panic() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                drop(stream);
+            }
+        });
+        let base = Url::parse(&format!("https://127.0.0.1:{port}/api")).unwrap();
+        let api = SlackApi::new(&base, false).unwrap();
+        let token = AppToken::parse("xapp-1-A0TEST-1-abc").unwrap();
+        let error = api.open_connection(&token).await.unwrap_err();
+        assert!(matches!(error, OpenError::Transient(_)), "{error:?}");
+        assert!(!error.to_string().contains("abc"));
+    }
+}

@@ -467,3 +467,56 @@ impl ConnectionTask {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A TCP listener that accepts and hangs up: the TLS handshake over it must fail as an
+    /// error (which also proves a rustls crypto provider is available), never a panic.
+    async fn hang_up_listener() -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                drop(stream);
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_failed_tls_handshake_is_an_error() {
+        let port = hang_up_listener().await;
+        let url = Url::parse(&format!("wss://127.0.0.1:{port}/link/?ticket=t")).unwrap();
+        let result = open(&url, &ConnectionSettings::default()).await;
+        assert!(
+            matches!(result, Err(ConnectError::Handshake(_))),
+            "{:?}",
+            result.err()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_is_a_hello_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Accepts the websocket upgrade, then says nothing.
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let _ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+            std::future::pending::<()>().await;
+        });
+        let settings = ConnectionSettings {
+            hello_timeout: Duration::from_millis(300),
+            ..ConnectionSettings::default()
+        };
+        let url = Url::parse(&format!("ws://127.0.0.1:{port}/link/")).unwrap();
+        let result = open(&url, &settings).await;
+        assert!(
+            matches!(result, Err(ConnectError::HelloTimeout(_))),
+            "{:?}",
+            result.err()
+        );
+    }
+}

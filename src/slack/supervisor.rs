@@ -29,6 +29,12 @@ pub enum FatalError {
         "Slack disconnected with link_disabled: Socket Mode is switched off for this app; enable it under Settings > Socket Mode"
     )]
     LinkDisabled,
+    /// The lock and the control socket are named after the token's app ID hint: a token
+    /// of another app would hold the wrong lock.
+    #[error(
+        "the token looks like it belongs to app {expected}, but Slack's hello says app {actual}: check the token"
+    )]
+    AppMismatch { expected: String, actual: String },
 }
 
 /// Why a connect attempt failed, and what to do about it.
@@ -113,7 +119,7 @@ impl Supervisor {
                 match attempt {
                     Ok((handle, hello)) => {
                         self.active = Some(handle);
-                        self.on_hello(&hello);
+                        self.on_hello(&hello)?;
                         stable_at = Some(Instant::now() + self.settings().stable_after);
                     }
                     Err(Failure::Fatal(error)) => return Err(error),
@@ -226,7 +232,7 @@ impl Supervisor {
                     old.retire(self.retire_budget());
                     self.retiring.push(old);
                 }
-                self.on_hello(&hello);
+                self.on_hello(&hello)?;
                 Ok(None)
             }
             Err(Failure::Fatal(error)) => Err(error),
@@ -338,7 +344,16 @@ impl Supervisor {
         self.live.borrow().dispatch.response_deadline + Duration::from_secs(1)
     }
 
-    fn on_hello(&self, hello: &Hello) {
+    fn on_hello(&self, hello: &Hello) -> Result<(), FatalError> {
+        let actual = &hello.connection_info.app_id;
+        if let Some(expected) = self.token.app_id_hint() {
+            if expected != actual {
+                return Err(FatalError::AppMismatch {
+                    expected: expected.to_owned(),
+                    actual: actual.clone(),
+                });
+            }
+        }
         self.sync_socket_count();
         let ours = self.state.status().sockets_open;
         self.state.update(|s| {
@@ -370,6 +385,7 @@ impl Supervisor {
                 hello.connection_info.app_id,
             );
         }
+        Ok(())
     }
 
     /// Shutdown: stop taking envelopes, let handlers finish and ack within the drain

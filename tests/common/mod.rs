@@ -37,6 +37,10 @@ pub struct Daemon {
     logs: watch::Receiver<Vec<Value>>,
     raw: Arc<Mutex<String>>,
     _config: tempfile::NamedTempFile,
+    /// Each daemon gets a runtime directory of its own (lock, control socket) unless the
+    /// test passes `FLOWCOACH_RUNTIME_DIR`: separate directories stand for separate hosts.
+    runtime: Option<tempfile::TempDir>,
+    pub runtime_dir: std::path::PathBuf,
 }
 
 /// Settings that make timing-dependent behaviour fast enough to test.
@@ -75,9 +79,25 @@ impl Daemon {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        let runtime = if env.iter().any(|(key, _)| *key == "FLOWCOACH_RUNTIME_DIR") {
+            None
+        } else {
+            Some(tempfile::tempdir().unwrap())
+        };
+        if let Some(dir) = &runtime {
+            command.env("FLOWCOACH_RUNTIME_DIR", dir.path());
+        }
         for (key, value) in env {
             command.env(key, value);
         }
+        let runtime_dir = match &runtime {
+            Some(dir) => dir.path().to_owned(),
+            None => env
+                .iter()
+                .find(|(key, _)| *key == "FLOWCOACH_RUNTIME_DIR")
+                .map(|(_, dir)| dir.into())
+                .unwrap(),
+        };
         let mut child = command.spawn().expect("spawn flowcoach");
         let stderr = child.stderr.take().unwrap();
         let (tx, logs) = watch::channel(Vec::new());
@@ -98,6 +118,8 @@ impl Daemon {
             logs,
             raw,
             _config: config,
+            runtime,
+            runtime_dir,
         }
     }
 

@@ -1,0 +1,249 @@
+//! The control protocol, one set of types for the daemon and `flowcoachctl`.
+//!
+//! A unix stream socket carries one request and one response, each a single line of JSON
+//! ending in `\n` and at most [`MAX_MESSAGE_BYTES`] long; then the daemon closes the
+//! connection. For example:
+//!
+//! ```text
+//! → {"version":1,"command":"health"}
+//! ← {"response":"health","health":{"health":"healthy"},"phase":"connected"}
+//! ```
+//!
+//! Stable across protocol versions, so that mismatched releases can say so: the `version`
+//! field of a request and the `error` response (`message`, and `protocol`, the version the
+//! daemon speaks, when it rejects a request's version).
+
+use serde::{Deserialize, Serialize};
+
+use crate::health::Health;
+use crate::state::{CounterSnapshot, Phase};
+
+/// The protocol this build speaks. Raise it when a change is not backwards compatible.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest request or response line, newline included.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub version: u32,
+    #[serde(flatten)]
+    pub command: Command,
+}
+
+impl Request {
+    /// A request in this build's protocol version.
+    pub fn new(command: Command) -> Self {
+        Request {
+            version: PROTOCOL_VERSION,
+            command,
+        }
+    }
+}
+
+/// What a client asks for. New commands (with their own fields) become new variants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Command {
+    /// The full [`StatusReport`].
+    Status,
+    /// Only the health judgement, for health checks.
+    Health,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "snake_case")]
+pub enum Response {
+    Status(StatusReport),
+    Health(HealthReport),
+    Error {
+        message: String,
+        /// Set when the request's protocol version was rejected: the version this daemon
+        /// speaks.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        protocol: Option<u32>,
+    },
+}
+
+impl Response {
+    pub fn error(message: impl Into<String>) -> Self {
+        Response::Error {
+            message: message.into(),
+            protocol: None,
+        }
+    }
+
+    /// The answer to a request in protocol `requested`, which this daemon does not speak.
+    pub fn version_mismatch(requested: u32) -> Self {
+        Response::Error {
+            message: version_mismatch_message(requested, PROTOCOL_VERSION),
+            protocol: Some(PROTOCOL_VERSION),
+        }
+    }
+}
+
+/// What to tell someone whose `flowcoachctl` and daemon speak different protocols.
+pub fn version_mismatch_message(client: u32, daemon: u32) -> String {
+    format!(
+        "flowcoachctl speaks protocol {client}, this daemon {daemon}: use the flowcoachctl of the same release"
+    )
+}
+
+/// Everything `flowcoachctl status` shows. Times are unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub pid: u32,
+    pub host: String,
+    /// The daemon's crate version.
+    pub version: String,
+    pub environment: String,
+    /// The app ID from the latest `hello`.
+    pub app_id: Option<String>,
+    /// The lifecycle phase in words, e.g. "reconnecting in 4.2s after warning".
+    pub phase: String,
+    /// The lifecycle phase as one word: starting, connecting, connected, reconnecting,
+    /// draining, stopped.
+    pub phase_name: String,
+    pub started_at: u64,
+    pub uptime_s: u64,
+    pub connected_since: Option<u64>,
+    /// Sockets this instance holds open (two during a rotation).
+    pub sockets_open: u32,
+    /// Slack's count of the app's open sockets, other clients included.
+    pub num_connections: Option<u32>,
+    pub reconnects: u64,
+    pub rotations: u64,
+    pub last_disconnect: Option<String>,
+    #[serde(deserialize_with = "CounterSnapshotDef::deserialize")]
+    pub counters: CounterSnapshot,
+    /// Where the token came from (a variable or file name, never the token).
+    pub token_source: String,
+    pub health: Health,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReport {
+    pub health: Health,
+    /// The lifecycle phase in words.
+    pub phase: String,
+}
+
+/// The machine-friendly name of a phase.
+pub fn phase_name(phase: &Phase) -> &'static str {
+    match phase {
+        Phase::Starting => "starting",
+        Phase::Connecting => "connecting",
+        Phase::Connected => "connected",
+        Phase::Reconnecting { .. } => "reconnecting",
+        Phase::Draining => "draining",
+        Phase::Stopped => "stopped",
+    }
+}
+
+/// `CounterSnapshot` derives only `Serialize`; this mirror (checked field by field by the
+/// compiler) reads it back on the client side.
+#[derive(Deserialize)]
+#[serde(remote = "CounterSnapshot")]
+struct CounterSnapshotDef {
+    envelopes_received: u64,
+    envelopes_acked: u64,
+    envelopes_deduplicated: u64,
+    envelopes_deferred: u64,
+    handler_errors: u64,
+    late_responses: u64,
+    acks_failed: u64,
+    frames_malformed: u64,
+    frames_unknown: u64,
+    frames_binary: u64,
+    frames_oversized: u64,
+    connects: u64,
+    reconnects: u64,
+    rotations: u64,
+    in_flight: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_flat_json_lines() {
+        let request = Request::new(Command::Status);
+        let text = serde_json::to_string(&request).unwrap();
+        assert_eq!(text, r#"{"version":1,"command":"status"}"#);
+        let back: Request = serde_json::from_str(r#"{"command":"health","version":1}"#).unwrap();
+        assert_eq!(back, Request::new(Command::Health));
+    }
+
+    #[test]
+    fn unknown_commands_are_rejected_by_name() {
+        let error = serde_json::from_str::<Request>(r#"{"version":1,"command":"reboot"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("reboot"), "{error}");
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let report = StatusReport {
+            pid: 7,
+            host: "h".into(),
+            version: "0.1.0".into(),
+            environment: "prod".into(),
+            app_id: Some("A1".into()),
+            phase: "connected".into(),
+            phase_name: "connected".into(),
+            started_at: 1,
+            uptime_s: 2,
+            connected_since: Some(3),
+            sockets_open: 1,
+            num_connections: Some(1),
+            reconnects: 4,
+            rotations: 5,
+            last_disconnect: None,
+            counters: CounterSnapshot {
+                envelopes_received: 9,
+                in_flight: 1,
+                ..CounterSnapshot::default()
+            },
+            token_source: "SLACK_APP_TOKEN".into(),
+            health: Health::Degraded("why".into()),
+        };
+        for response in [
+            Response::Status(report),
+            Response::Health(HealthReport {
+                health: Health::Healthy,
+                phase: "connected".into(),
+            }),
+            Response::error("no"),
+            Response::version_mismatch(2),
+        ] {
+            let text = serde_json::to_string(&response).unwrap();
+            assert!(!text.contains('\n'));
+            let back: Response = serde_json::from_str(&text).unwrap();
+            assert_eq!(back, response, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_version_mismatch_names_both_versions() {
+        let Response::Error { message, protocol } = Response::version_mismatch(2) else {
+            panic!("not an error");
+        };
+        assert_eq!(protocol, Some(PROTOCOL_VERSION));
+        assert_eq!(
+            message,
+            "flowcoachctl speaks protocol 2, this daemon 1: use the flowcoachctl of the same release"
+        );
+    }
+
+    #[test]
+    fn phase_names_are_single_words() {
+        let phase = Phase::Reconnecting {
+            delay: std::time::Duration::from_secs(1),
+            cause: "warning".into(),
+        };
+        assert_eq!(phase_name(&phase), "reconnecting");
+        assert_eq!(phase_name(&Phase::Connected), "connected");
+    }
+}

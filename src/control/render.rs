@@ -1,0 +1,178 @@
+//! Human-readable answers for flowcoachctl.
+
+use std::fmt::Write;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::protocol::StatusReport;
+use crate::health::Health;
+
+/// "healthy", "degraded: REASON" or "unhealthy: REASON".
+pub fn health(health: &Health) -> String {
+    match health {
+        Health::Healthy => "healthy".to_owned(),
+        Health::Degraded(reason) => format!("degraded: {reason}"),
+        Health::Unhealthy(reason) => format!("unhealthy: {reason}"),
+    }
+}
+
+/// The status report as a few aligned lines, durations counted up to `now` (unix seconds).
+pub fn status(report: &StatusReport, now: u64) -> String {
+    let r = report;
+    let c = &r.counters;
+    let mut out = String::new();
+    let mut line = |label: &str, text: String| {
+        let _ = writeln!(out, "{:<14}{text}", format!("{label}:"));
+    };
+    let app = r
+        .app_id
+        .as_deref()
+        .map_or_else(String::new, |app| format!(", app {app}"));
+    let mut head = format!(
+        "flowcoach {}, pid {} on {}, environment {}{app}",
+        r.version, r.pid, r.host, r.environment
+    );
+    head.push('\n');
+    let since = r.connected_since.map_or_else(String::new, |since| {
+        format!(
+            " (since {}, up {})",
+            timestamp(since),
+            duration(now.saturating_sub(since))
+        )
+    });
+    line("state", format!("{}{since}", r.phase));
+    line(
+        "started",
+        format!("{}, up {}", timestamp(r.started_at), duration(r.uptime_s)),
+    );
+    let counted = r.num_connections.map_or_else(
+        || "not counted by Slack yet".to_owned(),
+        |n| format!("{n} counted by Slack"),
+    );
+    line("sockets", format!("{} ours, {counted}", r.sockets_open));
+    let last = r
+        .last_disconnect
+        .as_deref()
+        .map_or_else(String::new, |cause| format!(" (last disconnect: {cause})"));
+    line(
+        "reconnects",
+        format!("{}{last}, rotations {}", r.reconnects, r.rotations),
+    );
+    line(
+        "envelopes",
+        format!(
+            "received {}, acked {}, deduplicated {}, deferred {}, in flight {}",
+            c.envelopes_received,
+            c.envelopes_acked,
+            c.envelopes_deduplicated,
+            c.envelopes_deferred,
+            c.in_flight
+        ),
+    );
+    line(
+        "handlers",
+        format!(
+            "{} errors, {} late responses",
+            c.handler_errors, c.late_responses
+        ),
+    );
+    line(
+        "bad input",
+        format!(
+            "{} malformed, {} unknown, {} binary, {} oversized frames; {} acks failed",
+            c.frames_malformed, c.frames_unknown, c.frames_binary, c.frames_oversized, c.acks_failed
+        ),
+    );
+    line("token", format!("from {}", r.token_source));
+    line("health", health(&r.health));
+    head + &out
+}
+
+fn timestamp(unix_seconds: u64) -> String {
+    let time = UNIX_EPOCH + Duration::from_secs(unix_seconds);
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+/// "42s", "3m 12s", "2h 3m", "4d 5h": the two largest units.
+fn duration(seconds: u64) -> String {
+    let (d, h, m, s) = (
+        seconds / 86_400,
+        seconds / 3600 % 24,
+        seconds / 60 % 60,
+        seconds % 60,
+    );
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
+/// Now as unix seconds.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::CounterSnapshot;
+
+    #[test]
+    fn durations_use_the_two_largest_units() {
+        assert_eq!(duration(42), "42s");
+        assert_eq!(duration(192), "3m 12s");
+        assert_eq!(duration(2 * 3600 + 3 * 60 + 9), "2h 3m");
+        assert_eq!(duration(4 * 86_400 + 5 * 3600), "4d 5h");
+    }
+
+    #[test]
+    fn status_reads_as_a_summary() {
+        let report = StatusReport {
+            pid: 1234,
+            host: "box".into(),
+            version: "0.1.0".into(),
+            environment: "prod".into(),
+            app_id: Some("A08FU15EA2Y".into()),
+            phase: "connected".into(),
+            phase_name: "connected".into(),
+            started_at: 1_796_026_000,
+            uptime_s: 8000,
+            connected_since: Some(1_796_026_213),
+            sockets_open: 1,
+            num_connections: Some(1),
+            reconnects: 2,
+            rotations: 5,
+            last_disconnect: Some("refresh_requested".into()),
+            counters: CounterSnapshot {
+                envelopes_received: 120,
+                envelopes_acked: 120,
+                envelopes_deduplicated: 3,
+                ..CounterSnapshot::default()
+            },
+            token_source: "SLACK_APP_TOKEN".into(),
+            health: Health::Healthy,
+        };
+        let text = status(&report, 1_796_026_213 + 2 * 3600 + 3 * 60);
+        let expected = "\
+flowcoach 0.1.0, pid 1234 on box, environment prod, app A08FU15EA2Y
+state:        connected (since 2026-11-30T08:10:13Z, up 2h 3m)
+started:      2026-11-30T08:06:40Z, up 2h 13m
+sockets:      1 ours, 1 counted by Slack
+reconnects:   2 (last disconnect: refresh_requested), rotations 5
+envelopes:    received 120, acked 120, deduplicated 3, deferred 0, in flight 0
+handlers:     0 errors, 0 late responses
+bad input:    0 malformed, 0 unknown, 0 binary, 0 oversized frames; 0 acks failed
+token:        from SLACK_APP_TOKEN
+health:       healthy
+";
+        assert_eq!(text, expected);
+        assert_eq!(
+            health(&Health::Degraded("reconnecting".into())),
+            "degraded: reconnecting"
+        );
+    }
+}

@@ -1,0 +1,253 @@
+//! The daemon's side of the control socket.
+//!
+//! It shares the current-thread runtime with the Slack connection, so nothing here blocks
+//! and every client is bounded: one exchange per connection within
+//! [`Limits::exchange_timeout`], requests of at most [`MAX_MESSAGE_BYTES`], at most
+//! [`Limits::max_clients`] connections at once (more are refused at once, not queued), and a
+//! pause after accept errors (EMFILE…) instead of a busy loop.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+pub use super::listen::{SYSTEMD_FD_NAME, bind, from_systemd};
+
+use super::ControlContext;
+use super::access::Peer;
+use super::protocol::{
+    Command, HealthReport, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Request, Response, StatusReport,
+};
+
+/// Bounds on what clients may cost the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The whole exchange (reading the request, writing the answer) must end within this;
+    /// a client that sends nothing or reads nothing is dropped then.
+    pub exchange_timeout: Duration,
+    /// Connections served at once; beyond this, new ones get a short error and are closed.
+    pub max_clients: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            exchange_timeout: Duration::from_secs(5),
+            max_clients: 32,
+        }
+    }
+}
+
+/// How long to pause after a failed `accept` (EMFILE, ENFILE, ENOBUFS…).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Serves control requests on `listener` with the default [`Limits`] until `shutdown`.
+pub async fn serve(listener: UnixListener, ctx: Arc<ControlContext>, shutdown: CancellationToken) {
+    serve_with(listener, ctx, Limits::default(), shutdown).await;
+}
+
+/// [`serve`] with explicit limits.
+pub async fn serve_with(
+    listener: UnixListener,
+    ctx: Arc<ControlContext>,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_clients));
+    let mut busy_log = Throttle::default();
+    let mut error_log = Throttle::default();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _)) => match permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    tokio::spawn(connection(stream, ctx.clone(), limits.exchange_timeout, permit));
+                }
+                Err(_) => {
+                    refuse_busy(&stream, limits.max_clients);
+                    if let Some(suppressed) = busy_log.ready() {
+                        tracing::warn!(
+                            max_clients = limits.max_clients,
+                            suppressed,
+                            "control: too many connections at once, refusing new ones"
+                        );
+                    }
+                }
+            },
+            Err(error) => {
+                if let Some(suppressed) = error_log.ready() {
+                    tracing::warn!(%error, suppressed, "control: cannot accept a connection");
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                }
+            }
+        }
+    }
+    tracing::debug!("control: stopped accepting connections");
+}
+
+/// At most one log line a second for a repeated condition.
+#[derive(Default)]
+struct Throttle {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    /// `Some(lines suppressed since the last one)` when a line may be logged now.
+    fn ready(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// Tells a connection beyond the limit so without waiting: a fresh socket's send buffer has
+/// room for one short line, and if not, closing it says enough.
+fn refuse_busy(stream: &UnixStream, max_clients: usize) {
+    let line = response_line(&Response::error(format!(
+        "busy: {max_clients} control connections are being served, try again in a moment"
+    )));
+    let _ = stream.try_write(&line);
+}
+
+async fn connection(
+    mut stream: UnixStream,
+    ctx: Arc<ControlContext>,
+    timeout: Duration,
+    _permit: OwnedSemaphorePermit,
+) {
+    let peer = match stream.peer_cred() {
+        Ok(cred) => Peer {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid(),
+        },
+        Err(error) => {
+            tracing::debug!(%error, "control: cannot identify a caller, closing");
+            return;
+        }
+    };
+    match tokio::time::timeout(timeout, exchange(&mut stream, &ctx, &peer)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::debug!(%error, uid = peer.uid, pid = peer.pid, "control: connection failed");
+        }
+        Err(_) => {
+            tracing::debug!(
+                uid = peer.uid,
+                pid = peer.pid,
+                "control: dropping a client that took longer than {timeout:?}"
+            );
+            let line = response_line(&Response::error(format!(
+                "timed out: the exchange must end within {timeout:?}"
+            )));
+            let _ = stream.try_write(&line);
+        }
+    }
+}
+
+/// What came in on a connection.
+enum Incoming {
+    Line(Vec<u8>),
+    TooLong,
+    /// The client closed without sending anything.
+    Nothing,
+}
+
+async fn exchange(stream: &mut UnixStream, ctx: &ControlContext, peer: &Peer) -> std::io::Result<()> {
+    let incoming = read_request(stream).await?;
+    if let Err(refusal) = ctx.access.authorize(peer).await {
+        tracing::warn!(uid = peer.uid, pid = peer.pid, %refusal, "control: refused a caller");
+        return send(stream, &Response::error(refusal.to_string())).await;
+    }
+    let response = match incoming {
+        Incoming::Nothing => return Ok(()),
+        Incoming::TooLong => Response::error(format!(
+            "request too long: a request is one line of at most {MAX_MESSAGE_BYTES} bytes"
+        )),
+        Incoming::Line(line) => answer(ctx, &line),
+    };
+    send(stream, &response).await
+}
+
+/// Reads one line, never more than [`MAX_MESSAGE_BYTES`]. A request cut short by the end of
+/// the stream instead of a newline is taken as it is.
+async fn read_request(stream: &mut UnixStream) -> std::io::Result<Incoming> {
+    let mut reader = BufReader::new((&mut *stream).take(MAX_MESSAGE_BYTES as u64));
+    let mut line = Vec::new();
+    reader.read_until(b'\n', &mut line).await?;
+    Ok(if line.last() == Some(&b'\n') {
+        Incoming::Line(line)
+    } else if line.len() >= MAX_MESSAGE_BYTES {
+        Incoming::TooLong
+    } else if line.is_empty() {
+        Incoming::Nothing
+    } else {
+        Incoming::Line(line)
+    })
+}
+
+/// The response to one request line.
+fn answer(ctx: &ControlContext, line: &[u8]) -> Response {
+    let value: serde_json::Value = match serde_json::from_slice(line) {
+        Ok(value) => value,
+        Err(error) => return Response::error(format!("invalid request: not JSON ({error})")),
+    };
+    let Some(object) = value.as_object() else {
+        return Response::error("invalid request: expected a JSON object");
+    };
+    let version = match object.get("version").map(serde_json::Value::as_u64) {
+        None => return Response::error("invalid request: no \"version\" field"),
+        Some(None) => {
+            return Response::error("invalid request: \"version\" must be a protocol number");
+        }
+        Some(Some(version)) => version,
+    };
+    if version != u64::from(PROTOCOL_VERSION) {
+        return Response::version_mismatch(u32::try_from(version).unwrap_or(u32::MAX));
+    }
+    let request: Request = match serde_json::from_value(value) {
+        Ok(request) => request,
+        Err(error) => return Response::error(format!("invalid request: {error}")),
+    };
+    match request.command {
+        Command::Status => Response::Status(StatusReport::collect(ctx)),
+        Command::Health => Response::Health(HealthReport::collect(ctx)),
+    }
+}
+
+fn response_line(response: &Response) -> Vec<u8> {
+    let mut line = serde_json::to_vec(response).unwrap_or_else(|_| {
+        br#"{"response":"error","message":"cannot encode the answer"}"#.to_vec()
+    });
+    line.push(b'\n');
+    line
+}
+
+async fn send(stream: &mut UnixStream, response: &Response) -> std::io::Result<()> {
+    let mut line = response_line(response);
+    if line.len() > MAX_MESSAGE_BYTES {
+        line = response_line(&Response::error(format!(
+            "the answer is longer than {MAX_MESSAGE_BYTES} bytes"
+        )));
+    }
+    stream.write_all(&line).await?;
+    stream.shutdown().await
+}
