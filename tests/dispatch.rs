@@ -25,10 +25,19 @@ struct Recorder {
     calls: Mutex<HashMap<String, usize>>,
     running: AtomicUsize,
     peak: AtomicUsize,
+    started: tokio::sync::watch::Sender<usize>,
     finished: tokio::sync::watch::Sender<usize>,
 }
 
 impl Recorder {
+    async fn wait_started(&self, count: usize) {
+        let mut started = self.started.subscribe();
+        tokio::time::timeout(WAIT, started.wait_for(|n| *n >= count))
+            .await
+            .expect("handlers start")
+            .unwrap();
+    }
+
     async fn wait_finished(&self, count: usize) {
         let mut finished = self.finished.subscribe();
         tokio::time::timeout(WAIT, finished.wait_for(|n| *n >= count))
@@ -56,6 +65,7 @@ impl Handler for RecordingHandler {
             *recorder.calls.lock().unwrap().entry(key).or_insert(0) += 1;
             let now = recorder.running.fetch_add(1, Ordering::SeqCst) + 1;
             recorder.peak.fetch_max(now, Ordering::SeqCst);
+            recorder.started.send_modify(|n| *n += 1);
             let payload: serde_json::Value =
                 serde_json::from_str(incoming.envelope.payload.get()).unwrap();
             let text = payload["text"]
@@ -276,4 +286,32 @@ async fn a_full_queue_leaves_envelopes_for_redelivery_and_loses_nothing() {
     assert_eq!(running.recorder.calls("EvDeferred"), 1);
     assert!(running.state.counters.snapshot().envelopes_deferred >= 1);
     running.stop().await;
+}
+
+#[tokio::test]
+async fn stopping_drains_slow_handlers_acks_them_and_closes_cleanly() {
+    let sim = simulator(|_| {}).await;
+    let running = run(&sim, "response_deadline = \"2s\"\ndrain_timeout = \"5s\"").await;
+    // Slash commands whose answers (and so acks) are still pending when the stop comes.
+    let slow: Vec<_> = (0..5).map(|_| sim.inject(APP, slash("sleep:1200"))).collect();
+    let events: Vec<_> = (0..5)
+        .map(|i| sim.inject(APP, event(&format!("EvDrain{i}"), "sleep:1200")))
+        .collect();
+    running.recorder.wait_started(10).await;
+    let stop_requested = tokio::time::Instant::now();
+    let state = running.state.clone();
+    running.stop().await;
+    let stopped_after = stop_requested.elapsed();
+    assert!(stopped_after < Duration::from_secs(5), "drain took {stopped_after:?}");
+    let record = sim.record();
+    for id in slow.iter().chain(&events) {
+        let envelope = record.envelope(id).unwrap();
+        assert!(envelope.acked_at.is_some(), "{id} not acked before the socket closed");
+    }
+    for id in &slow {
+        let answer = record.envelope(id).unwrap().ack_payload.clone();
+        assert_eq!(answer, Some(json!({"text": "answer to sleep:1200"})));
+    }
+    assert_eq!(record.sockets[0].close, Some(flowcoach::sim::CloseKind::ClientCloseHandshake));
+    assert_eq!(state.counters.snapshot().in_flight, 0);
 }

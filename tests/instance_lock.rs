@@ -17,14 +17,13 @@ use flowcoach::service::lock::{HolderInfo, InstanceLock, LockError, read_holder}
 
 /// Lock path for the child; its presence makes `lock_child` act.
 const CHILD_PATH: &str = "FLOWCOACH_LOCK_CHILD";
-/// The environment name the child writes into the lock file.
-const CHILD_ENVIRONMENT: &str = "FLOWCOACH_LOCK_CHILD_ENVIRONMENT";
 /// Set: print "ready", wait for stdin to end (the start barrier), then lock and stay alive
 /// until killed. Unset: lock at once, then hold until stdin ends.
 const CHILD_BARRIER: &str = "FLOWCOACH_LOCK_CHILD_BARRIER";
 /// Marks the child's report lines among libtest's own output.
 const MARK: &str = "@@lock-child@@ ";
 const APP: &str = "A0LOCKTEST1";
+const ENVIRONMENT: &str = "prod";
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Held shared while a child starts, exclusively by [`close_now`]. A child that another
@@ -41,13 +40,13 @@ fn close_now<T>(lock: T) {
     drop(lock);
 }
 
-/// The child's side. The control socket it names is the lock path with `.sock`.
+/// The child's side: app [`APP`], environment [`ENVIRONMENT`], and as its control socket
+/// the lock path with `.sock`.
 #[test]
 fn lock_child() {
     let Some(path) = std::env::var_os(CHILD_PATH).map(PathBuf::from) else {
         return;
     };
-    let environment = std::env::var(CHILD_ENVIRONMENT).unwrap_or_else(|_| "test".to_owned());
     let barrier = std::env::var_os(CHILD_BARRIER).is_some();
     let say = |line: &str| {
         let mut out = io::stdout().lock();
@@ -58,7 +57,7 @@ fn lock_child() {
         say("ready");
         io::copy(&mut io::stdin().lock(), &mut io::sink()).unwrap();
     }
-    let info = HolderInfo::new(environment, APP, path.with_extension("sock"));
+    let info = HolderInfo::new(ENVIRONMENT, APP, path.with_extension("sock"));
     let _lock = match InstanceLock::acquire(&path, &info) {
         Ok(lock) => {
             say("locked");
@@ -93,21 +92,20 @@ struct Child {
 
 impl Child {
     /// Locks at once and holds until its stdin is closed ([`Child::finish`]).
-    fn spawn(path: &Path, environment: &str) -> Child {
-        Child::start(path, environment, None)
+    fn spawn(path: &Path) -> Child {
+        Child::start(path, None)
     }
 
     /// Reports "ready", then waits for `barrier` to end before locking; holds until killed.
-    fn spawn_behind(path: &Path, environment: &str, barrier: Stdio) -> Child {
-        Child::start(path, environment, Some(barrier))
+    fn spawn_behind(path: &Path, barrier: Stdio) -> Child {
+        Child::start(path, Some(barrier))
     }
 
-    fn start(path: &Path, environment: &str, barrier: Option<Stdio>) -> Child {
+    fn start(path: &Path, barrier: Option<Stdio>) -> Child {
         let mut command = Command::new(std::env::current_exe().unwrap());
         command
             .args(["--exact", "lock_child", "--nocapture", "--test-threads=1"])
             .env(CHILD_PATH, path)
-            .env(CHILD_ENVIRONMENT, environment)
             .env_remove(CHILD_BARRIER)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -172,7 +170,8 @@ impl Child {
         assert!(status.success(), "child {}: {status}", self.pid());
     }
 
-    /// SIGKILL, then reap: once `wait` returns, the kernel has closed its descriptors.
+    /// SIGKILL (which cannot be ignored), then reap: once `wait` returns, the kernel has
+    /// closed its descriptors.
     fn kill9(mut self) {
         self.process.kill().unwrap();
         self.process.wait().unwrap();
@@ -202,7 +201,7 @@ fn a_second_acquirer_is_told_who_holds_the_lock() {
     let dir = tempfile::tempdir().unwrap();
     let path = lock_path(&dir);
     let before = now();
-    let first = Child::spawn(&path, "prod");
+    let first = Child::spawn(&path);
     assert_eq!(first.next_report(), "locked");
 
     let error = InstanceLock::acquire(&path, &HolderInfo::new("prod", APP, "/unused")).unwrap_err();
@@ -233,7 +232,7 @@ fn a_second_acquirer_is_told_who_holds_the_lock() {
     );
 
     // Another process is told the same.
-    let second = Child::spawn(&path, "prod");
+    let second = Child::spawn(&path);
     let report = second.next_report();
     assert!(
         report.starts_with("held: app ") && report.contains(&format!("pid {},", first.pid())),
@@ -253,7 +252,7 @@ fn exactly_one_of_twenty_simultaneous_starters_wins() {
     let path = lock_path(&dir);
     let (barrier, release) = io::pipe().unwrap();
     let children: Vec<Child> = (0..20)
-        .map(|_| Child::spawn_behind(&path, "prod", Stdio::from(barrier.try_clone().unwrap())))
+        .map(|_| Child::spawn_behind(&path, Stdio::from(barrier.try_clone().unwrap())))
         .collect();
     drop(barrier);
     for child in &children {
@@ -277,14 +276,14 @@ fn exactly_one_of_twenty_simultaneous_starters_wins() {
 fn a_killed_holder_never_blocks_the_next_start() {
     let dir = tempfile::tempdir().unwrap();
     let path = lock_path(&dir);
-    let holder = Child::spawn(&path, "prod");
+    let holder = Child::spawn(&path);
     assert_eq!(holder.next_report(), "locked");
     let killed_pid = holder.pid();
     holder.kill9();
     // The file still names the killed holder; that is no reason to refuse.
     assert_eq!(read_holder(&path).unwrap().pid, killed_pid);
 
-    let next = Child::spawn(&path, "prod");
+    let next = Child::spawn(&path);
     assert_eq!(next.next_report(), "locked");
     let text = std::fs::read_to_string(&path).unwrap();
     assert_eq!(text.lines().next(), Some(next.pid().to_string().as_str()));
@@ -300,7 +299,7 @@ fn a_pid_file_naming_a_live_process_does_not_block_either() {
     let path = lock_path(&dir);
     for stale in ["1\n".to_owned(), format!("{}\n", std::process::id())] {
         std::fs::write(&path, &stale).unwrap();
-        let child = Child::spawn(&path, "prod");
+        let child = Child::spawn(&path);
         assert_eq!(child.next_report(), "locked");
         assert_eq!(read_holder(&path).unwrap().pid, child.pid());
         child.finish();
@@ -326,17 +325,17 @@ fn a_deleted_or_renamed_lock_file_leaves_the_path_to_a_newcomer() {
     let remove = |path: &Path| std::fs::remove_file(path).unwrap();
     let rename = |path: &Path| std::fs::rename(path, &moved).unwrap();
     for (how, replace) in [("deleted", &remove as &dyn Fn(&Path)), ("renamed", &rename)] {
-        let holder = Child::spawn(&path, "prod");
+        let holder = Child::spawn(&path);
         assert_eq!(holder.next_report(), "locked", "{how}");
         let old_inode = std::fs::metadata(&path).unwrap().ino();
         replace(&path);
 
-        let newcomer = Child::spawn(&path, "prod");
+        let newcomer = Child::spawn(&path);
         assert_eq!(newcomer.next_report(), "locked", "{how}");
         assert_ne!(std::fs::metadata(&path).unwrap().ino(), old_inode, "{how}");
         assert_eq!(read_holder(&path).unwrap().pid, newcomer.pid(), "{how}");
 
-        let third = Child::spawn(&path, "prod");
+        let third = Child::spawn(&path);
         let report = third.next_report();
         assert!(
             report.contains(&format!("pid {},", newcomer.pid())),
@@ -359,7 +358,7 @@ fn a_handed_on_descriptor_keeps_the_lock_until_it_is_closed() {
     let handed_on = lock.as_fd().try_clone_to_owned().unwrap();
     drop(lock);
 
-    let child = Child::spawn(&path, "prod");
+    let child = Child::spawn(&path);
     assert!(child.next_report().starts_with("held: "));
     child.finish();
 
@@ -370,8 +369,11 @@ fn a_handed_on_descriptor_keeps_the_lock_until_it_is_closed() {
     let adopted = InstanceLock::adopt(handed_on, &path, &successor).unwrap();
     assert_eq!(read_holder(&path), Some(successor.clone()));
 
-    // A descriptor of the same file that is not the holder's is refused.
-    let stranger = std::fs::File::open(&path).unwrap().into();
+    // A descriptor of the same file that is not the holder's is refused, and the holder is
+    // read from the start of the file whatever the descriptor's offset.
+    let mut stranger = std::fs::File::open(&path).unwrap();
+    io::Read::read_exact(&mut stranger, &mut [0; 3]).unwrap();
+    let stranger = stranger.into();
     let error = InstanceLock::adopt(stranger, &path, &successor).unwrap_err();
     assert!(
         matches!(&error, LockError::Held { holder: Some(h), .. } if h.pid == 4242),
@@ -379,7 +381,7 @@ fn a_handed_on_descriptor_keeps_the_lock_until_it_is_closed() {
     );
 
     close_now(adopted);
-    let child = Child::spawn(&path, "prod");
+    let child = Child::spawn(&path);
     assert_eq!(child.next_report(), "locked");
     child.finish();
 }

@@ -445,11 +445,58 @@ async fn without_a_socket_everything_is_a_no_op() {
     .await;
 }
 
-// The daemon itself. It is wired to these notifications in `daemon.rs` separately: these
-// tests are ignored until then.
+/// Runs `flowcoach sim` (it logs with the default settings) with stderr going to a file
+/// and `JOURNAL_STREAM` set to `journal_stream(dev, ino of that file)`; returns its stderr.
+async fn stderr_with_journal_stream(journal_stream: impl Fn(u64, u64) -> String) -> String {
+    use std::os::unix::fs::MetadataExt;
+    use tokio::io::AsyncBufReadExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let stderr_path = dir.path().join("stderr");
+    let stderr = std::fs::File::create(&stderr_path).unwrap();
+    let meta = stderr.metadata().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_flowcoach"))
+        .args(["sim", "--listen", "127.0.0.1:0", "--rate", "0"])
+        .env_clear()
+        .env("JOURNAL_STREAM", journal_stream(meta.dev(), meta.ino()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // The logger is installed, and has said what it had to, before the simulator prints
+    // its first line.
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(WAIT, stdout.next_line()).await;
+    assert!(
+        matches!(&first, Ok(Ok(Some(line))) if line.contains("simulator")),
+        "{first:?}"
+    );
+    child.kill().await.unwrap();
+    std::fs::read_to_string(&stderr_path).unwrap()
+}
+
+const NO_JOURNALD: &str = "stderr is the journal but journald's socket cannot be used";
 
 #[tokio::test]
-#[ignore = "needs daemon wiring"]
+async fn stderr_is_taken_for_the_journal_only_when_journal_stream_names_it() {
+    if std::path::Path::new("/run/systemd/journal/socket").exists() {
+        // With a journald to talk to, the logs would go there instead of to the file.
+        eprintln!("skipped: this machine runs journald");
+        return;
+    }
+    // Stderr is the journal, but journald cannot be reached: a warning, then stderr.
+    let stderr = stderr_with_journal_stream(|dev, ino| format!("{dev}:{ino}")).await;
+    assert!(stderr.contains(NO_JOURNALD), "{stderr}");
+    // A JOURNAL_STREAM inherited with a redirected stderr names another file.
+    let stderr = stderr_with_journal_stream(|dev, ino| format!("{dev}:{}", ino + 1)).await;
+    assert!(!stderr.contains(NO_JOURNALD), "{stderr}");
+}
+
+// The daemon itself, as a process with a NOTIFY_SOCKET of the test's.
+
+#[tokio::test]
 async fn the_daemon_notifies_ready_status_watchdog_and_stopping() {
     let sim = simulator(|_| {}).await;
     let mut recorder = Recorder::bind();
@@ -496,7 +543,6 @@ async fn the_daemon_notifies_ready_status_watchdog_and_stopping() {
 }
 
 #[tokio::test]
-#[ignore = "needs daemon wiring"]
 async fn the_daemon_ignores_a_watchdog_meant_for_another_process() {
     let sim = simulator(|_| {}).await;
     let mut recorder = Recorder::bind();

@@ -193,7 +193,10 @@ mod tests {
         let operator = [(env::RUNTIME_DIR, "/srv/run")];
         assert_eq!(runtime_dirs(&operator, 0), vec![PathBuf::from("/srv/run")]);
         let user = [(env::XDG_RUNTIME_DIR, "/run/user/1000")];
-        assert_eq!(runtime_dirs(&user, 0), vec![PathBuf::from(SYSTEM_RUNTIME_DIR)]);
+        assert_eq!(
+            runtime_dirs(&user, 0),
+            vec![PathBuf::from(SYSTEM_RUNTIME_DIR)]
+        );
         assert_eq!(
             runtime_dirs(&user, 1000),
             vec![

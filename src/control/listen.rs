@@ -96,8 +96,9 @@ fn check_listening_unix_stream(fd: &OwnedFd) -> Result<(), String> {
         .map_err(|e| format!("is not a socket ({e})"))?;
     let listening = nix::sys::socket::getsockopt(&fd, sockopt::AcceptConn)
         .map_err(|e| format!("cannot be inspected ({e})"))?;
-    let address: SockaddrStorage = nix::sys::socket::getsockname(std::os::fd::AsRawFd::as_raw_fd(&fd))
-        .map_err(|e| format!("cannot be inspected ({e})"))?;
+    let address: SockaddrStorage =
+        nix::sys::socket::getsockname(std::os::fd::AsRawFd::as_raw_fd(&fd))
+            .map_err(|e| format!("cannot be inspected ({e})"))?;
     if kind != SockType::Stream || address.family() != Some(AddressFamily::Unix) || !listening {
         return Err("is not a listening unix stream socket".to_owned());
     }

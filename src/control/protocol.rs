@@ -54,7 +54,7 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "response", rename_all = "snake_case")]
 pub enum Response {
-    Status(StatusReport),
+    Status(Box<StatusReport>),
     Health(HealthReport),
     Error {
         message: String,
@@ -210,7 +210,7 @@ mod tests {
             health: Health::Degraded("why".into()),
         };
         for response in [
-            Response::Status(report),
+            Response::Status(Box::new(report)),
             Response::Health(HealthReport {
                 health: Health::Healthy,
                 phase: "connected".into(),

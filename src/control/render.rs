@@ -79,7 +79,11 @@ pub fn status(report: &StatusReport, now: u64) -> String {
         "bad input",
         format!(
             "{} malformed, {} unknown, {} binary, {} oversized frames; {} acks failed",
-            c.frames_malformed, c.frames_unknown, c.frames_binary, c.frames_oversized, c.acks_failed
+            c.frames_malformed,
+            c.frames_unknown,
+            c.frames_binary,
+            c.frames_oversized,
+            c.acks_failed
         ),
     );
     line("token", format!("from {}", r.token_source));

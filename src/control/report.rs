@@ -7,7 +7,9 @@ use super::protocol::{HealthReport, StatusReport, phase_name};
 use crate::health;
 
 fn unix_seconds(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+    time.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 impl StatusReport {
@@ -27,7 +29,10 @@ impl StatusReport {
             phase: status.phase.to_string(),
             phase_name: phase_name(&status.phase).to_owned(),
             started_at: unix_seconds(ctx.started_at),
-            uptime_s: now.duration_since(ctx.started_at).unwrap_or_default().as_secs(),
+            uptime_s: now
+                .duration_since(ctx.started_at)
+                .unwrap_or_default()
+                .as_secs(),
             connected_since: status.connected_since.map(unix_seconds),
             sockets_open: status.sockets_open,
             num_connections: status.num_connections,

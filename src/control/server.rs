@@ -68,7 +68,12 @@ pub async fn serve_with(
         match accepted {
             Ok((stream, _)) => match permits.clone().try_acquire_owned() {
                 Ok(permit) => {
-                    tokio::spawn(connection(stream, ctx.clone(), limits.exchange_timeout, permit));
+                    tokio::spawn(connection(
+                        stream,
+                        ctx.clone(),
+                        limits.exchange_timeout,
+                        permit,
+                    ));
                 }
                 Err(_) => {
                     refuse_busy(&stream, limits.max_clients);
@@ -171,7 +176,11 @@ enum Incoming {
     Nothing,
 }
 
-async fn exchange(stream: &mut UnixStream, ctx: &ControlContext, peer: &Peer) -> std::io::Result<()> {
+async fn exchange(
+    stream: &mut UnixStream,
+    ctx: &ControlContext,
+    peer: &Peer,
+) -> std::io::Result<()> {
     let incoming = read_request(stream).await?;
     if let Err(refusal) = ctx.access.authorize(peer).await {
         tracing::warn!(uid = peer.uid, pid = peer.pid, %refusal, "control: refused a caller");
@@ -228,7 +237,7 @@ fn answer(ctx: &ControlContext, line: &[u8]) -> Response {
         Err(error) => return Response::error(format!("invalid request: {error}")),
     };
     match request.command {
-        Command::Status => Response::Status(StatusReport::collect(ctx)),
+        Command::Status => Response::Status(Box::new(StatusReport::collect(ctx))),
         Command::Health => Response::Health(HealthReport::collect(ctx)),
     }
 }

@@ -13,7 +13,7 @@
 
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -42,7 +42,7 @@ pub const UNKNOWN: &str = "unknown";
 const MAX_ATTEMPTS: usize = 10;
 
 /// More than a PID file ever needs; a bigger file is read only this far.
-const MAX_FILE_BYTES: u64 = 64 * 1024;
+const MAX_FILE_BYTES: usize = 64 * 1024;
 
 impl HolderInfo {
     /// This process, started now.
@@ -300,9 +300,18 @@ pub fn read_holder(path: &Path) -> Option<HolderInfo> {
     read_holder_from(&File::open(path).ok()?)
 }
 
+/// Reads from offset 0 whatever the descriptor's own offset (a handed-over descriptor
+/// shares it with its predecessor).
 fn read_holder_from(file: &File) -> Option<HolderInfo> {
     let mut bytes = Vec::new();
-    file.take(MAX_FILE_BYTES).read_to_end(&mut bytes).ok()?;
+    let mut chunk = [0; 4096];
+    while bytes.len() < MAX_FILE_BYTES {
+        let read = file.read_at(&mut chunk, bytes.len() as u64).ok()?;
+        if read == 0 {
+            break;
+        }
+        bytes.extend_from_slice(&chunk[..read]);
+    }
     parse_holder(&String::from_utf8_lossy(&bytes))
 }
 

@@ -180,7 +180,16 @@ impl WebSocket {
             }
             // Over RFC 6455 nothing may follow our Close: envelopes read now are not
             // accepted (Slack redelivers them) and queued acks are not sent.
-            while let Some(Ok(_)) = ws.next().await {}
+            while let Some(Ok(message)) = ws.next().await {
+                if let Message::Text(text) = message {
+                    if let Ok(Inbound::Envelope(envelope)) = parse_inbound(&text) {
+                        tracing::warn!(
+                            envelope_id = %envelope.envelope_id,
+                            "envelope arrived after our Close: left unacked for Slack to redeliver"
+                        );
+                    }
+                }
+            }
         };
         if timeout(bound, handshake).await.is_err() {
             tracing::debug!("no close reply in time; dropping the socket");

@@ -123,6 +123,11 @@ impl Daemon {
         }
     }
 
+    /// The configuration file the daemon was started with (tests rewrite it for SIGHUP).
+    pub fn config_path(&self) -> &std::path::Path {
+        self._config.path()
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id().expect("running") as i32
     }
