@@ -76,7 +76,10 @@ mod tests {
 
     #[test]
     fn connected_alone_is_healthy() {
-        assert_eq!(evaluate(&connected(), BUDGET, SystemTime::now()), Health::Healthy);
+        assert_eq!(
+            evaluate(&connected(), BUDGET, SystemTime::now()),
+            Health::Healthy
+        );
     }
 
     #[test]
@@ -111,10 +114,19 @@ mod tests {
     fn starting_and_draining_are_degraded_stopped_is_unhealthy() {
         let now = SystemTime::now();
         let mut status = ConnectionStatus::default();
-        assert!(matches!(evaluate(&status, BUDGET, now), Health::Degraded(_)));
+        assert!(matches!(
+            evaluate(&status, BUDGET, now),
+            Health::Degraded(_)
+        ));
         status.phase = Phase::Draining;
-        assert!(matches!(evaluate(&status, BUDGET, now), Health::Degraded(_)));
+        assert!(matches!(
+            evaluate(&status, BUDGET, now),
+            Health::Degraded(_)
+        ));
         status.phase = Phase::Stopped;
-        assert!(matches!(evaluate(&status, BUDGET, now), Health::Unhealthy(_)));
+        assert!(matches!(
+            evaluate(&status, BUDGET, now),
+            Health::Unhealthy(_)
+        ));
     }
 }

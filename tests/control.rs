@@ -809,7 +809,10 @@ fn emfile_child() {
         let before = cpu();
         tokio::time::sleep(Duration::from_millis(500)).await;
         let spent = cpu() - before;
-        assert!(spent < Duration::from_millis(200), "spun: {spent:?} of CPU in 500ms");
+        assert!(
+            spent < Duration::from_millis(200),
+            "spun: {spent:?} of CPU in 500ms"
+        );
         drop(hoard);
         waiting.set_nonblocking(true).unwrap();
         let mut waiting = UnixStream::from_std(waiting).unwrap();

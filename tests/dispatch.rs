@@ -293,7 +293,9 @@ async fn stopping_drains_slow_handlers_acks_them_and_closes_cleanly() {
     let sim = simulator(|_| {}).await;
     let running = run(&sim, "response_deadline = \"2s\"\ndrain_timeout = \"5s\"").await;
     // Slash commands whose answers (and so acks) are still pending when the stop comes.
-    let slow: Vec<_> = (0..5).map(|_| sim.inject(APP, slash("sleep:1200"))).collect();
+    let slow: Vec<_> = (0..5)
+        .map(|_| sim.inject(APP, slash("sleep:1200")))
+        .collect();
     let events: Vec<_> = (0..5)
         .map(|i| sim.inject(APP, event(&format!("EvDrain{i}"), "sleep:1200")))
         .collect();
@@ -302,16 +304,25 @@ async fn stopping_drains_slow_handlers_acks_them_and_closes_cleanly() {
     let state = running.state.clone();
     running.stop().await;
     let stopped_after = stop_requested.elapsed();
-    assert!(stopped_after < Duration::from_secs(5), "drain took {stopped_after:?}");
+    assert!(
+        stopped_after < Duration::from_secs(5),
+        "drain took {stopped_after:?}"
+    );
     let record = sim.record();
     for id in slow.iter().chain(&events) {
         let envelope = record.envelope(id).unwrap();
-        assert!(envelope.acked_at.is_some(), "{id} not acked before the socket closed");
+        assert!(
+            envelope.acked_at.is_some(),
+            "{id} not acked before the socket closed"
+        );
     }
     for id in &slow {
         let answer = record.envelope(id).unwrap().ack_payload.clone();
         assert_eq!(answer, Some(json!({"text": "answer to sleep:1200"})));
     }
-    assert_eq!(record.sockets[0].close, Some(flowcoach::sim::CloseKind::ClientCloseHandshake));
+    assert_eq!(
+        record.sockets[0].close,
+        Some(flowcoach::sim::CloseKind::ClientCloseHandshake)
+    );
     assert_eq!(state.counters.snapshot().in_flight, 0);
 }

@@ -11,9 +11,11 @@ use flowcoach::sim::{CloseKind, LoadMix, LoadSpec, Simulator};
 use nix::sys::signal::Signal;
 
 async fn connected(sim: &Simulator, hellos: usize) {
-    sim.wait_until(WAIT, |r| r.sockets.iter().filter(|s| s.hello_at.is_some()).count() >= hellos)
-        .await
-        .expect("flowcoach connects");
+    sim.wait_until(WAIT, |r| {
+        r.sockets.iter().filter(|s| s.hello_at.is_some()).count() >= hellos
+    })
+    .await
+    .expect("flowcoach connects");
 }
 
 fn shared_dir_env(dir: &std::path::Path) -> [(&'static str, String); 1] {
@@ -55,7 +57,10 @@ async fn a_second_instance_exits_75_naming_the_first() {
     assert!(said.contains(&format!("pid {pid}")), "{said}");
     assert!(said.contains("environment test"), "{said}");
     assert!(said.contains("connected since"), "{said}");
-    assert!(said.contains(&socket_path(dir.path()).display().to_string()), "{said}");
+    assert!(
+        said.contains(&socket_path(dir.path()).display().to_string()),
+        "{said}"
+    );
     // The second never reached Slack.
     assert_eq!(sim.record().open_calls.len(), 1);
 
@@ -80,7 +85,11 @@ async fn of_twenty_simultaneous_starts_exactly_one_runs() {
     }
     assert_eq!(running.len(), 1, "exits: {exits:?}");
     assert!(exits.iter().all(|code| *code == Some(75)), "{exits:?}");
-    assert_eq!(sim.record().open_calls.len(), 1, "only the winner reached Slack");
+    assert_eq!(
+        sim.record().open_calls.len(),
+        1,
+        "only the winner reached Slack"
+    );
     let mut winner = running.pop().unwrap();
     winner.signal(Signal::SIGTERM);
     assert_eq!(winner.exit_code().await, 0);
@@ -99,7 +108,10 @@ async fn a_stale_lock_after_kill_9_does_not_block_the_next_start() {
     let mut next = start_in(&sim, dir.path());
     next.wait_log("connected to Slack", |_| true).await;
     let pid_file = std::fs::read_to_string(dir.path().join(format!("{APP}.test.pid"))).unwrap();
-    assert_eq!(pid_file.lines().next(), Some(next.pid().to_string().as_str()));
+    assert_eq!(
+        pid_file.lines().next(),
+        Some(next.pid().to_string().as_str())
+    );
     let status = ctl(&["status"], &socket_path(dir.path()));
     assert_eq!(status.status.code(), Some(0), "{status:?}");
     next.signal(Signal::SIGTERM);
@@ -154,9 +166,11 @@ async fn sigterm_under_load_acks_every_accepted_envelope_and_closes_cleanly() {
             mix: LoadMix::Mixed,
         },
     );
-    sim.wait_until(WAIT, |r| r.envelopes.iter().filter(|e| e.acked_at.is_some()).count() >= 100)
-        .await
-        .unwrap();
+    sim.wait_until(WAIT, |r| {
+        r.envelopes.iter().filter(|e| e.acked_at.is_some()).count() >= 100
+    })
+    .await
+    .unwrap();
     daemon.signal(Signal::SIGTERM);
     assert_eq!(daemon.exit_code().await, 0);
     load.abort();
@@ -164,16 +178,29 @@ async fn sigterm_under_load_acks_every_accepted_envelope_and_closes_cleanly() {
         .wait_until(WAIT, |r| r.sockets[0].close.is_some())
         .await
         .unwrap();
-    assert_eq!(record.sockets[0].close, Some(CloseKind::ClientCloseHandshake));
+    assert_eq!(
+        record.sockets[0].close,
+        Some(CloseKind::ClientCloseHandshake)
+    );
     // Envelopes delivered before the stop were acked; those that arrived while stopping
     // were left for Slack to redeliver, and said so.
-    let delivered: Vec<_> = record.envelopes.iter().filter(|e| !e.deliveries.is_empty()).collect();
-    let unacked = delivered.iter().filter(|e| e.acked_at.is_none()).count();
-    let deferred = ["the service is stopping", "envelope arrived after our Close"]
+    let delivered: Vec<_> = record
+        .envelopes
         .iter()
-        .map(|message| daemon.count_by(message, "message").values().sum::<usize>())
-        .sum::<usize>();
-    assert_eq!(unacked, deferred, "every unacked envelope was deliberately left for redelivery");
+        .filter(|e| !e.deliveries.is_empty())
+        .collect();
+    let unacked = delivered.iter().filter(|e| e.acked_at.is_none()).count();
+    let deferred = [
+        "the service is stopping",
+        "envelope arrived after our Close",
+    ]
+    .iter()
+    .map(|message| daemon.count_by(message, "message").values().sum::<usize>())
+    .sum::<usize>();
+    assert_eq!(
+        unacked, deferred,
+        "every unacked envelope was deliberately left for redelivery"
+    );
     assert!(delivered.len() - unacked >= 100);
     daemon.assert_token_never_printed();
 }
@@ -192,8 +219,14 @@ async fn control_socket_from_systemd_socket_activation() {
         .arg(&socket)
         .arg("--fdname=control")
         .arg(format!("--setenv=SLACK_APP_TOKEN={}", token()))
-        .arg(format!("--setenv=FLOWCOACH_SLACK_API_URL={}", sim.api_url()))
-        .arg(format!("--setenv=FLOWCOACH_RUNTIME_DIR={}", runtime.path().display()))
+        .arg(format!(
+            "--setenv=FLOWCOACH_SLACK_API_URL={}",
+            sim.api_url()
+        ))
+        .arg(format!(
+            "--setenv=FLOWCOACH_RUNTIME_DIR={}",
+            runtime.path().display()
+        ))
         .arg(env!("CARGO_BIN_EXE_flowcoach"))
         .arg("--config")
         .arg(config.path())
@@ -232,7 +265,10 @@ async fn control_socket_from_systemd_socket_activation() {
         Signal::SIGTERM,
     )
     .unwrap();
-    let exit = tokio::time::timeout(WAIT, child.wait()).await.unwrap().unwrap();
+    let exit = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(exit.code(), Some(0));
 }
 
@@ -251,16 +287,23 @@ async fn sighup_reloads_what_can_change_and_refuses_a_bad_file() {
     daemon.signal(Signal::SIGHUP);
     daemon.wait_log("configuration reloaded", |_| true).await;
     daemon
-        .wait_log("changed in the configuration, but takes effect only after a restart", |l| {
-            l["field"] == "environment"
-        })
+        .wait_log(
+            "changed in the configuration, but takes effect only after a restart",
+            |l| l["field"] == "environment",
+        )
         .await;
 
-    std::fs::write(daemon.config_path(), "[connection]\nping_interval = \"soon\"\n").unwrap();
+    std::fs::write(
+        daemon.config_path(),
+        "[connection]\nping_interval = \"soon\"\n",
+    )
+    .unwrap();
     daemon.signal(Signal::SIGHUP);
     daemon
         .wait_log("reload refused; the running configuration stays", |l| {
-            l["error"].as_str().is_some_and(|e| e.contains("ping_interval"))
+            l["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("ping_interval"))
         })
         .await;
     // Still serving.
@@ -271,9 +314,11 @@ async fn sighup_reloads_what_can_change_and_refuses_a_bad_file() {
             event: serde_json::json!({"type": "message"}),
         },
     );
-    sim.wait_until(WAIT, |r| r.envelope(&id).is_some_and(|e| e.acked_at.is_some()))
-        .await
-        .unwrap();
+    sim.wait_until(WAIT, |r| {
+        r.envelope(&id).is_some_and(|e| e.acked_at.is_some())
+    })
+    .await
+    .unwrap();
     daemon.signal(Signal::SIGTERM);
     assert_eq!(daemon.exit_code().await, 0);
 }

@@ -15,7 +15,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => {
             let _ = error.print();
-            return exit::code(if error.use_stderr() { exit::USAGE } else { exit::OK });
+            return exit::code(if error.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
         }
     };
     match cli.command {
@@ -47,7 +51,10 @@ fn check_config(cli: &DaemonCli) -> ExitCode {
     println!("  file:        {file}");
     println!("  environment: {}", config.settings.environment);
     println!("  api url:     {}", config.api_url);
-    println!("  token:       {} (from {})", config.token, config.token_source);
+    println!(
+        "  token:       {} (from {})",
+        config.token, config.token_source
+    );
     println!(
         "  app id hint: {}",
         config.token.app_id_hint().unwrap_or("none in token")

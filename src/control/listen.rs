@@ -11,7 +11,7 @@ use nix::sys::socket::{AddressFamily, SockType, SockaddrLike, SockaddrStorage, s
 use tokio::net::UnixListener;
 
 /// The `FileDescriptorName=` of the control socket in a `.socket` unit.
-pub const SYSTEMD_FD_NAME: &str = "control";
+const SYSTEMD_FD_NAME: &str = "control";
 
 /// Binds the control socket at `path` with mode 0660 (the owner and the control group).
 ///
@@ -52,7 +52,7 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 static TAKEN: AtomicBool = AtomicBool::new(false);
 
 /// The control socket passed by systemd's socket activation: the fd named
-/// [`SYSTEMD_FD_NAME`] in `LISTEN_FDNAMES` (or the only fd when no names are given), if
+/// `control` in `LISTEN_FDNAMES` (or the only fd when no names are given), if
 /// `LISTEN_PID` is this process. `None` without socket activation.
 ///
 /// Call it once, early in `main`, before the runtime starts; it leaves the environment

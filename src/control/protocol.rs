@@ -114,7 +114,6 @@ pub struct StatusReport {
     pub reconnects: u64,
     pub rotations: u64,
     pub last_disconnect: Option<String>,
-    #[serde(deserialize_with = "CounterSnapshotDef::deserialize")]
     pub counters: CounterSnapshot,
     /// Where the token came from (a variable or file name, never the token).
     pub token_source: String,
@@ -138,28 +137,6 @@ pub fn phase_name(phase: &Phase) -> &'static str {
         Phase::Draining => "draining",
         Phase::Stopped => "stopped",
     }
-}
-
-/// `CounterSnapshot` derives only `Serialize`; this mirror (checked field by field by the
-/// compiler) reads it back on the client side.
-#[derive(Deserialize)]
-#[serde(remote = "CounterSnapshot")]
-struct CounterSnapshotDef {
-    envelopes_received: u64,
-    envelopes_acked: u64,
-    envelopes_deduplicated: u64,
-    envelopes_deferred: u64,
-    handler_errors: u64,
-    late_responses: u64,
-    acks_failed: u64,
-    frames_malformed: u64,
-    frames_unknown: u64,
-    frames_binary: u64,
-    frames_oversized: u64,
-    connects: u64,
-    reconnects: u64,
-    rotations: u64,
-    in_flight: u64,
 }
 
 #[cfg(test)]

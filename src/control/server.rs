@@ -14,7 +14,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-pub use super::listen::{SYSTEMD_FD_NAME, bind, from_systemd};
+pub use super::listen::{bind, from_systemd};
 
 use super::ControlContext;
 use super::access::Peer;

@@ -39,7 +39,10 @@ async fn ask(socket: &Path) -> Result<String, String> {
                 .connected_since
                 .map(|s| {
                     let at = std::time::UNIX_EPOCH + Duration::from_secs(s);
-                    format!(", connected since {}", humantime::format_rfc3339_seconds(at))
+                    format!(
+                        ", connected since {}",
+                        humantime::format_rfc3339_seconds(at)
+                    )
                 })
                 .unwrap_or_default();
             Ok(format!(

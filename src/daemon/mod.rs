@@ -20,7 +20,7 @@ use crate::dispatch::Dispatcher;
 use crate::exit;
 use crate::logging::LogHandle;
 use crate::service::lock::{HolderInfo, InstanceLock, LockError};
-use crate::service::paths::{InstancePaths, ensure_dir, runtime_dir};
+use crate::service::paths::{InstancePaths, UNKNOWN_APP, ensure_dir, runtime_dir};
 use crate::service::systemd::{self, Systemd};
 use crate::slack::api::OpenError;
 use crate::slack::supervisor::{FatalError, Supervisor};
@@ -79,14 +79,16 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
     ensure_dir(&paths.dir).map_err(|e| DaemonError::Runtime(e.to_string()))?;
     let holder = HolderInfo::new(
         environment.clone(),
-        config.token.app_id_hint().unwrap_or("unknown-app"),
+        config.token.app_id_hint().unwrap_or(UNKNOWN_APP),
         paths.socket.clone(),
     );
     // Held for the life of the process: closing the fd at exit releases it.
     let _lock = match InstanceLock::acquire(&paths.lock, &holder) {
         Ok(lock) => lock,
         Err(error @ LockError::Held { .. }) => {
-            return Err(DaemonError::AlreadyRunning(conflict::describe(&error).await));
+            return Err(DaemonError::AlreadyRunning(
+                conflict::describe(&error).await,
+            ));
         }
         Err(error) => return Err(DaemonError::Runtime(error.to_string())),
     };
@@ -115,8 +117,8 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
     let supervisor = Supervisor::new(&config, live, dispatcher, state.clone())?;
 
     let shutdown = CancellationToken::new();
-    let mut reloads =
-        signals::watch(shutdown.clone()).map_err(|e| DaemonError::Runtime(format!("signals: {e}")))?;
+    let mut reloads = signals::watch(shutdown.clone())
+        .map_err(|e| DaemonError::Runtime(format!("signals: {e}")))?;
     // Everything around the Slack side stops after the drain, so the drain is reported to
     // systemd, watched by its watchdog, and visible over the control socket.
     let after_drain = CancellationToken::new();
@@ -133,7 +135,8 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
         after_drain.clone(),
     ));
     let systemd = Systemd::from_env();
-    let reporter = systemd::spawn_status_reporter(systemd.clone(), state.clone(), after_drain.clone());
+    let reporter =
+        systemd::spawn_status_reporter(systemd.clone(), state.clone(), after_drain.clone());
     let watchdog = systemd::watchdog_interval().map(|interval| {
         systemd::spawn_watchdog(
             systemd.clone(),

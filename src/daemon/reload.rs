@@ -63,7 +63,10 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
             "dispatch.max_queued_handlers",
             old.dispatch.max_queued_handlers != new.dispatch.max_queued_handlers,
         ),
-        ("dispatch.dedup_ttl", old.dispatch.dedup_ttl != new.dispatch.dedup_ttl),
+        (
+            "dispatch.dedup_ttl",
+            old.dispatch.dedup_ttl != new.dispatch.dedup_ttl,
+        ),
         (
             "dispatch.dedup_capacity",
             old.dispatch.dedup_capacity != new.dispatch.dedup_capacity,

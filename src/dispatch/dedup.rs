@@ -55,9 +55,7 @@ impl Dedup {
         }
         self.order.push_back(hash);
         match self.ages.back_mut() {
-            Some((started, count)) if now.duration_since(*started) < AGE_GRANULARITY => {
-                *count += 1
-            }
+            Some((started, count)) if now.duration_since(*started) < AGE_GRANULARITY => *count += 1,
             _ => self.ages.push_back((now, 1)),
         }
         // Memory stays bounded under any load: past capacity the oldest key goes, even
