@@ -15,6 +15,11 @@ pub struct DaemonCli {
     /// `SLACK_APP_TOKEN`, never from the command line.
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
+    /// Take the app over from the instance running for it on this host (a new version, a
+    /// new container), with no gap: connect, then ask it to hand over. Starts normally
+    /// when none runs.
+    #[arg(long, global = true)]
+    pub takeover: bool,
     #[command(subcommand)]
     pub command: Option<DaemonCommand>,
 }

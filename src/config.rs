@@ -9,14 +9,28 @@ use url::Url;
 
 use crate::token::{AppToken, TokenError};
 
-/// Environment variables the service reads. Later packaging and outside checks rely on
-/// these names.
+/// Environment variables the service and flowcoachctl read, all in this one place. Later
+/// packaging and outside checks rely on these names.
 pub mod env {
     pub const APP_TOKEN: &str = "SLACK_APP_TOKEN";
     pub const API_URL: &str = "FLOWCOACH_SLACK_API_URL";
     pub const CONFIG: &str = "FLOWCOACH_CONFIG";
     pub const LOG: &str = "FLOWCOACH_LOG";
     pub const LOG_FORMAT: &str = "FLOWCOACH_LOG_FORMAT";
+
+    // Those that choose the runtime directory (`service::paths::runtime_dirs`), in order
+    // of precedence.
+    /// Set by systemd for a unit with `RuntimeDirectory=`; several directories are
+    /// separated by ':'.
+    pub const SYSTEMD_RUNTIME_DIRECTORY: &str = "RUNTIME_DIRECTORY";
+    /// An operator's explicit choice.
+    pub const RUNTIME_DIR: &str = "FLOWCOACH_RUNTIME_DIR";
+    /// The per-user runtime directory of a login session.
+    pub const XDG_RUNTIME_DIR: &str = "XDG_RUNTIME_DIR";
+
+    /// The control socket's path, for flowcoachctl
+    /// ([`crate::control::discover::find_socket`]).
+    pub const CONTROL_SOCKET: &str = "FLOWCOACH_CONTROL_SOCKET";
 }
 
 pub const DEFAULT_API_URL: &str = "https://slack.com/api";
@@ -32,7 +46,30 @@ pub struct Settings {
     pub dispatch: DispatchSettings,
     pub service: ServiceSettings,
     pub control: ControlSettings,
+    pub handover: HandoverSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandoverSettings {
+    /// Break before make: the incumbent closes its connection before the successor opens
+    /// one; envelopes sent meanwhile wait for Slack's redelivery. Default: overlap, where
+    /// the successor says hello first and no moment is without a connection.
+    pub strict: bool,
+    /// How long a successor may take to start and connect before the handover is rolled
+    /// back.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for HandoverSettings {
+    fn default() -> Self {
+        HandoverSettings {
+            strict: false,
+            timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -149,6 +186,7 @@ impl Default for Settings {
             dispatch: DispatchSettings::default(),
             service: ServiceSettings::default(),
             control: ControlSettings::default(),
+            handover: HandoverSettings::default(),
             log: LogSettings::default(),
         }
     }

@@ -44,10 +44,10 @@ pub fn evaluate(status: &ConnectionStatus, outage_budget: Duration, now: SystemT
         ));
     }
     match &status.phase {
-        Phase::Connected => match status.num_connections {
-            Some(total) if total > status.sockets_open => Health::Degraded(format!(
-                "Slack counts {total} open sockets for this app but this instance holds {}: another client is connected",
-                status.sockets_open
+        Phase::Connected => match status.other_connections {
+            Some(others) if others > 0 => Health::Degraded(format!(
+                "Slack counted {} open sockets for this app at the latest hello, {others} of them another client's",
+                status.num_connections.unwrap_or(others)
             )),
             _ => Health::Healthy,
         },
@@ -86,10 +86,11 @@ mod tests {
     fn other_clients_degrade() {
         let status = ConnectionStatus {
             num_connections: Some(3),
+            other_connections: Some(2),
             ..connected()
         };
         let health = evaluate(&status, BUDGET, SystemTime::now());
-        assert!(matches!(&health, Health::Degraded(r) if r.contains("another client")));
+        assert!(matches!(&health, Health::Degraded(r) if r.contains("another client's")));
         assert!(health.feeds_watchdog());
     }
 

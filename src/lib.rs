@@ -7,6 +7,7 @@ pub mod control;
 pub mod daemon;
 pub mod dispatch;
 pub mod exit;
+pub mod handover;
 pub mod health;
 pub mod logging;
 pub mod service;

@@ -56,10 +56,16 @@ pub struct ConnectionStatus {
     pub sockets_open: u32,
     /// `hello.num_connections`: every open socket of the app, other clients included.
     pub num_connections: Option<u32>,
+    /// Sockets of other clients at the latest hello: `num_connections` less ours and less
+    /// a predecessor's we are taking over from.
+    pub other_connections: Option<u32>,
     pub last_disconnect: Option<String>,
     /// When the current outage began: set when a connection that had said hello is lost,
     /// cleared by the next hello. Drives health and the watchdog's outage budget.
     pub down_since: Option<SystemTime>,
+    /// The step of a handover in progress, in words (`handing over to pid 4243: waiting
+    /// for its hello`).
+    pub handover: Option<String>,
 }
 
 impl Default for ConnectionStatus {
@@ -70,8 +76,10 @@ impl Default for ConnectionStatus {
             connected_since: None,
             sockets_open: 0,
             num_connections: None,
+            other_connections: None,
             last_disconnect: None,
             down_since: None,
+            handover: None,
         }
     }
 }
@@ -175,6 +183,9 @@ impl InstanceInfo {
 pub struct ServiceState {
     pub instance: InstanceInfo,
     pub counters: Counters,
+    /// Sockets of a predecessor this instance is taking over from: Slack counts them in
+    /// `hello.num_connections`, but they are not another client.
+    pub predecessor_sockets: std::sync::atomic::AtomicU32,
     status: watch::Sender<ConnectionStatus>,
 }
 
@@ -183,6 +194,7 @@ impl ServiceState {
         ServiceState {
             instance,
             counters: Counters::default(),
+            predecessor_sockets: std::sync::atomic::AtomicU32::new(0),
             status: watch::Sender::new(ConnectionStatus::default()),
         }
     }

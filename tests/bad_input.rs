@@ -2,36 +2,21 @@
 
 mod common;
 
-use common::{APP, Daemon, WAIT, simulator};
-use flowcoach::sim::{EnvelopeSpec, RawFrame, Simulator};
-use nix::sys::signal::Signal;
+use common::{APP, Daemon, acked, event, simulator, wait_hellos};
+use flowcoach::sim::{EnvelopeSpec, RawFrame, Simulator, SocketId};
 use serde_json::json;
 
-async fn acked(sim: &Simulator, event_id: &str) {
-    let id = sim.inject(
-        APP,
-        EnvelopeSpec::Event {
-            event_id: event_id.into(),
-            event: json!({"type": "message"}),
-        },
-    );
-    sim.wait_until(WAIT, |r| {
-        r.envelope(&id).is_some_and(|e| e.acked_at.is_some())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{event_id} not acked: {e:?}"));
+/// flowcoach connected to a simulator; the socket it uses.
+async fn start_connected() -> (Simulator, Daemon, SocketId) {
+    let sim = simulator(|_| {}).await;
+    let daemon = Daemon::start_connected(&sim).await;
+    let socket = sim.open_sockets(APP)[0];
+    (sim, daemon, socket)
 }
 
 #[tokio::test]
 async fn bad_frames_are_logged_counted_and_survived() {
-    let sim = simulator(|_| {}).await;
-    let mut daemon = Daemon::start(&sim, "");
-    sim.wait_until(WAIT, |r| {
-        r.sockets.first().is_some_and(|s| s.hello_at.is_some())
-    })
-    .await
-    .unwrap();
-    let socket = sim.open_sockets(APP)[0];
+    let (sim, mut daemon, socket) = start_connected().await;
     let cases: [(RawFrame, &str); 8] = [
         (
             RawFrame::Text("{not json".into()),
@@ -79,7 +64,7 @@ async fn bad_frames_are_logged_counted_and_survived() {
         sim.send_raw(socket, frame);
         daemon.wait_log_count(expected_log, seen + 1).await;
         // The same socket still carries envelopes after each bad frame.
-        acked(&sim, &format!("EvAfterBadFrame{round}")).await;
+        acked(&sim, event(&format!("EvAfterBadFrame{round}"), "hi")).await;
     }
     // The envelope of unknown type was sent raw, so the simulator did not know its id:
     // its ack is the one "unknown" ack, and nothing else was acked that should not be.
@@ -89,42 +74,30 @@ async fn bad_frames_are_logged_counted_and_survived() {
         "an envelope of unknown type is acked so Slack does not retry it"
     );
     // An events_api envelope without an inner event (app_rate_limited) is handled, not fatal.
-    let id = sim.inject(
-        APP,
+    acked(
+        &sim,
         EnvelopeSpec::EventWithoutInner {
             event_id: None,
             payload: json!({"type": "app_rate_limited", "minute_rate_limited": 1}),
         },
-    );
-    sim.wait_until(WAIT, |r| {
-        r.envelope(&id).is_some_and(|e| e.acked_at.is_some())
-    })
-    .await
-    .unwrap();
+    )
+    .await;
     daemon
         .wait_log("event handled", |l| l["event_type"] == "app_rate_limited")
         .await;
-    acked(&sim, "EvStillServing").await;
+    acked(&sim, event("EvStillServing", "hi")).await;
     let record = sim.record();
     assert_eq!(
         record.sockets.len(),
         1,
         "the connection was kept throughout"
     );
-    daemon.signal(Signal::SIGTERM);
-    assert_eq!(daemon.exit_code().await, 0);
+    daemon.stop().await;
 }
 
 #[tokio::test]
 async fn an_oversized_message_costs_the_connection_not_the_service() {
-    let sim = simulator(|_| {}).await;
-    let mut daemon = Daemon::start(&sim, "");
-    sim.wait_until(WAIT, |r| {
-        r.sockets.first().is_some_and(|s| s.hello_at.is_some())
-    })
-    .await
-    .unwrap();
-    let socket = sim.open_sockets(APP)[0];
+    let (sim, mut daemon, socket) = start_connected().await;
     // max_message_bytes is 64 KiB in FAST_CONFIG.
     let huge = format!(
         r#"{{"type":"events_api","envelope_id":"big","payload":{{"blob":"{}"}}}}"#,
@@ -134,12 +107,7 @@ async fn an_oversized_message_costs_the_connection_not_the_service() {
     daemon
         .wait_log("oversized message from Slack", |_| true)
         .await;
-    sim.wait_until(WAIT, |r| {
-        r.sockets.iter().filter(|s| s.hello_at.is_some()).count() >= 2
-    })
-    .await
-    .expect("reconnected");
-    acked(&sim, "EvAfterHuge").await;
-    daemon.signal(Signal::SIGTERM);
-    assert_eq!(daemon.exit_code().await, 0);
+    wait_hellos(&sim, 2).await;
+    acked(&sim, event("EvAfterHuge", "hi")).await;
+    daemon.stop().await;
 }

@@ -54,6 +54,7 @@ fn context(state: Arc<ServiceState>, access: AccessPolicy) -> Arc<ControlContext
         started_at: SystemTime::now() - Duration::from_secs(7200),
         outage_budget: Duration::from_secs(300),
         access,
+        handover: None,
     })
 }
 
@@ -212,14 +213,15 @@ async fn status_and_health_through_flowcoachctl() {
     let run = flowcoachctl(&["health", "--socket", socket], &[]).await;
     assert_eq!((run.code, run.stdout.as_str()), (Some(0), "healthy\n"));
 
-    server
-        .state
-        .update(|status| status.num_connections = Some(3));
+    server.state.update(|status| {
+        status.num_connections = Some(3);
+        status.other_connections = Some(2);
+    });
     let run = flowcoachctl(&["health", "--socket", socket], &[]).await;
     assert_eq!(run.code, Some(1));
     assert!(
         run.stdout
-            .starts_with("degraded: Slack counts 3 open sockets"),
+            .starts_with("degraded: Slack counted 3 open sockets"),
         "{}",
         run.stdout
     );

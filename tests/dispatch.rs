@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{APP, WAIT, simulator, token};
+use common::{APP, WAIT, event, simulator, slash, token};
 use flowcoach::config::{Config, env};
 use flowcoach::dispatch::{Dispatcher, Handler, HandlerFuture, Incoming};
-use flowcoach::sim::{EnvelopeSpec, Simulator};
+use flowcoach::sim::Simulator;
 use flowcoach::slack::supervisor::Supervisor;
 use flowcoach::state::{InstanceInfo, ServiceState};
 use serde_json::json;
@@ -148,20 +148,6 @@ async fn run(sim: &Simulator, dispatch_settings: &str) -> Running {
     }
 }
 
-fn event(event_id: &str, text: &str) -> EnvelopeSpec {
-    EnvelopeSpec::Event {
-        event_id: event_id.to_owned(),
-        event: json!({"type": "message", "text": text, "channel": "C1", "user": "U1"}),
-    }
-}
-
-fn slash(text: &str) -> EnvelopeSpec {
-    EnvelopeSpec::SlashCommand {
-        command: "/flowcoach".into(),
-        text: text.into(),
-    }
-}
-
 #[tokio::test]
 async fn a_slow_handler_does_not_delay_other_acks() {
     let sim = simulator(|_| {}).await;
@@ -170,15 +156,9 @@ async fn a_slow_handler_does_not_delay_other_acks() {
     let fast: Vec<_> = (0..10)
         .map(|i| sim.inject(APP, event(&format!("EvFast{i}"), "go")))
         .collect();
-    let record = sim
-        .wait_until(WAIT, |r| {
-            fast.iter()
-                .chain([&slow])
-                .all(|id| r.envelope(id).is_some_and(|e| e.acked_at.is_some()))
-        })
-        .await
-        .unwrap();
-    for id in fast.iter().chain([&slow]) {
+    let all: Vec<&String> = fast.iter().chain([&slow]).collect();
+    let record = sim.wait_acked(WAIT, &all).await.unwrap();
+    for id in all {
         let envelope = record.envelope(id).unwrap();
         assert_eq!(envelope.deliveries.len(), 1, "{id} was redelivered");
         let latency = envelope.acked_at.unwrap() - envelope.deliveries[0].at;
@@ -196,14 +176,7 @@ async fn responses_ride_in_the_ack_or_the_ack_goes_without_them_before_the_deadl
     let running = run(&sim, "response_deadline = \"1s\"").await;
     let quick = sim.inject(APP, slash("quick"));
     let late = sim.inject(APP, slash("sleep:2500"));
-    let record = sim
-        .wait_until(WAIT, |r| {
-            [&quick, &late]
-                .iter()
-                .all(|id| r.envelope(id).is_some_and(|e| e.acked_at.is_some()))
-        })
-        .await
-        .unwrap();
+    let record = sim.wait_acked(WAIT, &[&quick, &late]).await.unwrap();
     let quick = record.envelope(&quick).unwrap();
     assert_eq!(quick.ack_payload, Some(json!({"text": "answer to quick"})));
     let late = record.envelope(&late).unwrap();
@@ -230,12 +203,7 @@ async fn handlers_run_concurrently_up_to_the_bound() {
     let ids: Vec<_> = (0..12)
         .map(|i| sim.inject(APP, event(&format!("EvC{i}"), "sleep:300")))
         .collect();
-    sim.wait_until(WAIT, |r| {
-        ids.iter()
-            .all(|id| r.envelope(id).is_some_and(|e| e.acked_at.is_some()))
-    })
-    .await
-    .unwrap();
+    sim.wait_acked(WAIT, &ids).await.unwrap();
     running.recorder.wait_finished(12).await;
     assert_eq!(running.recorder.peak.load(Ordering::SeqCst), 3);
     running.stop().await;
@@ -248,13 +216,7 @@ async fn redeliveries_are_acked_but_handled_once() {
     let deliveries: Vec<_> = (0..3)
         .map(|_| sim.inject(APP, event("EvRetried", "hello")))
         .collect();
-    sim.wait_until(WAIT, |r| {
-        deliveries
-            .iter()
-            .all(|id| r.envelope(id).is_some_and(|e| e.acked_at.is_some()))
-    })
-    .await
-    .unwrap();
+    sim.wait_acked(WAIT, &deliveries).await.unwrap();
     assert_eq!(running.recorder.calls("EvRetried"), 1);
     assert_eq!(running.state.counters.snapshot().envelopes_deduplicated, 2);
     running.stop().await;
@@ -272,14 +234,7 @@ async fn a_full_queue_leaves_envelopes_for_redelivery_and_loses_nothing() {
     // follows finds no room, is left unacked, and Slack's redelivery is handled.
     let busy = sim.inject(APP, slash("sleep:1000"));
     let deferred = sim.inject(APP, event("EvDeferred", "x"));
-    let record = sim
-        .wait_until(WAIT, |r| {
-            [&busy, &deferred]
-                .iter()
-                .all(|id| r.envelope(id).is_some_and(|e| e.acked_at.is_some()))
-        })
-        .await
-        .unwrap();
+    let record = sim.wait_acked(WAIT, &[&busy, &deferred]).await.unwrap();
     let envelope = record.envelope(&deferred).unwrap();
     assert!(envelope.deliveries.len() >= 2, "left for redelivery");
     assert_eq!(envelope.deliveries[1].retry_attempt, 1);

@@ -6,17 +6,11 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{APP, Daemon, WAIT, simulator, token};
-use flowcoach::sim::{CloseKind, LoadMix, LoadSpec, Simulator};
+use common::{
+    APP, Daemon, WAIT, acked, connected, event, first_socket_closed_cleanly, simulator, token,
+};
+use flowcoach::sim::{LoadMix, LoadSpec, Simulator};
 use nix::sys::signal::Signal;
-
-async fn connected(sim: &Simulator, hellos: usize) {
-    sim.wait_until(WAIT, |r| {
-        r.sockets.iter().filter(|s| s.hello_at.is_some()).count() >= hellos
-    })
-    .await
-    .expect("flowcoach connects");
-}
 
 fn shared_dir_env(dir: &std::path::Path) -> [(&'static str, String); 1] {
     [("FLOWCOACH_RUNTIME_DIR", dir.display().to_string())]
@@ -47,7 +41,7 @@ async fn a_second_instance_exits_75_naming_the_first() {
     let sim = simulator(|_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let mut first = start_in(&sim, dir.path());
-    connected(&sim, 1).await;
+    connected(&sim).await;
     first.wait_log("connected to Slack", |_| true).await;
 
     let mut second = start_in(&sim, dir.path());
@@ -64,8 +58,7 @@ async fn a_second_instance_exits_75_naming_the_first() {
     // The second never reached Slack.
     assert_eq!(sim.record().open_calls.len(), 1);
 
-    first.signal(Signal::SIGTERM);
-    assert_eq!(first.exit_code().await, 0);
+    first.stop().await;
 }
 
 #[tokio::test]
@@ -73,7 +66,7 @@ async fn of_twenty_simultaneous_starts_exactly_one_runs() {
     let sim = simulator(|_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let mut daemons: Vec<Daemon> = (0..20).map(|_| start_in(&sim, dir.path())).collect();
-    connected(&sim, 1).await;
+    connected(&sim).await;
     let mut exits = Vec::new();
     let mut running = Vec::new();
     for mut daemon in daemons.drain(..) {
@@ -91,8 +84,7 @@ async fn of_twenty_simultaneous_starts_exactly_one_runs() {
         "only the winner reached Slack"
     );
     let mut winner = running.pop().unwrap();
-    winner.signal(Signal::SIGTERM);
-    assert_eq!(winner.exit_code().await, 0);
+    winner.stop().await;
 }
 
 #[tokio::test]
@@ -100,7 +92,7 @@ async fn a_stale_lock_after_kill_9_does_not_block_the_next_start() {
     let sim = simulator(|_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let mut victim = start_in(&sim, dir.path());
-    connected(&sim, 1).await;
+    connected(&sim).await;
     victim.signal(Signal::SIGKILL);
     victim.child.wait().await.unwrap();
     // The PID file and the socket file are still there, naming a dead process.
@@ -114,15 +106,13 @@ async fn a_stale_lock_after_kill_9_does_not_block_the_next_start() {
     );
     let status = ctl(&["status"], &socket_path(dir.path()));
     assert_eq!(status.status.code(), Some(0), "{status:?}");
-    next.signal(Signal::SIGTERM);
-    assert_eq!(next.exit_code().await, 0);
+    next.stop().await;
 }
 
 #[tokio::test]
 async fn flowcoachctl_reports_on_the_running_daemon() {
     let sim = simulator(|_| {}).await;
-    let mut daemon = Daemon::start(&sim, "");
-    connected(&sim, 1).await;
+    let mut daemon = Daemon::start_connected(&sim).await;
     daemon.wait_log("connected to Slack", |_| true).await;
     let socket = socket_path(&daemon.runtime_dir);
     let status = ctl(&["status"], &socket);
@@ -146,8 +136,7 @@ async fn flowcoachctl_reports_on_the_running_daemon() {
         .output()
         .unwrap();
     assert_eq!(found.status.code(), Some(0), "{found:?}");
-    daemon.signal(Signal::SIGTERM);
-    assert_eq!(daemon.exit_code().await, 0);
+    daemon.stop().await;
     let gone = ctl(&["health"], &socket);
     assert_eq!(gone.status.code(), Some(2), "no daemon answers");
 }
@@ -155,8 +144,7 @@ async fn flowcoachctl_reports_on_the_running_daemon() {
 #[tokio::test]
 async fn sigterm_under_load_acks_every_accepted_envelope_and_closes_cleanly() {
     let sim = simulator(|_| {}).await;
-    let mut daemon = Daemon::start(&sim, "");
-    connected(&sim, 1).await;
+    let mut daemon = Daemon::start_connected(&sim).await;
     let load = sim.start_load(
         APP,
         LoadSpec {
@@ -171,17 +159,9 @@ async fn sigterm_under_load_acks_every_accepted_envelope_and_closes_cleanly() {
     })
     .await
     .unwrap();
-    daemon.signal(Signal::SIGTERM);
-    assert_eq!(daemon.exit_code().await, 0);
+    daemon.stop().await;
     load.abort();
-    let record = sim
-        .wait_until(WAIT, |r| r.sockets[0].close.is_some())
-        .await
-        .unwrap();
-    assert_eq!(
-        record.sockets[0].close,
-        Some(CloseKind::ClientCloseHandshake)
-    );
+    let record = first_socket_closed_cleanly(&sim).await;
     // Envelopes delivered before the stop were acked; those that arrived while stopping
     // were left for Slack to redeliver, and said so.
     let delivered: Vec<_> = record
@@ -275,8 +255,7 @@ async fn control_socket_from_systemd_socket_activation() {
 #[tokio::test]
 async fn sighup_reloads_what_can_change_and_refuses_a_bad_file() {
     let sim = simulator(|_| {}).await;
-    let mut daemon = Daemon::start(&sim, "");
-    connected(&sim, 1).await;
+    let mut daemon = Daemon::start_connected(&sim).await;
     let original = std::fs::read_to_string(daemon.config_path()).unwrap();
 
     let changed = original
@@ -307,20 +286,8 @@ async fn sighup_reloads_what_can_change_and_refuses_a_bad_file() {
         })
         .await;
     // Still serving.
-    let id = sim.inject(
-        APP,
-        flowcoach::sim::EnvelopeSpec::Event {
-            event_id: "EvAfterReload".into(),
-            event: serde_json::json!({"type": "message"}),
-        },
-    );
-    sim.wait_until(WAIT, |r| {
-        r.envelope(&id).is_some_and(|e| e.acked_at.is_some())
-    })
-    .await
-    .unwrap();
-    daemon.signal(Signal::SIGTERM);
-    assert_eq!(daemon.exit_code().await, 0);
+    acked(&sim, event("EvAfterReload", "hi")).await;
+    daemon.stop().await;
 }
 
 #[tokio::test]

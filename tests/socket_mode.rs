@@ -5,44 +5,22 @@ mod common;
 
 use std::time::Duration;
 
-use common::{APP, Daemon, WAIT, simulator};
-use flowcoach::sim::{CloseKind, EnvelopeSpec, OpenResponse, Record};
-use nix::sys::signal::Signal;
-use serde_json::json;
-
-fn event(event_id: &str) -> EnvelopeSpec {
-    EnvelopeSpec::Event {
-        event_id: event_id.to_owned(),
-        event: json!({"type": "message", "channel": "C0SIM", "user": "U0SIM", "text": "hi"}),
-    }
-}
-
-async fn connected(sim: &flowcoach::sim::Simulator, sockets: usize) -> Record {
-    sim.wait_until(WAIT, |r| {
-        r.sockets.iter().filter(|s| s.hello_at.is_some()).count() >= sockets
-            && r.open_sockets(APP) >= 1
-    })
-    .await
-    .expect("flowcoach connects")
-}
+use common::{
+    APP, Daemon, WAIT, acked, connected, event, first_socket_closed_cleanly, simulator, slash,
+    wait_hellos,
+};
+use flowcoach::sim::{CloseKind, OpenResponse, Record};
 
 #[tokio::test]
 async fn connects_acks_events_and_stops_cleanly() {
     let sim = simulator(|_| {}).await;
-    let mut daemon = Daemon::start(&sim, "");
-    connected(&sim, 1).await;
+    let mut daemon = Daemon::start_connected(&sim).await;
     daemon.wait_log("connected to Slack", |_| true).await;
 
     let ids: Vec<String> = (0..20)
-        .map(|i| sim.inject(APP, event(&format!("Ev{i}"))))
+        .map(|i| sim.inject(APP, event(&format!("Ev{i}"), "hi")))
         .collect();
-    let record = sim
-        .wait_until(WAIT, |r| {
-            ids.iter()
-                .all(|id| r.envelope(id).is_some_and(|e| e.acked_at.is_some()))
-        })
-        .await
-        .expect("every event acked");
+    let record = sim.wait_acked(WAIT, &ids).await.expect("every event acked");
     for id in &ids {
         let envelope = record.envelope(id).unwrap();
         assert_eq!(
@@ -58,14 +36,8 @@ async fn connects_acks_events_and_stops_cleanly() {
         })
         .await;
 
-    daemon.signal(Signal::SIGTERM);
-    assert_eq!(daemon.exit_code().await, 0);
-    let record = sim
-        .wait_until(WAIT, |r| r.sockets[0].close.is_some())
-        .await
-        .expect("socket closed");
-    let socket = &record.sockets[0];
-    assert_eq!(socket.close, Some(CloseKind::ClientCloseHandshake));
+    daemon.stop().await;
+    first_socket_closed_cleanly(&sim).await;
     daemon.assert_token_never_printed();
 }
 
@@ -73,10 +45,8 @@ async fn connects_acks_events_and_stops_cleanly() {
 async fn drops_the_socket_itself_when_slack_keeps_tcp_open_after_close() {
     // The simulator, like Slack, does not close TCP after the close handshake.
     let sim = simulator(|c| c.hold_tcp_after_close = Duration::from_secs(30)).await;
-    let mut daemon = Daemon::start(&sim, "");
-    connected(&sim, 1).await;
-    daemon.signal(Signal::SIGTERM);
-    assert_eq!(daemon.exit_code().await, 0);
+    let mut daemon = Daemon::start_connected(&sim).await;
+    daemon.stop().await;
     let record = sim
         .wait_until(WAIT, |r| r.sockets[0].tcp_closed_at.is_some())
         .await
@@ -92,33 +62,16 @@ async fn drops_the_socket_itself_when_slack_keeps_tcp_open_after_close() {
 #[tokio::test]
 async fn slash_command_is_answered_in_the_ack() {
     let sim = simulator(|_| {}).await;
-    let mut daemon = Daemon::start(&sim, "");
-    connected(&sim, 1).await;
-    let id = sim.inject(
-        APP,
-        EnvelopeSpec::SlashCommand {
-            command: "/flowcoach".into(),
-            text: "status".into(),
-        },
-    );
-    let record = sim
-        .wait_until(WAIT, |r| {
-            r.envelope(&id).is_some_and(|e| e.acked_at.is_some())
-        })
+    let mut daemon = Daemon::start_connected(&sim).await;
+    let payload = acked(&sim, slash("status"))
         .await
-        .unwrap();
-    let payload = record
-        .envelope(&id)
-        .unwrap()
         .ack_payload
-        .clone()
         .expect("answer in the ack");
     let text = payload["text"].as_str().unwrap();
     assert!(text.contains(&format!("pid {}", daemon.pid())), "{text}");
     assert!(text.contains("environment test"), "{text}");
     assert!(text.contains("connected since"), "{text}");
-    daemon.signal(Signal::SIGTERM);
-    assert_eq!(daemon.exit_code().await, 0);
+    daemon.stop().await;
 }
 
 async fn rotates_without_a_gap(reason: &str) {
@@ -127,8 +80,7 @@ async fn rotates_without_a_gap(reason: &str) {
         c.refresh_grace = Duration::from_millis(500);
     })
     .await;
-    let mut daemon = Daemon::start(&sim, "");
-    connected(&sim, 1).await;
+    let mut daemon = Daemon::start_connected(&sim).await;
     let load = sim.start_load(
         APP,
         flowcoach::sim::LoadSpec {
@@ -163,8 +115,7 @@ async fn rotates_without_a_gap(reason: &str) {
     daemon
         .wait_log("rotated to a new connection", |_| true)
         .await;
-    daemon.signal(Signal::SIGTERM);
-    assert_eq!(daemon.exit_code().await, 0);
+    daemon.stop().await;
 }
 
 #[tokio::test]
@@ -180,8 +131,7 @@ async fn refresh_requested_rotates_with_zero_gap() {
 #[tokio::test]
 async fn stale_connection_is_detected_and_replaced() {
     let sim = simulator(|c| c.server_ping_interval = None).await;
-    let mut daemon = Daemon::start(&sim, "");
-    connected(&sim, 1).await;
+    let mut daemon = Daemon::start_connected(&sim).await;
     let socket = sim.open_sockets(APP)[0];
     sim.make_stale(socket);
     // ping_interval 1s + pong_timeout 1s in FAST_CONFIG: well within the wait bound.
@@ -191,19 +141,10 @@ async fn stale_connection_is_detected_and_replaced() {
             |_| true,
         )
         .await;
-    sim.wait_until(WAIT, |r| {
-        r.sockets.iter().filter(|s| s.hello_at.is_some()).count() >= 2
-    })
-    .await
-    .expect("reconnected after the stale socket");
-    let id = sim.inject(APP, event("EvAfterStale"));
-    sim.wait_until(WAIT, |r| {
-        r.envelope(&id).is_some_and(|e| e.acked_at.is_some())
-    })
-    .await
-    .expect("served on the new socket");
-    daemon.signal(Signal::SIGTERM);
-    assert_eq!(daemon.exit_code().await, 0);
+    // Reconnected after the stale socket, and served on the new one.
+    wait_hellos(&sim, 2).await;
+    acked(&sim, event("EvAfterStale", "hi")).await;
+    daemon.stop().await;
 }
 
 #[tokio::test]
@@ -226,8 +167,7 @@ async fn invalid_auth_exits_78_with_a_clear_message() {
 #[tokio::test]
 async fn link_disabled_exits_78() {
     let sim = simulator(|_| {}).await;
-    let mut daemon = Daemon::start(&sim, "");
-    connected(&sim, 1).await;
+    let mut daemon = Daemon::start_connected(&sim).await;
     sim.disconnect(sim.open_sockets(APP)[0], "link_disabled");
     assert_eq!(daemon.exit_code().await, 78);
     assert!(daemon.stderr().contains("Socket Mode is switched off"));
@@ -240,12 +180,11 @@ async fn retry_after_is_honoured() {
         retry_after_secs: 2,
     });
     let mut daemon = Daemon::start(&sim, "");
-    let record = connected(&sim, 1).await;
+    let record = connected(&sim).await;
     assert_eq!(record.open_calls[0].outcome, "http 429");
     let waited = record.open_calls[1].at - record.open_calls[0].at;
     assert!(waited >= Duration::from_secs(2), "retried after {waited:?}");
-    daemon.signal(Signal::SIGTERM);
-    assert_eq!(daemon.exit_code().await, 0);
+    daemon.stop().await;
 }
 
 #[tokio::test]
@@ -257,9 +196,8 @@ async fn handshake_conflict_is_retried() {
         .await
         .expect("retries");
     sim.set_handshake_status(None);
-    connected(&sim, 1).await;
-    daemon.signal(Signal::SIGTERM);
-    assert_eq!(daemon.exit_code().await, 0);
+    connected(&sim).await;
+    daemon.stop().await;
 }
 
 #[tokio::test]
@@ -267,8 +205,7 @@ async fn too_many_websockets_storm_backs_off_and_diagnoses() {
     // The app's only socket slot is held by another instance with the same token: the
     // situation that started this project.
     let sim = simulator(|c| c.max_sockets_per_app = 1).await;
-    let mut incumbent = Daemon::start(&sim, "");
-    connected(&sim, 1).await;
+    let mut incumbent = Daemon::start_connected(&sim).await;
     let mut second = Daemon::start(&sim, "");
     let refused = |r: &Record| {
         r.sockets
@@ -303,31 +240,19 @@ async fn too_many_websockets_storm_backs_off_and_diagnoses() {
         )
         .await;
     // The incumbent is untouched: still one socket, still serving.
-    let id = sim.inject(APP, event("EvIncumbent"));
-    sim.wait_until(WAIT, |r| {
-        r.envelope(&id).is_some_and(|e| e.acked_at.is_some())
-    })
-    .await
-    .expect("incumbent still serves");
-    second.signal(Signal::SIGTERM);
-    assert_eq!(second.exit_code().await, 0);
-    incumbent.signal(Signal::SIGTERM);
-    assert_eq!(incumbent.exit_code().await, 0);
+    acked(&sim, event("EvIncumbent", "hi")).await;
+    second.stop().await;
+    incumbent.stop().await;
 }
 
 #[tokio::test]
 async fn unannounced_drops_reconnect_through_the_backoff() {
     let sim = simulator(|_| {}).await;
-    let mut daemon = Daemon::start(&sim, "");
-    connected(&sim, 1).await;
+    let mut daemon = Daemon::start_connected(&sim).await;
     for round in 1..=4 {
         let socket = sim.open_sockets(APP)[0];
         sim.drop_socket(socket);
-        sim.wait_until(WAIT, |r| {
-            r.sockets.iter().filter(|s| s.hello_at.is_some()).count() > round
-        })
-        .await
-        .expect("reconnected");
+        wait_hellos(&sim, round + 1).await;
     }
     let record = sim.record();
     // A fresh URL per connect: a reused ticket would be refused with HTTP 401.
@@ -347,6 +272,5 @@ async fn unannounced_drops_reconnect_through_the_backoff() {
             "reconnected after {gap:?}"
         );
     }
-    daemon.signal(Signal::SIGTERM);
-    assert_eq!(daemon.exit_code().await, 0);
+    daemon.stop().await;
 }

@@ -21,6 +21,7 @@ use flowcoach::service::systemd::{Systemd, extend_while, spawn_status_reporter, 
 use flowcoach::state::{InstanceInfo, Phase, ServiceState};
 
 use common::{APP, Daemon, FAST_CONFIG, WAIT, simulator};
+use flowcoach::sim::Simulator;
 
 /// One datagram: the lines of one notification, and when it arrived.
 #[derive(Debug, Clone)]
@@ -142,6 +143,20 @@ fn new_state() -> Arc<ServiceState> {
     Arc::new(ServiceState::new(InstanceInfo::current("test")))
 }
 
+/// Puts `state` in an outage since `down_since`: the socket lost to `cause`, reconnecting
+/// after `delay`.
+fn outage(state: &ServiceState, cause: &str, delay: Duration, down_since: SystemTime) {
+    state.update(|s| {
+        s.phase = Phase::Reconnecting {
+            delay,
+            cause: cause.into(),
+        };
+        s.sockets_open = 0;
+        s.last_disconnect = Some(cause.into());
+        s.down_since = Some(down_since);
+    });
+}
+
 fn position(lines: &[String], line: &str) -> usize {
     lines
         .iter()
@@ -188,15 +203,12 @@ async fn ready_once_after_the_first_hello_and_a_status_for_every_change() {
         ]
     );
 
-    state.update(|s| {
-        s.phase = Phase::Reconnecting {
-            delay: Duration::from_millis(4200),
-            cause: "too_many_websockets".into(),
-        };
-        s.sockets_open = 0;
-        s.last_disconnect = Some("too_many_websockets".into());
-        s.down_since = Some(SystemTime::now());
-    });
+    outage(
+        &state,
+        "too_many_websockets",
+        Duration::from_millis(4200),
+        SystemTime::now(),
+    );
     recorder
         .wait_line("STATUS=reconnecting in 4.2s after too_many_websockets")
         .await;
@@ -307,15 +319,12 @@ async fn the_watchdog_is_fed_at_half_the_interval_only_while_healthy() {
     );
 
     // An outage beyond the budget: systemd must be left to restart the service.
-    state.update(|s| {
-        s.phase = Phase::Reconnecting {
-            delay: Duration::from_secs(30),
-            cause: "stale (no pong)".into(),
-        };
-        s.sockets_open = 0;
-        s.last_disconnect = Some("stale (no pong)".into());
-        s.down_since = Some(SystemTime::now() - Duration::from_secs(3600));
-    });
+    outage(
+        &state,
+        "stale (no pong)",
+        Duration::from_secs(30),
+        SystemTime::now() - Duration::from_secs(3600),
+    );
     let before = recorder.count(PING);
     // Showing that nothing comes takes waiting: six ping periods. At most one ping sent
     // before the change may still have been on its way.
@@ -496,16 +505,23 @@ async fn stderr_is_taken_for_the_journal_only_when_journal_stream_names_it() {
 
 // The daemon itself, as a process with a NOTIFY_SOCKET of the test's.
 
+/// flowcoach against a simulator, with a [`Recorder`] as its `NOTIFY_SOCKET` and `env`
+/// (the watchdog's variables) set.
+async fn notifying_daemon(env: &[(&str, &str)]) -> (Simulator, Recorder, Daemon) {
+    let sim = simulator(|_| {}).await;
+    let recorder = Recorder::bind();
+    let socket = recorder.address.to_str().unwrap();
+    let env: Vec<(&str, &str)> = [("NOTIFY_SOCKET", socket)]
+        .into_iter()
+        .chain(env.iter().copied())
+        .collect();
+    let daemon = Daemon::start_with(&sim, FAST_CONFIG, &env);
+    (sim, recorder, daemon)
+}
+
 #[tokio::test]
 async fn the_daemon_notifies_ready_status_watchdog_and_stopping() {
-    let sim = simulator(|_| {}).await;
-    let mut recorder = Recorder::bind();
-    let socket = recorder.address.to_str().unwrap().to_owned();
-    let mut daemon = Daemon::start_with(
-        &sim,
-        FAST_CONFIG,
-        &[("NOTIFY_SOCKET", &socket), ("WATCHDOG_USEC", "400000")],
-    );
+    let (_sim, mut recorder, mut daemon) = notifying_daemon(&[("WATCHDOG_USEC", "400000")]).await;
     recorder.wait_line("READY=1").await;
     recorder
         .wait_line("STATUS=connected to A0SIMAPP01 (1 socket; Slack counts 1)")
@@ -518,9 +534,8 @@ async fn the_daemon_notifies_ready_status_watchdog_and_stopping() {
         .count();
     recorder.wait_count("WATCHDOG=1", pings_before + 3).await;
 
-    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    daemon.stop().await;
     recorder.wait_line("STOPPING=1").await;
-    assert_eq!(daemon.exit_code().await, 0, "{}", daemon.stderr());
     daemon.assert_token_never_printed();
 
     let lines = recorder.lines();
@@ -544,24 +559,13 @@ async fn the_daemon_notifies_ready_status_watchdog_and_stopping() {
 
 #[tokio::test]
 async fn the_daemon_ignores_a_watchdog_meant_for_another_process() {
-    let sim = simulator(|_| {}).await;
-    let mut recorder = Recorder::bind();
-    let socket = recorder.address.to_str().unwrap().to_owned();
     // WATCHDOG_PID names another process (as when inherited from a parent): no pings.
-    let mut daemon = Daemon::start_with(
-        &sim,
-        FAST_CONFIG,
-        &[
-            ("NOTIFY_SOCKET", &socket),
-            ("WATCHDOG_USEC", "200000"),
-            ("WATCHDOG_PID", "1"),
-        ],
-    );
+    let (_sim, mut recorder, mut daemon) =
+        notifying_daemon(&[("WATCHDOG_USEC", "200000"), ("WATCHDOG_PID", "1")]).await;
     recorder.wait_line("READY=1").await;
     // Showing that nothing comes takes waiting: ten would-be ping periods.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    daemon.stop().await;
     recorder.wait_line("STOPPING=1").await;
-    assert_eq!(daemon.exit_code().await, 0, "{}", daemon.stderr());
     assert_eq!(recorder.count("WATCHDOG=1"), 0, "{:#?}", recorder.lines());
 }

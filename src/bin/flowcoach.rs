@@ -68,6 +68,15 @@ fn run(cli: &DaemonCli) -> ExitCode {
         Err(code) => return code,
     };
     let log = logging::init(&config.settings.log);
+    // The path, resolved now: after a package upgrade replaces the file, a successor must
+    // start from the new binary at this path, not from the deleted one we run.
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(error) => {
+            eprintln!("flowcoach: cannot find its own binary: {error}");
+            return exit::code(exit::FAILURE);
+        }
+    };
     // Before the runtime starts: no other thread may be reading the environment.
     let control_listener = match from_systemd() {
         Ok(listener) => listener,
@@ -93,6 +102,8 @@ fn run(cli: &DaemonCli) -> ExitCode {
         config,
         control_listener,
         log,
+        exe,
+        takeover: cli.takeover,
     };
     match runtime.block_on(daemon::run(startup)) {
         Ok(()) => exit::code(exit::OK),

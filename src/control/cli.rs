@@ -19,9 +19,10 @@ pub struct CtlCli {
     /// Talk to the instance of this Slack app when several run.
     #[arg(long, global = true, value_name = "ID")]
     pub app: Option<String>,
-    /// Give up when the daemon has not answered within this long.
-    #[arg(long, global = true, default_value = "5s", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
+    /// Give up when the daemon has not answered within this long [default: 5s; for
+    /// handover 2m].
+    #[arg(long, global = true, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -37,4 +38,8 @@ pub enum CtlCommand {
     /// Print the health; exit 0 when healthy, 1 when degraded or unhealthy, 2 when no
     /// daemon answers (for container health checks).
     Health,
+    /// Hand the app over to a successor started from the binary on disk (an upgrade takes
+    /// effect), with no gap: exit 0 once it holds the app, non-zero with the reason when
+    /// the handover was rolled back and the running instance kept serving.
+    Handover,
 }

@@ -1,6 +1,7 @@
 //! flowcoachctl's commands: find the socket, ask, print, pick the exit code.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use super::cli::{CtlCli, CtlCommand};
 use super::client;
@@ -14,11 +15,15 @@ use crate::exit;
 /// health check can tell "down" from "not answering".
 const HEALTH_NO_ANSWER: u8 = 2;
 
+const TIMEOUT: Duration = Duration::from_secs(5);
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Runs one flowcoachctl command and returns its exit code.
 pub fn run(cli: &CtlCli) -> ExitCode {
     let (command, failure) = match cli.command {
         CtlCommand::Status { .. } => (Command::Status, exit::FAILURE),
         CtlCommand::Health => (Command::Health, HEALTH_NO_ANSWER),
+        CtlCommand::Handover => (Command::Handover, exit::FAILURE),
     };
     let response = match ask(cli, command) {
         Ok(response) => response,
@@ -50,6 +55,16 @@ pub fn run(cli: &CtlCli) -> ExitCode {
                 exit::FAILURE
             })
         }
+        (
+            CtlCommand::Handover,
+            Response::HandedOver {
+                successor_pid,
+                took_ms,
+            },
+        ) => {
+            println!("handed over to pid {successor_pid} in {took_ms} ms");
+            exit::code(exit::OK)
+        }
         (_, other) => {
             eprintln!("flowcoachctl: unexpected answer from flowcoach: {other:?}");
             exit::code(failure)
@@ -70,8 +85,17 @@ fn ask(cli: &CtlCli, command: Command) -> Result<Response, String> {
         .enable_all()
         .build()
         .map_err(|error| format!("cannot start the async runtime: {error}"))?;
+    let default_timeout = match command {
+        // Starting a successor, its connect and the drain all happen within the answer.
+        Command::Handover => HANDOVER_TIMEOUT,
+        _ => TIMEOUT,
+    };
     let response = runtime
-        .block_on(client::request(&path, command, cli.timeout))
+        .block_on(client::request(
+            &path,
+            command,
+            cli.timeout.unwrap_or(default_timeout),
+        ))
         .map_err(|error| error.to_string())?;
     match response {
         Response::Error { message, .. } => Err(message),

@@ -1,29 +1,24 @@
 //! Which control socket `flowcoachctl` talks to.
 //!
 //! `--socket PATH`, else `$FLOWCOACH_CONTROL_SOCKET`, else a socket in the runtime
-//! directory, found with the daemon's rules: `$RUNTIME_DIRECTORY` (its first path), else
-//! `$FLOWCOACH_RUNTIME_DIR`, else `/run/flowcoach` for root, else
-//! `$XDG_RUNTIME_DIR/flowcoach`, else `/tmp/flowcoach-<euid>`. Without either variable, a
-//! user other than root also looks in `/run/flowcoach`, where a system-wide daemon's
-//! socket is (for members of its control group). Sockets are named `<app>.<env>.sock`:
-//! with `--app` and `--env` that file is used; otherwise the single socket matching the
-//! given filter, and several are an error that lists them.
+//! directories, found with the daemon's rules ([`paths::runtime_dirs`]):
+//! `$RUNTIME_DIRECTORY` (its first path), else `$FLOWCOACH_RUNTIME_DIR`, else
+//! `/run/flowcoach` for root, else `$XDG_RUNTIME_DIR/flowcoach`, else
+//! `/tmp/flowcoach-<euid>`. Without either variable, a user other than root also looks in
+//! `/run/flowcoach`, where a system-wide daemon's socket is (for members of its control
+//! group). Sockets are named `<app>.<env>.sock`: with `--app` and `--env` that file is used;
+//! otherwise the single socket matching the given filter, and several are an error that
+//! lists them.
 
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::EnvSource;
+use crate::service::paths;
 
-pub mod env {
-    /// The control socket's path, for flowcoachctl.
-    pub const CONTROL_SOCKET: &str = "FLOWCOACH_CONTROL_SOCKET";
-    pub const SYSTEMD_RUNTIME_DIRECTORY: &str = "RUNTIME_DIRECTORY";
-    pub const RUNTIME_DIR: &str = "FLOWCOACH_RUNTIME_DIR";
-    pub const XDG_RUNTIME_DIR: &str = "XDG_RUNTIME_DIR";
-}
-
-/// The runtime directory of a system-wide (root) daemon.
-pub const SYSTEM_RUNTIME_DIR: &str = "/run/flowcoach";
+/// The variables discovery reads (`CONTROL_SOCKET` and those of the runtime directory) are
+/// defined with all the others in [`crate::config::env`].
+pub use crate::config::env;
 
 /// Narrows the choice when several instances run.
 #[derive(Debug, Clone, Copy, Default)]
@@ -85,7 +80,7 @@ pub fn find_socket(
     if let Some(socket) = env.var(env::CONTROL_SOCKET).filter(|s| !s.is_empty()) {
         return Ok(PathBuf::from(socket));
     }
-    let dirs = runtime_dirs(env, euid);
+    let dirs = paths::runtime_dirs(env, euid == 0, euid);
     if let (Some(app), Some(environment)) = (selector.app, selector.environment) {
         let name = format!("{app}.{environment}.sock");
         let found = dirs.iter().map(|dir| dir.join(&name)).find(|p| p.exists());
@@ -120,30 +115,6 @@ pub fn find_socket(
         filter: selector.describe(),
         looked_in: looked_in.join(", "),
     })
-}
-
-/// The directories to look in, most specific first (never empty).
-fn runtime_dirs(env: &dyn EnvSource, euid: u32) -> Vec<PathBuf> {
-    let var = |name: &str| env.var(name).filter(|value| !value.is_empty());
-    if let Some(dirs) = var(env::SYSTEMD_RUNTIME_DIRECTORY)
-        && let Some(first) = dirs.split(':').find(|dir| !dir.is_empty())
-    {
-        return vec![PathBuf::from(first)];
-    }
-    if let Some(dir) = var(env::RUNTIME_DIR) {
-        return vec![PathBuf::from(dir)];
-    }
-    let system = PathBuf::from(SYSTEM_RUNTIME_DIR);
-    if euid == 0 {
-        return vec![system];
-    }
-    let mut dirs = Vec::new();
-    match var(env::XDG_RUNTIME_DIR).map(PathBuf::from) {
-        Some(dir) if dir.is_absolute() => dirs.push(dir.join("flowcoach")),
-        _ => dirs.push(PathBuf::from(format!("/tmp/flowcoach-{euid}"))),
-    }
-    dirs.push(system);
-    dirs
 }
 
 /// The names of the sockets in `dir` that `selector` accepts, sorted.
@@ -183,30 +154,20 @@ mod tests {
     }
 
     #[test]
-    fn runtime_directories_follow_the_daemons_rules() {
-        let all = [
-            (env::SYSTEMD_RUNTIME_DIRECTORY, "/run/unit:/run/other"),
-            (env::RUNTIME_DIR, "/srv/run"),
-            (env::XDG_RUNTIME_DIR, "/run/user/1000"),
-        ];
-        assert_eq!(runtime_dirs(&all, 1000), vec![PathBuf::from("/run/unit")]);
-        let operator = [(env::RUNTIME_DIR, "/srv/run")];
-        assert_eq!(runtime_dirs(&operator, 0), vec![PathBuf::from("/srv/run")]);
+    fn runtime_directories_are_the_daemons() {
         let user = [(env::XDG_RUNTIME_DIR, "/run/user/1000")];
+        let absent = Selector {
+            app: Some("A0NOSUCHAPP"),
+            environment: Some("prod"),
+        };
+        // No such socket anywhere: the first directory names it.
         assert_eq!(
-            runtime_dirs(&user, 0),
-            vec![PathBuf::from(SYSTEM_RUNTIME_DIR)]
+            find_socket(None, absent, &user, 1000).unwrap(),
+            PathBuf::from("/run/user/1000/flowcoach/A0NOSUCHAPP.prod.sock")
         );
         assert_eq!(
-            runtime_dirs(&user, 1000),
-            vec![
-                PathBuf::from("/run/user/1000/flowcoach"),
-                PathBuf::from(SYSTEM_RUNTIME_DIR)
-            ]
-        );
-        assert_eq!(
-            runtime_dirs(&[(env::XDG_RUNTIME_DIR, "relative")], 1000)[0],
-            PathBuf::from("/tmp/flowcoach-1000")
+            find_socket(None, absent, &user, 0).unwrap(),
+            Path::new(paths::SYSTEM_RUNTIME_DIR).join("A0NOSUCHAPP.prod.sock")
         );
     }
 

@@ -40,4 +40,6 @@ pub struct ControlContext {
     pub outage_budget: Duration,
     /// Who may ask.
     pub access: access::AccessPolicy,
+    /// Where handover requests go; `None` refuses them.
+    pub handover: Option<tokio::sync::mpsc::Sender<server::HandoverCall>>,
 }

@@ -49,6 +49,12 @@ pub enum Command {
     Status,
     /// Only the health judgement, for health checks.
     Health,
+    /// Start a successor from the binary on disk and hand the app over to it
+    /// (`flowcoachctl handover`, `systemctl reload`). Answered when it is done.
+    Handover,
+    /// Sent by a successor (`flowcoach --takeover`): the connection becomes a handover
+    /// session (see `crate::handover`).
+    Takeover { pid: u32, release: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +62,16 @@ pub enum Command {
 pub enum Response {
     Status(Box<StatusReport>),
     Health(HealthReport),
+    /// The handover is done: `successor_pid` holds the app now.
+    HandedOver {
+        successor_pid: u32,
+        took_ms: u64,
+    },
+    /// A takeover request was accepted; the session continues with handover steps.
+    TakeoverAccepted {
+        strict: bool,
+        timeout_ms: u64,
+    },
     Error {
         message: String,
         /// Set when the request's protocol version was rejected: the version this daemon
@@ -114,6 +130,9 @@ pub struct StatusReport {
     pub reconnects: u64,
     pub rotations: u64,
     pub last_disconnect: Option<String>,
+    /// The step of a handover in progress.
+    #[serde(default)]
+    pub handover: Option<String>,
     pub counters: CounterSnapshot,
     /// Where the token came from (a variable or file name, never the token).
     pub token_source: String,
@@ -178,6 +197,7 @@ mod tests {
             reconnects: 4,
             rotations: 5,
             last_disconnect: None,
+            handover: None,
             counters: CounterSnapshot {
                 envelopes_received: 9,
                 in_flight: 1,

@@ -40,6 +40,9 @@ pub fn status(report: &StatusReport, now: u64) -> String {
         )
     });
     line("state", format!("{}{since}", r.phase));
+    if let Some(step) = &r.handover {
+        line("handover", step.clone());
+    }
     line(
         "started",
         format!("{}, up {}", timestamp(r.started_at), duration(r.uptime_s)),
@@ -151,6 +154,7 @@ mod tests {
             reconnects: 2,
             rotations: 5,
             last_disconnect: Some("refresh_requested".into()),
+            handover: None,
             counters: CounterSnapshot {
                 envelopes_received: 120,
                 envelopes_acked: 120,

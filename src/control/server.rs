@@ -150,7 +150,8 @@ async fn connection(
         }
     };
     match tokio::time::timeout(timeout, exchange(&mut stream, &ctx, &peer)).await {
-        Ok(Ok(())) => {}
+        Ok(Ok(None)) => {}
+        Ok(Ok(Some(command))) => hand_off(stream, &ctx, peer, command).await,
         Ok(Err(error)) => {
             tracing::debug!(%error, uid = peer.uid, pid = peer.pid, "control: connection failed");
         }
@@ -176,24 +177,62 @@ enum Incoming {
     Nothing,
 }
 
+/// A request the server does not answer itself: the connection goes to the daemon's
+/// handover coordinator, which may keep it for a long exchange.
+#[derive(Debug)]
+pub struct HandoverCall {
+    pub stream: UnixStream,
+    pub peer: Peer,
+    pub command: Command,
+}
+
+/// Answers one request, or returns the command whose connection must be handed off.
 async fn exchange(
     stream: &mut UnixStream,
     ctx: &ControlContext,
     peer: &Peer,
-) -> std::io::Result<()> {
+) -> std::io::Result<Option<Command>> {
     let incoming = read_request(stream).await?;
     if let Err(refusal) = ctx.access.authorize(peer).await {
         tracing::warn!(uid = peer.uid, pid = peer.pid, %refusal, "control: refused a caller");
-        return send(stream, &Response::error(refusal.to_string())).await;
+        send(stream, &Response::error(refusal.to_string())).await?;
+        return Ok(None);
     }
     let response = match incoming {
-        Incoming::Nothing => return Ok(()),
+        Incoming::Nothing => return Ok(None),
         Incoming::TooLong => Response::error(format!(
             "request too long: a request is one line of at most {MAX_MESSAGE_BYTES} bytes"
         )),
-        Incoming::Line(line) => answer(ctx, &line),
+        Incoming::Line(line) => match answer(ctx, &line) {
+            Answer::Now(response) => response,
+            Answer::HandOff(command) => return Ok(Some(command)),
+        },
     };
-    send(stream, &response).await
+    send(stream, &response).await?;
+    Ok(None)
+}
+
+async fn hand_off(mut stream: UnixStream, ctx: &ControlContext, peer: Peer, command: Command) {
+    let Some(coordinator) = &ctx.handover else {
+        let _ = send(
+            &mut stream,
+            &Response::error("this daemon does not take part in handovers"),
+        )
+        .await;
+        return;
+    };
+    if let Err(refused) = coordinator.try_send(HandoverCall {
+        stream,
+        peer,
+        command,
+    }) {
+        let mut call = refused.into_inner();
+        let _ = send(
+            &mut call.stream,
+            &Response::error("a handover is already in progress; try again when it has ended"),
+        )
+        .await;
+    }
 }
 
 /// Reads one line, never more than [`MAX_MESSAGE_BYTES`]. A request cut short by the end of
@@ -213,32 +252,47 @@ async fn read_request(stream: &mut UnixStream) -> std::io::Result<Incoming> {
     })
 }
 
+enum Answer {
+    Now(Response),
+    HandOff(Command),
+}
+
+impl From<Response> for Answer {
+    fn from(response: Response) -> Self {
+        Answer::Now(response)
+    }
+}
+
 /// The response to one request line.
-fn answer(ctx: &ControlContext, line: &[u8]) -> Response {
+fn answer(ctx: &ControlContext, line: &[u8]) -> Answer {
     let value: serde_json::Value = match serde_json::from_slice(line) {
         Ok(value) => value,
-        Err(error) => return Response::error(format!("invalid request: not JSON ({error})")),
+        Err(error) => {
+            return Response::error(format!("invalid request: not JSON ({error})")).into();
+        }
     };
     let Some(object) = value.as_object() else {
-        return Response::error("invalid request: expected a JSON object");
+        return Response::error("invalid request: expected a JSON object").into();
     };
     let version = match object.get("version").map(serde_json::Value::as_u64) {
-        None => return Response::error("invalid request: no \"version\" field"),
+        None => return Response::error("invalid request: no \"version\" field").into(),
         Some(None) => {
-            return Response::error("invalid request: \"version\" must be a protocol number");
+            return Response::error("invalid request: \"version\" must be a protocol number")
+                .into();
         }
         Some(Some(version)) => version,
     };
     if version != u64::from(PROTOCOL_VERSION) {
-        return Response::version_mismatch(u32::try_from(version).unwrap_or(u32::MAX));
+        return Response::version_mismatch(u32::try_from(version).unwrap_or(u32::MAX)).into();
     }
     let request: Request = match serde_json::from_value(value) {
         Ok(request) => request,
-        Err(error) => return Response::error(format!("invalid request: {error}")),
+        Err(error) => return Response::error(format!("invalid request: {error}")).into(),
     };
     match request.command {
-        Command::Status => Response::Status(Box::new(StatusReport::collect(ctx))),
-        Command::Health => Response::Health(HealthReport::collect(ctx)),
+        Command::Status => Response::Status(Box::new(StatusReport::collect(ctx))).into(),
+        Command::Health => Response::Health(HealthReport::collect(ctx)).into(),
+        command @ (Command::Handover | Command::Takeover { .. }) => Answer::HandOff(command),
     }
 }
 

@@ -1,19 +1,24 @@
 //! The daemon's wiring: the instance lock, the control socket, systemd, the Slack
-//! supervisor and the dispatcher for one app, and the way they stop together.
+//! supervisor and the dispatcher for one app, handovers, and the way they stop together.
 
 mod conflict;
+mod handovers;
 mod reload;
 mod signals;
+mod takeover;
 
 use std::os::unix::net::UnixListener as StdUnixListener;
+use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::bot::FlowCoach;
-use crate::config::{Config, ProcessEnv};
+use crate::config::{Config, ProcessEnv, Settings};
 use crate::control::access::AccessPolicy;
 use crate::control::{ControlContext, server};
 use crate::dispatch::Dispatcher;
@@ -42,6 +47,8 @@ pub enum DaemonError {
     Runtime(String),
     #[error("{0}")]
     Config(String),
+    #[error("takeover failed: {0}")]
+    Takeover(String),
 }
 
 impl DaemonError {
@@ -49,7 +56,9 @@ impl DaemonError {
         match self {
             DaemonError::Fatal(_) | DaemonError::Config(_) => exit::CONFIG,
             DaemonError::AlreadyRunning(_) => exit::TEMPFAIL,
-            DaemonError::Setup(_) | DaemonError::Runtime(_) => exit::FAILURE,
+            DaemonError::Setup(_) | DaemonError::Runtime(_) | DaemonError::Takeover(_) => {
+                exit::FAILURE
+            }
         }
     }
 }
@@ -60,16 +69,57 @@ pub struct Startup {
     /// The control socket from systemd's socket activation, if any.
     pub control_listener: Option<StdUnixListener>,
     pub log: LogHandle,
+    /// The binary on disk, for starting a successor after an upgrade.
+    pub exe: PathBuf,
+    /// `--takeover`: ask a running instance to hand the app over.
+    pub takeover: bool,
 }
 
-/// Serves the app until a stop signal (then drains and closes cleanly) or a fatal error.
+/// A running Slack supervisor and the token that stops it.
+struct Serving {
+    run: Pin<Box<dyn Future<Output = Result<(), FatalError>>>>,
+    stop: CancellationToken,
+}
+
+/// What every phase of the daemon's life shares.
+struct Service {
+    config: Config,
+    paths: InstancePaths,
+    holder: HolderInfo,
+    state: Arc<ServiceState>,
+    live: watch::Receiver<Settings>,
+    dispatcher: Arc<Dispatcher>,
+    systemd: Systemd,
+    started_at: SystemTime,
+    exe: PathBuf,
+}
+
+impl Service {
+    fn start_serving(&self) -> Result<Serving, DaemonError> {
+        let supervisor = Supervisor::new(
+            &self.config,
+            self.live.clone(),
+            self.dispatcher.clone(),
+            self.state.clone(),
+        )?;
+        let stop = CancellationToken::new();
+        Ok(Serving {
+            run: Box::pin(supervisor.run(stop.clone())),
+            stop,
+        })
+    }
+}
+
+/// Serves the app until a stop signal (then drains and closes cleanly), a completed
+/// handover, or a fatal error.
 pub async fn run(startup: Startup) -> Result<(), DaemonError> {
     let Startup {
         config,
         control_listener,
         log,
+        exe,
+        takeover,
     } = startup;
-    let started_at = SystemTime::now();
     let environment = config.settings.environment.clone();
     let paths = InstancePaths::new(
         runtime_dir(&ProcessEnv, nix::unistd::geteuid().is_root()),
@@ -82,9 +132,9 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
         config.token.app_id_hint().unwrap_or(UNKNOWN_APP),
         paths.socket.clone(),
     );
-    // Held for the life of the process: closing the fd at exit releases it.
-    let _lock = match InstanceLock::acquire(&paths.lock, &holder) {
-        Ok(lock) => lock,
+    let lock = match InstanceLock::acquire(&paths.lock, &holder) {
+        Ok(lock) => Some(lock),
+        Err(LockError::Held { .. }) if takeover => None,
         Err(error @ LockError::Held { .. }) => {
             return Err(DaemonError::AlreadyRunning(
                 conflict::describe(&error).await,
@@ -92,18 +142,15 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
         }
         Err(error) => return Err(DaemonError::Runtime(error.to_string())),
     };
-    let listener = match control_listener {
-        Some(listener) => tokio::net::UnixListener::from_std(listener),
-        None => server::bind(&paths.socket),
-    }
-    .map_err(|e| DaemonError::Runtime(format!("control socket: {e}")))?;
-    let access = AccessPolicy::new(&config.settings.control.group)
-        .map_err(|e| DaemonError::Config(format!("control.group: {e}")))?;
-
     let state = Arc::new(ServiceState::new(InstanceInfo::current(&environment)));
     let (live_tx, live) = watch::channel(config.settings.clone());
     let handler = Arc::new(FlowCoach::new(state.clone()));
-    let dispatcher = Arc::new(Dispatcher::new(handler, live.clone(), state.clone()));
+    let dispatcher = Arc::new(if lock.is_none() && !config.settings.handover.strict {
+        // Until the incumbent's deduplication state arrives, envelopes wait unacked.
+        Dispatcher::held(handler, live.clone(), state.clone())
+    } else {
+        Dispatcher::new(handler, live.clone(), state.clone())
+    });
     tracing::info!(
         environment = %environment,
         token = %config.token,
@@ -112,56 +159,146 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
         lock = %paths.lock.display(),
         control_socket = %paths.socket.display(),
         version = env!("CARGO_PKG_VERSION"),
+        takeover = lock.is_none(),
         "flowcoach starting"
     );
-    let supervisor = Supervisor::new(&config, live, dispatcher, state.clone())?;
-
+    let service = Service {
+        config,
+        paths,
+        holder,
+        state,
+        live,
+        dispatcher,
+        systemd: Systemd::from_env(),
+        started_at: SystemTime::now(),
+        exe,
+    };
     let shutdown = CancellationToken::new();
-    let mut reloads = signals::watch(shutdown.clone())
+    let reloads = signals::watch(shutdown.clone())
         .map_err(|e| DaemonError::Runtime(format!("signals: {e}")))?;
+
+    let (lock, listener, serving) = match lock {
+        Some(lock) => {
+            let listener = match control_listener {
+                Some(listener) => UnixListener::from_std(listener),
+                None => server::bind(&service.paths.socket),
+            }
+            .map_err(|e| DaemonError::Runtime(format!("control socket: {e}")))?;
+            (lock, listener, service.start_serving()?)
+        }
+        None => match takeover::take_over(&service, &shutdown).await? {
+            takeover::Taken::App {
+                lock,
+                listener,
+                serving,
+            } => (lock, listener, serving),
+            // The incumbent went away before handing on: the app is free.
+            takeover::Taken::Nothing => {
+                return Box::pin(run_standalone(
+                    service,
+                    shutdown,
+                    reloads,
+                    live_tx,
+                    log,
+                    control_listener,
+                ))
+                .await;
+            }
+        },
+    };
+    serve(
+        service, lock, listener, serving, shutdown, reloads, live_tx, log,
+    )
+    .await
+}
+
+/// After a takeover whose incumbent vanished: take the lock as a first start would.
+async fn run_standalone(
+    service: Service,
+    shutdown: CancellationToken,
+    reloads: mpsc::Receiver<()>,
+    live_tx: watch::Sender<Settings>,
+    log: LogHandle,
+    control_listener: Option<StdUnixListener>,
+) -> Result<(), DaemonError> {
+    let lock = match InstanceLock::acquire(&service.paths.lock, &service.holder) {
+        Ok(lock) => lock,
+        Err(error @ LockError::Held { .. }) => {
+            return Err(DaemonError::AlreadyRunning(
+                conflict::describe(&error).await,
+            ));
+        }
+        Err(error) => return Err(DaemonError::Runtime(error.to_string())),
+    };
+    service.dispatcher.release(None);
+    let listener = match control_listener {
+        Some(listener) => UnixListener::from_std(listener),
+        None => server::bind(&service.paths.socket),
+    }
+    .map_err(|e| DaemonError::Runtime(format!("control socket: {e}")))?;
+    let serving = service.start_serving()?;
+    serve(
+        service, lock, listener, serving, shutdown, reloads, live_tx, log,
+    )
+    .await
+}
+
+/// Holds the app: the control server, systemd, reloads, handovers, until a stop.
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    service: Service,
+    lock: InstanceLock,
+    listener: UnixListener,
+    serving: Serving,
+    shutdown: CancellationToken,
+    mut reloads: mpsc::Receiver<()>,
+    live_tx: watch::Sender<Settings>,
+    log: LogHandle,
+) -> Result<(), DaemonError> {
+    let access = AccessPolicy::new(&service.config.settings.control.group)
+        .map_err(|e| DaemonError::Config(format!("control.group: {e}")))?;
+    let handed = handovers::handed(&lock, &listener)
+        .map_err(|e| DaemonError::Runtime(format!("preparing for handovers: {e}")))?;
+    // One call at a time: a second one is refused by the control server at once.
+    let (calls_tx, calls) = mpsc::channel(1);
     // Everything around the Slack side stops after the drain, so the drain is reported to
     // systemd, watched by its watchdog, and visible over the control socket.
     let after_drain = CancellationToken::new();
     let control = ControlContext {
-        state: state.clone(),
-        token_source: config.token_source.to_owned(),
-        started_at,
-        outage_budget: config.settings.service.outage_budget,
+        state: service.state.clone(),
+        token_source: service.config.token_source.to_owned(),
+        started_at: service.started_at,
+        outage_budget: service.config.settings.service.outage_budget,
         access,
+        handover: Some(calls_tx),
     };
     let control_task = tokio::spawn(server::serve(
         listener,
         Arc::new(control),
         after_drain.clone(),
     ));
-    let systemd = Systemd::from_env();
+    let systemd = service.systemd.clone();
     let reporter =
-        systemd::spawn_status_reporter(systemd.clone(), state.clone(), after_drain.clone());
+        systemd::spawn_status_reporter(systemd.clone(), service.state.clone(), after_drain.clone());
     let watchdog = systemd::watchdog_interval().map(|interval| {
         systemd::spawn_watchdog(
             systemd.clone(),
-            state.clone(),
-            config.settings.service.outage_budget,
+            service.state.clone(),
+            service.config.settings.service.outage_budget,
             interval,
             after_drain.clone(),
         )
     });
-    let reloader = reload::Reloader::new(config.path.clone(), live_tx, log);
+    let reloader = reload::Reloader::new(service.config.path.clone(), live_tx, log);
     let reload_task = tokio::spawn(async move {
         while reloads.recv().await.is_some() {
             reloader.reload(&ProcessEnv);
         }
     });
 
-    let serving = supervisor.run(shutdown.clone());
-    tokio::pin!(serving);
-    let result = tokio::select! {
-        result = &mut serving => result,
-        () = shutdown.cancelled() => {
-            systemd.stopping();
-            systemd::extend_while(&systemd, serving, EXTEND_STEP).await
-        }
-    };
+    let result = handovers::Coordinator::new(&service, handed, calls)
+        .serve(serving, &shutdown)
+        .await;
     after_drain.cancel();
     reload_task.abort();
     let _ = control_task.await;
@@ -169,6 +306,9 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
     if let Some(watchdog) = watchdog {
         let _ = watchdog.await;
     }
+    // Held to the end: the lock is released when the process exits (or, after a
+    // handover, stays with the successor's copy).
+    drop(lock);
     result?;
     tracing::info!("flowcoach stopped");
     Ok(())

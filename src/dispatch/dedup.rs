@@ -1,9 +1,11 @@
 //! Remembers recently handled event ids so Slack's redeliveries are acked but handled once.
 
 use std::collections::{HashSet, VecDeque};
-use std::hash::{BuildHasher, RandomState};
+use std::hash::Hasher;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+use siphasher::sip::SipHasher13;
 use tokio::time::Instant;
 
 /// Insertions within this long share one age record: expiry is this coarse, so keys live
@@ -12,15 +14,16 @@ const AGE_GRANULARITY: Duration = Duration::from_secs(1);
 
 /// A time- and size-bounded set of keys.
 ///
-/// Keys are stored as 64-bit hashes (randomly keyed per process), which keeps memory at
+/// Keys are stored as 64-bit SipHash values under a random key, which keeps memory at
 /// about 20 bytes an entry whatever the key length; with 2^64 values the chance that two of
 /// the at most `capacity` live keys collide is negligible (about 1e-10 at 50 000 keys).
-/// Ages are kept per second of insertions, not per key, for the same reason.
+/// Ages are kept per second of insertions, not per key, for the same reason. The hash key
+/// travels with a [`DedupSnapshot`], so a successor process can take the set over.
 #[derive(Debug)]
 pub struct Dedup {
     ttl: Duration,
     capacity: usize,
-    hasher: RandomState,
+    hash_key: [u64; 2],
     live: HashSet<u64>,
     /// Hashes in insertion order, oldest first, for expiry and eviction.
     order: VecDeque<u64>,
@@ -33,7 +36,7 @@ impl Dedup {
         Dedup {
             ttl,
             capacity: capacity.max(1),
-            hasher: RandomState::new(),
+            hash_key: [rand::random(), rand::random()],
             live: HashSet::new(),
             order: VecDeque::new(),
             ages: VecDeque::new(),
@@ -43,16 +46,27 @@ impl Dedup {
     /// True when `key` was recorded within the TTL.
     pub fn contains(&mut self, key: &str, now: Instant) -> bool {
         self.expire(now);
-        self.live.contains(&self.hasher.hash_one(key))
+        self.live.contains(&self.hash(key))
     }
 
     /// Records `key` as handled at `now`.
     pub fn insert(&mut self, key: &str, now: Instant) {
         self.expire(now);
-        let hash = self.hasher.hash_one(key);
+        let hash = self.hash(key);
         if !self.live.insert(hash) {
             return;
         }
+        self.push(hash, now);
+    }
+
+    fn hash(&self, key: &str) -> u64 {
+        let mut hasher = SipHasher13::new_with_keys(self.hash_key[0], self.hash_key[1]);
+        hasher.write(key.as_bytes());
+        hasher.finish()
+    }
+
+    /// Appends a hash known to be new, inserted at `at`.
+    fn push(&mut self, hash: u64, now: Instant) {
         self.order.push_back(hash);
         match self.ages.back_mut() {
             Some((started, count)) if now.duration_since(*started) < AGE_GRANULARITY => *count += 1,
@@ -63,6 +77,47 @@ impl Dedup {
         while self.order.len() > self.capacity {
             self.evict_oldest();
         }
+    }
+
+    /// Everything remembered, for a successor: the hash key and each entry's age.
+    pub fn snapshot(&mut self, now: Instant) -> DedupSnapshot {
+        self.expire(now);
+        let mut hashes = self.order.iter().copied();
+        let mut runs = Vec::with_capacity(self.ages.len());
+        for &(started, count) in &self.ages {
+            runs.push(AgeRun {
+                age_ms: now.duration_since(started).as_millis() as u64,
+                hashes: hashes.by_ref().take(count).collect(),
+            });
+        }
+        DedupSnapshot {
+            hash_key: self.hash_key,
+            runs,
+        }
+    }
+
+    /// Takes over a predecessor's set. Only an empty set can adopt one, since entries
+    /// hashed under another key could not be compared; returns false otherwise.
+    pub fn adopt(&mut self, snapshot: DedupSnapshot, now: Instant) -> bool {
+        if !self.is_empty() {
+            return false;
+        }
+        self.hash_key = snapshot.hash_key;
+        for run in snapshot.runs {
+            let Some(at) = now.checked_sub(Duration::from_millis(run.age_ms)) else {
+                continue;
+            };
+            for hash in run.hashes {
+                if self.live.insert(hash) {
+                    self.push(hash, at);
+                }
+            }
+        }
+        while self.order.len() > self.capacity {
+            self.evict_oldest();
+        }
+        self.expire(now);
+        true
     }
 
     pub fn len(&self) -> usize {
@@ -95,6 +150,30 @@ impl Dedup {
                 self.ages.pop_front();
             }
         }
+    }
+}
+
+/// A deduplication set in transit from one process to its successor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupSnapshot {
+    hash_key: [u64; 2],
+    /// Oldest first.
+    runs: Vec<AgeRun>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct AgeRun {
+    age_ms: u64,
+    hashes: Vec<u64>,
+}
+
+impl DedupSnapshot {
+    pub fn len(&self) -> usize {
+        self.runs.iter().map(|r| r.hashes.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
     }
 }
 
@@ -143,6 +222,39 @@ mod tests {
         assert!(!dedup.contains("early", later));
         assert!(dedup.contains("late", later));
         assert_eq!(dedup.len(), 1);
+    }
+
+    #[test]
+    fn a_snapshot_carries_keys_and_ages_to_a_successor() {
+        let ttl = Duration::from_secs(600);
+        let mut old = Dedup::new(ttl, 100);
+        let t0 = Instant::now();
+        old.insert("Ev-old", t0);
+        old.insert("Ev-new", t0 + Duration::from_secs(300));
+        let handover = t0 + Duration::from_secs(301);
+        let snapshot = old.snapshot(handover);
+        assert_eq!(snapshot.len(), 2);
+        let wire = serde_json::to_string(&snapshot).unwrap();
+        let mut new = Dedup::new(ttl, 100);
+        assert!(new.adopt(serde_json::from_str(&wire).unwrap(), handover));
+        assert!(new.contains("Ev-old", handover));
+        assert!(new.contains("Ev-new", handover));
+        assert!(!new.contains("Ev-other", handover));
+        // Ages survived: the old key expires when it would have in the predecessor.
+        let later = t0 + Duration::from_secs(601);
+        assert!(!new.contains("Ev-old", later));
+        assert!(new.contains("Ev-new", later));
+    }
+
+    #[test]
+    fn only_an_empty_set_adopts() {
+        let mut old = Dedup::new(Duration::from_secs(600), 100);
+        let now = Instant::now();
+        old.insert("a", now);
+        let mut busy = Dedup::new(Duration::from_secs(600), 100);
+        busy.insert("b", now);
+        assert!(!busy.adopt(old.snapshot(now), now));
+        assert!(!busy.contains("a", now));
     }
 
     #[test]

@@ -5,7 +5,7 @@ mod dedup;
 mod handler;
 
 pub use ack::{AckSendError, AckSink, PendingAck, PendingAcks};
-pub use dedup::Dedup;
+pub use dedup::{Dedup, DedupSnapshot};
 pub use handler::{Handler, HandlerError, HandlerFuture, HandlerResult, Incoming};
 
 use std::sync::Arc;
@@ -29,6 +29,8 @@ pub enum Accepted {
     Duplicate,
     /// Not acked, so Slack redelivers it (queue full, or the service is stopping).
     Deferred,
+    /// Kept, unacked, until a handover brings the predecessor's deduplication state.
+    Held,
 }
 
 /// Routes envelopes to the handler. Cheap to share: connections call [`Dispatcher::accept`]
@@ -45,6 +47,10 @@ pub struct Dispatcher {
     running: Arc<Semaphore>,
     tracker: TaskTracker,
     accepting: AtomicBool,
+    /// `Some` while a successor waits for its predecessor's deduplication state: envelopes
+    /// wait here, unacked, so that none is handled twice and, if the handover fails,
+    /// none is lost (Slack redelivers them).
+    held: std::sync::Mutex<Option<Vec<(Envelope, PendingAck)>>>,
 }
 
 impl Dispatcher {
@@ -66,13 +72,83 @@ impl Dispatcher {
             state,
             tracker: TaskTracker::new(),
             accepting: AtomicBool::new(true),
+            held: std::sync::Mutex::new(None),
         }
+    }
+
+    /// A dispatcher for a successor: it holds envelopes until [`Dispatcher::release`].
+    pub fn held(
+        handler: Arc<dyn Handler>,
+        live: watch::Receiver<Settings>,
+        state: Arc<ServiceState>,
+    ) -> Self {
+        let dispatcher = Self::new(handler, live, state);
+        *dispatcher.held.lock().expect("held lock poisoned") = Some(Vec::new());
+        dispatcher
+    }
+
+    /// Ends holding: takes over the predecessor's deduplication state (if any), then
+    /// dispatches the held envelopes as if they had just arrived.
+    pub fn release(&self, predecessor: Option<DedupSnapshot>) {
+        if let Some(snapshot) = predecessor {
+            let entries = snapshot.len();
+            let adopted = self
+                .dedup
+                .lock()
+                .expect("dedup lock poisoned")
+                .adopt(snapshot, Instant::now());
+            if adopted {
+                tracing::info!(entries, "took over the predecessor's deduplication state");
+            } else {
+                tracing::warn!(
+                    "deduplication state not taken over: this instance already handled envelopes"
+                );
+            }
+        }
+        let held = self.held.lock().expect("held lock poisoned").take();
+        for (envelope, pending) in held.unwrap_or_default() {
+            self.dispatch(envelope, pending);
+        }
+    }
+
+    /// The deduplication state, for a successor (taken after the drain, so it is final).
+    pub fn dedup_snapshot(&self) -> DedupSnapshot {
+        self.dedup
+            .lock()
+            .expect("dedup lock poisoned")
+            .snapshot(Instant::now())
+    }
+
+    /// Takes envelopes again after [`Dispatcher::stop_accepting`] and a drain: a handover
+    /// that failed rolls back to serving.
+    pub fn resume(&self) {
+        self.tracker.reopen();
+        self.accepting.store(true, Ordering::Release);
     }
 
     /// Takes one envelope from the connection `acks` belongs to.
     pub fn accept(&self, envelope: Envelope, acks: &AckSink) -> Accepted {
+        Counters::bump(&self.state.counters.envelopes_received);
+        let pending = acks.expect(envelope.envelope_id.clone());
+        {
+            let mut held = self.held.lock().expect("held lock poisoned");
+            if let Some(queue) = held.as_mut() {
+                let room = self.live.borrow().dispatch.max_queued_handlers;
+                if queue.len() >= room {
+                    return self.defer(
+                        &envelope,
+                        "the queue of envelopes held for a handover is full",
+                    );
+                }
+                queue.push((envelope, pending));
+                return Accepted::Held;
+            }
+        }
+        self.dispatch(envelope, pending)
+    }
+
+    fn dispatch(&self, envelope: Envelope, pending: PendingAck) -> Accepted {
         let counters = &self.state.counters;
-        Counters::bump(&counters.envelopes_received);
         let summary = envelope.summary();
         // Slack's event_id survives redeliveries; the envelope id does not, but it is all
         // slash commands and interactions have.
@@ -88,7 +164,7 @@ impl Dispatcher {
                 "duplicate delivery acked again, not handled again"
             );
             Counters::bump(&counters.envelopes_deduplicated);
-            self.send_ack(acks.expect(envelope.envelope_id), None);
+            self.send_ack(pending, None);
             return Accepted::Duplicate;
         }
         if !self.accepting.load(Ordering::Acquire) {
@@ -100,7 +176,6 @@ impl Dispatcher {
         dedup.insert(key, now);
         drop(dedup);
 
-        let pending = acks.expect(envelope.envelope_id.clone());
         // The response rides in the ack only where Slack accepts one; everything else is
         // acked now, before the handler runs, so a slow handler never costs a redelivery.
         let pending = if envelope.accepts_response_payload {

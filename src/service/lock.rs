@@ -95,6 +95,16 @@ pub enum LockError {
     Io { path: PathBuf, source: io::Error },
 }
 
+impl LockError {
+    /// Makes an I/O error about the lock file at `path` into a `LockError`.
+    fn io(path: &Path) -> impl Fn(io::Error) -> LockError + '_ {
+        move |source| LockError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
 /// One sentence naming the holder, e.g. "app A08FU15EA2Y (environment prod) is already held
 /// by pid 4242, running since 2026-11-30T08:10:13Z; its control socket is
 /// /run/flowcoach/A08FU15EA2Y.prod.sock (lock file /run/flowcoach/A08FU15EA2Y.prod.pid)".
@@ -175,10 +185,7 @@ impl InstanceLock {
     /// times. The same check runs when the lock is busy: a busy orphaned inode does not mean
     /// the path is taken.
     pub fn acquire(path: &Path, info: &HolderInfo) -> Result<InstanceLock, LockError> {
-        let io_error = |source| LockError::Io {
-            path: path.to_owned(),
-            source,
-        };
+        let io_error = LockError::io(path);
         for _ in 0..MAX_ATTEMPTS {
             let file = OpenOptions::new()
                 .read(true)
@@ -187,24 +194,9 @@ impl InstanceLock {
                 .mode(0o644)
                 .custom_flags((OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW).bits())
                 .open(path)
-                .map_err(io_error)?;
-            match lock_opened(&file, path).map_err(io_error)? {
-                Attempt::Locked => {
-                    let lock = InstanceLock {
-                        file,
-                        path: path.to_owned(),
-                    };
-                    lock.update(info).map_err(io_error)?;
-                    return Ok(lock);
-                }
-                Attempt::Held => {
-                    return Err(LockError::Held {
-                        path: path.to_owned(),
-                        holder: read_holder_from(&file),
-                    });
-                }
-                // Dropping `file` closes it, which releases a lock taken on the old inode.
-                Attempt::Replaced => continue,
+                .map_err(&io_error)?;
+            if let Some(lock) = InstanceLock::lock_file(file, path, info)? {
+                return Ok(lock);
             }
         }
         Err(io_error(io::Error::other(format!(
@@ -219,27 +211,36 @@ impl InstanceLock {
     /// holds it, so there is no gap; if nobody held it, it is taken now. `Held` means the
     /// descriptor is not the holder's; an `Io` error, that it no longer belongs to `path`.
     pub fn adopt(fd: OwnedFd, path: &Path, info: &HolderInfo) -> Result<InstanceLock, LockError> {
-        let file = File::from(fd);
-        let io_error = |source| LockError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        match lock_opened(&file, path).map_err(io_error)? {
+        InstanceLock::lock_file(File::from(fd), path, info)?.ok_or_else(|| {
+            LockError::io(path)(io::Error::other(
+                "the handed-over descriptor is not the file at this path (it was replaced or removed)",
+            ))
+        })
+    }
+
+    /// Locks the opened `file` ([`lock_opened`]) and writes `info` into it. `Held` names
+    /// the holder; `None` means that `path` no longer leads to `file`.
+    fn lock_file(
+        file: File,
+        path: &Path,
+        info: &HolderInfo,
+    ) -> Result<Option<InstanceLock>, LockError> {
+        let io_error = LockError::io(path);
+        match lock_opened(&file, path).map_err(&io_error)? {
             Attempt::Locked => {
                 let lock = InstanceLock {
                     file,
                     path: path.to_owned(),
                 };
                 lock.update(info).map_err(io_error)?;
-                Ok(lock)
+                Ok(Some(lock))
             }
             Attempt::Held => Err(LockError::Held {
                 path: path.to_owned(),
                 holder: read_holder_from(&file),
             }),
-            Attempt::Replaced => Err(io_error(io::Error::other(
-                "the handed-over descriptor is not the file at this path (it was replaced or removed)",
-            ))),
+            // Dropping `file` closes it, which releases a lock taken on the old inode.
+            Attempt::Replaced => Ok(None),
         }
     }
 

@@ -8,16 +8,10 @@ use std::path::{Path, PathBuf};
 
 use crate::config::EnvSource;
 
-/// Variables that choose the runtime directory, in order of precedence.
-pub mod env {
-    /// Set by systemd for a unit with `RuntimeDirectory=`; several directories are
-    /// separated by ':'.
-    pub const SYSTEMD_RUNTIME_DIRECTORY: &str = "RUNTIME_DIRECTORY";
-    /// An operator's explicit choice.
-    pub const RUNTIME_DIR: &str = "FLOWCOACH_RUNTIME_DIR";
-    /// The per-user runtime directory of a login session.
-    pub const XDG_RUNTIME_DIR: &str = "XDG_RUNTIME_DIR";
-}
+/// The variables that choose the runtime directory (`SYSTEMD_RUNTIME_DIRECTORY`,
+/// `RUNTIME_DIR`, `XDG_RUNTIME_DIR`, in order of precedence) are defined with all the others
+/// in [`crate::config::env`].
+pub use crate::config::env;
 
 /// The runtime directory of a root instance without any variable set.
 pub const SYSTEM_RUNTIME_DIR: &str = "/run/flowcoach";
@@ -25,7 +19,16 @@ pub const SYSTEM_RUNTIME_DIR: &str = "/run/flowcoach";
 /// The name used in file names when the token gives no app ID hint.
 pub const UNKNOWN_APP: &str = "unknown-app";
 
-/// Where the lock file and the control socket go, first match wins:
+/// Where the lock file and the control socket go: the first of [`runtime_dirs`], with
+/// this process's effective user ID for the last resort.
+pub fn runtime_dir(env: &dyn EnvSource, euid_is_root: bool) -> PathBuf {
+    let euid = nix::unistd::geteuid().as_raw();
+    let mut dirs = runtime_dirs(env, euid_is_root, euid);
+    dirs.swap_remove(0)
+}
+
+/// The runtime directories in order, never empty. The first is where an instance keeps its
+/// lock file and control socket, first match wins:
 ///
 /// 1. `$RUNTIME_DIRECTORY` (systemd's `RuntimeDirectory=`; the first of several paths);
 /// 2. `$FLOWCOACH_RUNTIME_DIR`;
@@ -36,26 +39,30 @@ pub const UNKNOWN_APP: &str = "unknown-app";
 ///    directory that others may write to and the lock file is opened without following
 ///    symlinks, but a service should set one of the variables above.
 ///
+/// When neither variable is set, a user other than root gets [`SYSTEM_RUNTIME_DIR`] as a
+/// second candidate: where a system-wide instance's files are, for a client looking for a
+/// daemon ([`crate::control::discover`]).
+///
 /// Empty variables count as unset.
-pub fn runtime_dir(env: &dyn EnvSource, euid_is_root: bool) -> PathBuf {
+pub fn runtime_dirs(env: &dyn EnvSource, euid_is_root: bool, euid: u32) -> Vec<PathBuf> {
     let var = |name: &str| env.var(name).filter(|value| !value.is_empty());
     if let Some(dirs) = var(env::SYSTEMD_RUNTIME_DIRECTORY)
         && let Some(first) = dirs.split(':').find(|dir| !dir.is_empty())
     {
-        return PathBuf::from(first);
+        return vec![PathBuf::from(first)];
     }
     if let Some(dir) = var(env::RUNTIME_DIR) {
-        return PathBuf::from(dir);
+        return vec![PathBuf::from(dir)];
     }
+    let system = PathBuf::from(SYSTEM_RUNTIME_DIR);
     if euid_is_root {
-        return PathBuf::from(SYSTEM_RUNTIME_DIR);
+        return vec![system];
     }
-    if let Some(dir) = var(env::XDG_RUNTIME_DIR).map(PathBuf::from)
-        && dir.is_absolute()
-    {
-        return dir.join("flowcoach");
-    }
-    PathBuf::from(format!("/tmp/flowcoach-{}", nix::unistd::geteuid()))
+    let own = match var(env::XDG_RUNTIME_DIR).map(PathBuf::from) {
+        Some(dir) if dir.is_absolute() => dir.join("flowcoach"),
+        _ => PathBuf::from(format!("/tmp/flowcoach-{euid}")),
+    };
+    vec![own, system]
 }
 
 /// The runtime files of one app in one environment.
@@ -195,6 +202,36 @@ mod tests {
         assert_eq!(runtime_dir(&relative_xdg, false), expected);
         let empty = [(env::XDG_RUNTIME_DIR, ""), (env::RUNTIME_DIR, "")];
         assert_eq!(runtime_dir(&empty, false), expected);
+    }
+
+    #[test]
+    fn runtime_directories_follow_the_daemons_rules() {
+        assert_eq!(
+            runtime_dirs(&ALL, false, 1000),
+            vec![PathBuf::from("/run/flowcoach-unit")]
+        );
+        let operator = [(env::RUNTIME_DIR, "/srv/run")];
+        assert_eq!(
+            runtime_dirs(&operator, true, 0),
+            vec![PathBuf::from("/srv/run")]
+        );
+        let user = [(env::XDG_RUNTIME_DIR, "/run/user/1000")];
+        assert_eq!(
+            runtime_dirs(&user, true, 0),
+            vec![PathBuf::from(SYSTEM_RUNTIME_DIR)]
+        );
+        // A client of another user also looks where a system-wide daemon is.
+        assert_eq!(
+            runtime_dirs(&user, false, 1000),
+            vec![
+                PathBuf::from("/run/user/1000/flowcoach"),
+                PathBuf::from(SYSTEM_RUNTIME_DIR)
+            ]
+        );
+        assert_eq!(
+            runtime_dirs(&[(env::XDG_RUNTIME_DIR, "relative")], false, 1000)[0],
+            PathBuf::from("/tmp/flowcoach-1000")
+        );
     }
 
     #[test]

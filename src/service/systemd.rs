@@ -177,6 +177,14 @@ pub fn watchdog_interval() -> Option<Duration> {
 
 /// The `STATUS=` line for `status`, with `in_flight` envelopes being handled.
 pub fn status_line(status: &ConnectionStatus, in_flight: u64) -> String {
+    let line = phase_line(status, in_flight);
+    match &status.handover {
+        Some(step) => format!("{line}; {step}"),
+        None => line,
+    }
+}
+
+fn phase_line(status: &ConnectionStatus, in_flight: u64) -> String {
     match &status.phase {
         Phase::Connected => {
             let app = status.app_id.as_deref().unwrap_or("Slack");

@@ -396,20 +396,42 @@ mod tests {
         assert!(!inner.deliveries.is_outstanding(&id));
     }
 
-    #[test]
-    fn acks_count_once_and_unknown_ones_are_counted() {
+    /// One socket of app A1, and a slash command (`/x`) injected while it is open.
+    struct SlashCommandOnASocket {
+        config: SimConfig,
+        inner: Inner,
+        now: Instant,
+        socket: SocketId,
+        rx: UnboundedReceiver<SocketCommand>,
+        id: String,
+    }
+
+    fn slash_command_on_a_socket() -> SlashCommandOnASocket {
         let config = config();
         let mut inner = Inner::new(&config, Arc::new(Notify::new()));
         let now = Instant::now();
-        let (socket, mut rx) = open_socket(&mut inner, &config, now);
-        let id = inner.inject(
-            "A1",
-            EnvelopeSpec::SlashCommand {
-                command: "/x".into(),
-                text: String::new(),
-            },
+        let (socket, rx) = open_socket(&mut inner, &config, now);
+        let id = inner.inject("A1", EnvelopeSpec::slash_command("/x", ""), now);
+        SlashCommandOnASocket {
+            config,
+            inner,
             now,
-        );
+            socket,
+            rx,
+            id,
+        }
+    }
+
+    #[test]
+    fn acks_count_once_and_unknown_ones_are_counted() {
+        let SlashCommandOnASocket {
+            config,
+            mut inner,
+            now,
+            socket,
+            mut rx,
+            id,
+        } = slash_command_on_a_socket();
         assert_eq!(sent(&mut rx), [(id.clone(), None, None)]);
         let ack = format!(r#"{{"envelope_id":"{id}","payload":{{"text":"ok"}}}}"#);
         inner.on_client_text(socket, &ack, now);
@@ -429,18 +451,14 @@ mod tests {
 
     #[test]
     fn unacked_slash_commands_are_given_up_without_retry() {
-        let config = config();
-        let mut inner = Inner::new(&config, Arc::new(Notify::new()));
-        let now = Instant::now();
-        let (_socket, mut rx) = open_socket(&mut inner, &config, now);
-        let id = inner.inject(
-            "A1",
-            EnvelopeSpec::SlashCommand {
-                command: "/x".into(),
-                text: String::new(),
-            },
+        let SlashCommandOnASocket {
+            config,
+            mut inner,
             now,
-        );
+            mut rx,
+            id,
+            ..
+        } = slash_command_on_a_socket();
         sent(&mut rx);
         inner.expire_due(now + config.ack_deadline);
         assert!(sent(&mut rx).is_empty());

@@ -40,10 +40,7 @@ const YIELD_EVERY: u64 = 64;
 fn load_envelope(run: u64, n: u64, mix: LoadMix) -> EnvelopeSpec {
     let channel = format!("C0SIM{:02}", n % LOAD_CHANNELS);
     match (mix, n % 10) {
-        (LoadMix::Mixed, 3) => EnvelopeSpec::SlashCommand {
-            command: "/flowcoach".to_owned(),
-            text: format!("load {n}"),
-        },
+        (LoadMix::Mixed, 3) => EnvelopeSpec::slash_command("/flowcoach", format!("load {n}")),
         (LoadMix::Mixed, 7) => EnvelopeSpec::Interactive {
             payload: json!({
                 "type": "block_actions",

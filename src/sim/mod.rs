@@ -248,6 +248,32 @@ impl Simulator {
         }
     }
 
+    /// Waits until every envelope in `ids` has been acked.
+    pub async fn wait_acked(
+        &self,
+        timeout: Duration,
+        ids: &[impl AsRef<str>],
+    ) -> Result<Record, WaitTimeout> {
+        self.wait_until(timeout, |r| ids.iter().all(|id| r.is_acked(id.as_ref())))
+            .await
+    }
+
+    /// Injects an envelope (see [`Simulator::inject`]) and waits until it is acked;
+    /// returns what became of it.
+    pub async fn inject_and_wait_ack(
+        &self,
+        app_id: &str,
+        spec: EnvelopeSpec,
+        timeout: Duration,
+    ) -> Result<EnvelopeRecord, WaitTimeout> {
+        let id = self.inject(app_id, spec);
+        let record = self.wait_acked(timeout, &[&id]).await?;
+        Ok(record
+            .envelope(&id)
+            .expect("an acked envelope is recorded")
+            .clone())
+    }
+
     /// The app's open sockets (hello sent, not closed; stale ones included), by id.
     pub fn open_sockets(&self, app_id: &str) -> Vec<SocketId> {
         self.shared.read(|inner| inner.sockets.open_ids(app_id))

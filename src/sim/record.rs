@@ -114,9 +114,20 @@ impl Record {
         socket_index(id).and_then(|i| self.sockets.get(i))
     }
 
+    /// True when the envelope with this id has been acked.
+    pub fn is_acked(&self, id: &str) -> bool {
+        self.envelope(id).is_some_and(|e| e.acked_at.is_some())
+    }
+
     /// True when every injected envelope has been acked (vacuously true with none).
     pub fn all_acked(&self) -> bool {
         self.envelopes.iter().all(|e| e.acked_at.is_some())
+    }
+
+    /// The number of sockets that got a hello, open or closed since: the client's
+    /// connections so far.
+    pub fn hellos(&self) -> usize {
+        self.sockets.iter().filter(|s| s.hello_at.is_some()).count()
     }
 
     /// Sockets of the app that got a hello and have not closed (stale ones included).

@@ -49,6 +49,14 @@ impl EnvelopeSpec {
         }
     }
 
+    /// A slash command (`/flowcoach`, say) from the sim user in the sim channel.
+    pub fn slash_command(command: &str, text: impl Into<String>) -> Self {
+        EnvelopeSpec::SlashCommand {
+            command: command.to_owned(),
+            text: text.into(),
+        }
+    }
+
     /// Builds the envelope's fields; `seq` makes trigger ids unique.
     pub(super) fn into_content(self, app_id: &str, seq: u64) -> EnvelopeContent {
         match self {
@@ -186,11 +194,7 @@ mod tests {
 
     #[test]
     fn slash_commands_accept_a_response() {
-        let content = EnvelopeSpec::SlashCommand {
-            command: "/flowcoach".into(),
-            text: "status".into(),
-        }
-        .into_content("A1", 4);
+        let content = EnvelopeSpec::slash_command("/flowcoach", "status").into_content("A1", 4);
         assert_eq!(content.kind, EnvelopeKind::SlashCommands);
         assert!(content.accepts_response_payload);
         assert_eq!(content.payload["command"], "/flowcoach");

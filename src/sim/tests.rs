@@ -128,12 +128,7 @@ async fn envelope_round_trip_and_client_close() {
     assert_eq!(envelope.retry_reason.as_deref(), Some(""));
     assert_eq!(envelope.summary().event_id.as_deref(), Some("Ev1"));
     ack(&mut ws, &id).await;
-    let record = sim
-        .wait_until(STEP, |r| {
-            r.envelope(&id).is_some_and(|e| e.acked_at.is_some())
-        })
-        .await
-        .unwrap();
+    let record = sim.wait_acked(STEP, &[&id]).await.unwrap();
     let socket = record.sockets[0].id;
     assert_eq!(record.envelope(&id).unwrap().ack_socket, Some(socket));
     assert_eq!(record.open_calls[0].outcome, "ok");
@@ -285,11 +280,7 @@ async fn unacked_events_are_redelivered_then_given_up() {
     assert_eq!(record.envelope(&id).unwrap().deliveries.len(), 2);
     // A late ack still counts as the ack, after the give-up.
     ack(&mut ws, &id).await;
-    sim.wait_until(STEP, |r| {
-        r.envelope(&id).is_some_and(|e| e.acked_at.is_some())
-    })
-    .await
-    .unwrap();
+    sim.wait_acked(STEP, &[&id]).await.unwrap();
     sim.shutdown().await;
 }
 

@@ -180,14 +180,19 @@ impl WebSocket {
             }
             // Over RFC 6455 nothing may follow our Close: envelopes read now are not
             // accepted (Slack redelivers them) and queued acks are not sent.
+            // Slack does not close TCP after its Close reply: the reply ends the wait.
             while let Some(Ok(message)) = ws.next().await {
-                if let Message::Text(text) = message {
-                    if let Ok(Inbound::Envelope(envelope)) = parse_inbound(&text) {
-                        tracing::warn!(
-                            envelope_id = %envelope.envelope_id,
-                            "envelope arrived after our Close: left unacked for Slack to redeliver"
-                        );
+                match message {
+                    Message::Close(_) => break,
+                    Message::Text(text) => {
+                        if let Ok(Inbound::Envelope(envelope)) = parse_inbound(&text) {
+                            tracing::warn!(
+                                envelope_id = %envelope.envelope_id,
+                                "envelope arrived after our Close: left unacked for Slack to redeliver"
+                            );
+                        }
                     }
+                    _ => {}
                 }
             }
         };

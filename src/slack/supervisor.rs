@@ -356,10 +356,19 @@ impl Supervisor {
         }
         self.sync_socket_count();
         let ours = self.state.status().sockets_open;
+        let predecessor = self
+            .state
+            .predecessor_sockets
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let others = hello
+            .num_connections
+            .saturating_sub(ours)
+            .saturating_sub(predecessor);
         self.state.update(|s| {
             s.phase = Phase::Connected;
             s.app_id = Some(hello.connection_info.app_id.clone());
             s.num_connections = Some(hello.num_connections);
+            s.other_connections = Some(others);
             s.connected_since.get_or_insert_with(SystemTime::now);
             s.down_since = None;
         });
@@ -374,7 +383,7 @@ impl Supervisor {
             expected_lifetime_s,
             "connected to Slack"
         );
-        if hello.num_connections > ours {
+        if others > 0 {
             tracing::warn!(
                 app_id = %hello.connection_info.app_id,
                 num_connections = hello.num_connections,

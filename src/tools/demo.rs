@@ -11,7 +11,7 @@ use tokio::time::{Instant, sleep};
 use crate::cli::DemoArgs;
 use crate::exit;
 use crate::sim::{
-    CloseKind, DEFAULT_APP_ID, EnvelopeSpec, LoadMix, LoadSpec, Record, SimConfig, Simulator,
+    CloseKind, DEFAULT_APP_ID, EnvelopeSpec, LoadMix, LoadSpec, SimConfig, Simulator,
 };
 use crate::tools::child::{self, Logs};
 
@@ -35,14 +35,6 @@ fn say(text: impl AsRef<str>) {
     println!("\n>>> demo: {}", text.as_ref());
 }
 
-fn hellos(record: &Record) -> usize {
-    record
-        .sockets
-        .iter()
-        .filter(|s| s.hello_at.is_some())
-        .count()
-}
-
 async fn demo(duration: Duration) -> Result<(), String> {
     let config = SimConfig {
         warning_grace: Duration::from_secs(3),
@@ -63,7 +55,7 @@ async fn demo(duration: Duration) -> Result<(), String> {
         "started flowcoach (pid {}); its own log lines follow",
         daemon.id().unwrap_or(0)
     ));
-    sim.wait_until(WAIT, |r| hellos(r) >= 1)
+    sim.wait_until(WAIT, |r| r.hellos() >= 1)
         .await
         .map_err(|e| format!("flowcoach did not connect: {e:?}"))?;
     say("connected: the simulator sent hello; events start flowing at 3 per second");
@@ -78,22 +70,12 @@ async fn demo(duration: Duration) -> Result<(), String> {
     );
 
     sleep(Duration::from_secs(1)).await;
-    let id = sim.inject(
-        DEFAULT_APP_ID,
-        EnvelopeSpec::SlashCommand {
-            command: "/flowcoach".into(),
-            text: "status".into(),
-        },
-    );
-    let record = sim
-        .wait_until(WAIT, |r| {
-            r.envelope(&id).is_some_and(|e| e.acked_at.is_some())
-        })
+    let status = EnvelopeSpec::slash_command("/flowcoach", "status");
+    let answer = sim
+        .inject_and_wait_ack(DEFAULT_APP_ID, status, WAIT)
         .await
-        .map_err(|e| format!("slash command not acked: {e:?}"))?;
-    let answer = record
-        .envelope(&id)
-        .and_then(|e| e.ack_payload.clone())
+        .map_err(|e| format!("slash command not acked: {e:?}"))?
+        .ack_payload
         .unwrap_or(json!(null));
     say(format!(
         "`/flowcoach status` was answered in the ack: {}",
@@ -105,7 +87,7 @@ async fn demo(duration: Duration) -> Result<(), String> {
     sim.disconnect(first, "warning");
     let record = sim
         .wait_until(WAIT, |r| {
-            hellos(r) >= 2
+            r.hellos() >= 2
                 && r.sockets
                     .iter()
                     .any(|s| s.id == first && s.closed_at.is_some())
@@ -120,7 +102,7 @@ async fn demo(duration: Duration) -> Result<(), String> {
     let current = sim.open_sockets(DEFAULT_APP_ID)[0];
     say("the connection drops without a word (TCP reset)");
     sim.drop_socket(current);
-    sim.wait_until(WAIT, |r| hellos(r) >= 3)
+    sim.wait_until(WAIT, |r| r.hellos() >= 3)
         .await
         .map_err(|e| format!("no reconnect: {e:?}"))?;
     say("reconnected through the backoff");

@@ -14,7 +14,9 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
-use flowcoach::sim::{SimConfig, Simulator};
+use flowcoach::sim::{
+    CloseKind, EnvelopeRecord, EnvelopeSpec, Record, SIM_CHANNEL_ID, SimConfig, Simulator,
+};
 
 pub const APP: &str = "A0SIMAPP01";
 
@@ -61,6 +63,13 @@ impl Daemon {
     /// Starts flowcoach against `sim` with [`FAST_CONFIG`] plus `extra` TOML.
     pub fn start(sim: &Simulator, extra: &str) -> Daemon {
         Self::start_with(sim, &format!("{FAST_CONFIG}\n{extra}"), &[])
+    }
+
+    /// [`Daemon::start`] with nothing extra, then waits until it is [`connected`].
+    pub async fn start_connected(sim: &Simulator) -> Daemon {
+        let daemon = Self::start(sim, "");
+        connected(sim).await;
+        daemon
     }
 
     pub fn start_with(sim: &Simulator, config_text: &str, env: &[(&str, &str)]) -> Daemon {
@@ -198,6 +207,18 @@ impl Daemon {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
     }
 
+    /// SIGTERM, as systemd stops a service: flowcoach must exit 0.
+    pub async fn stop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let code = self.exit_code().await;
+        assert_eq!(
+            code,
+            0,
+            "exit code after SIGTERM; stderr:\n{}",
+            self.stderr()
+        );
+    }
+
     /// Waits for the process to exit; returns its exit code.
     pub async fn exit_code(&mut self) -> i32 {
         let status = tokio::time::timeout(WAIT, self.child.wait())
@@ -230,4 +251,50 @@ pub async fn simulator(adjust: impl FnOnce(&mut SimConfig)) -> Simulator {
     let mut config = SimConfig::default();
     adjust(&mut config);
     Simulator::start(config).await.expect("start simulator")
+}
+
+/// Waits until flowcoach has said hello on a socket that is still open.
+pub async fn connected(sim: &Simulator) -> Record {
+    sim.wait_until(WAIT, |r| r.hellos() >= 1 && r.open_sockets(APP) >= 1)
+        .await
+        .expect("flowcoach connects")
+}
+
+/// Waits until flowcoach has got a hello on `hellos` sockets in all (open or closed since):
+/// after `hellos - 1` lost connections, it has reconnected.
+pub async fn wait_hellos(sim: &Simulator, hellos: usize) -> Record {
+    sim.wait_until(WAIT, |r| r.hellos() >= hellos)
+        .await
+        .unwrap_or_else(|e| panic!("fewer than {hellos} hellos: {e:?}"))
+}
+
+/// Waits until the first socket has closed; it must have closed with a close handshake.
+pub async fn first_socket_closed_cleanly(sim: &Simulator) -> Record {
+    let record = sim
+        .wait_until(WAIT, |r| r.sockets[0].close.is_some())
+        .await
+        .expect("socket closed");
+    assert_eq!(
+        record.sockets[0].close,
+        Some(CloseKind::ClientCloseHandshake)
+    );
+    record
+}
+
+/// A `message` event saying `text` in the simulator's channel.
+pub fn event(event_id: &str, text: &str) -> EnvelopeSpec {
+    EnvelopeSpec::message(event_id, SIM_CHANNEL_ID, text)
+}
+
+/// `/flowcoach <text>`.
+pub fn slash(text: &str) -> EnvelopeSpec {
+    EnvelopeSpec::slash_command("/flowcoach", text)
+}
+
+/// Injects `spec` for [`APP`] and waits until flowcoach acks it; returns what became of it.
+pub async fn acked(sim: &Simulator, spec: EnvelopeSpec) -> EnvelopeRecord {
+    let what = format!("{spec:?}");
+    sim.inject_and_wait_ack(APP, spec, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{what} not acked: {e:?}"))
 }

@@ -1,0 +1,393 @@
+//! The incumbent's main loop: serve Slack, and run handovers to successors, one at a time,
+//! rolling back when they fail.
+
+use std::os::fd::AsFd;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::process::Child;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use super::{DaemonError, EXTEND_STEP, Service, Serving};
+use crate::control::protocol::{Command, Response};
+use crate::control::server::HandoverCall;
+use crate::handover::incumbent::{self, Handed, Outcome, Terms};
+use crate::handover::{Session, spawn};
+use crate::service::lock::InstanceLock;
+use crate::service::systemd;
+use crate::slack::far_future;
+
+/// Copies of the descriptors a successor receives.
+pub fn handed(lock: &InstanceLock, listener: &UnixListener) -> std::io::Result<Handed> {
+    Ok(Handed {
+        lock: lock.as_fd().try_clone_to_owned()?,
+        listener: listener.as_fd().try_clone_to_owned()?,
+    })
+}
+
+/// A handover under way.
+enum Underway {
+    Idle,
+    /// `flowcoachctl handover` started a successor; waiting for it to ask for the app.
+    Spawned {
+        child: Child,
+        caller: UnixStream,
+        started: Instant,
+    },
+    /// A session with a successor runs.
+    Session {
+        task: JoinHandle<Outcome>,
+        child: Option<Child>,
+        caller: Option<UnixStream>,
+        started: Instant,
+    },
+}
+
+pub struct Coordinator<'a> {
+    service: &'a Service,
+    handed: Handed,
+    calls: mpsc::Receiver<HandoverCall>,
+    requests_tx: mpsc::Sender<incumbent::Request>,
+    requests: mpsc::Receiver<incumbent::Request>,
+    underway: Underway,
+}
+
+impl<'a> Coordinator<'a> {
+    pub fn new(service: &'a Service, handed: Handed, calls: mpsc::Receiver<HandoverCall>) -> Self {
+        let (requests_tx, requests) = mpsc::channel(1);
+        Coordinator {
+            service,
+            handed,
+            calls,
+            requests_tx,
+            requests,
+            underway: Underway::Idle,
+        }
+    }
+
+    /// Serves until a stop signal, a completed handover, or a fatal error.
+    pub async fn serve(
+        mut self,
+        mut serving: Serving,
+        shutdown: &CancellationToken,
+    ) -> Result<(), DaemonError> {
+        let mut active = true;
+        loop {
+            let spawn_deadline = match &self.underway {
+                Underway::Spawned { started, .. } => *started + self.terms().timeout,
+                _ => far_future(),
+            };
+            tokio::select! {
+                ended = &mut serving.run, if active => {
+                    // Without a stop request, the supervisor ends only on a fatal error.
+                    ended?;
+                    return Ok(());
+                }
+                () = shutdown.cancelled() => {
+                    self.abandon("the incumbent is stopping").await;
+                    if active {
+                        self.service.systemd.stopping();
+                        serving.stop.cancel();
+                        systemd::extend_while(&self.service.systemd, &mut serving.run, EXTEND_STEP).await?;
+                    }
+                    return Ok(());
+                }
+                Some(call) = self.calls.recv() => self.on_call(call).await,
+                Some(request) = self.requests.recv() => {
+                    let incumbent::Request::StopServing(reply) = request;
+                    if active {
+                        serving.stop.cancel();
+                        if let Err(error) = (&mut serving.run).await {
+                            tracing::warn!(%error, "the connection ended with an error while stopping for the handover");
+                        }
+                        active = false;
+                    }
+                    let _ = reply.send(self.service.dispatcher.dedup_snapshot());
+                }
+                () = sleep_until(spawn_deadline) => {
+                    let reason = format!("the successor did not ask for the app within {:?}", self.terms().timeout);
+                    self.abandon(&reason).await;
+                }
+                event = next_event(&mut self.underway) => match event {
+                    Event::ChildExited(status) => self.spawned_exited(status).await,
+                    Event::SessionEnded(outcome) => match self.finish(outcome).await {
+                        Finished::Exit => return Ok(()),
+                        Finished::ServeAgain if !active => {
+                            self.service.dispatcher.resume();
+                            serving = self.service.start_serving()?;
+                            active = true;
+                        }
+                        Finished::ServeAgain => {}
+                    },
+                },
+            }
+        }
+    }
+
+    fn terms(&self) -> Terms {
+        let settings = &self.service.live.borrow().handover;
+        Terms {
+            strict: settings.strict,
+            timeout: settings.timeout,
+            step_timeout: self.service.live.borrow().dispatch.drain_timeout
+                + Duration::from_secs(10),
+        }
+    }
+
+    async fn on_call(&mut self, call: HandoverCall) {
+        let HandoverCall {
+            mut stream,
+            peer,
+            command,
+        } = call;
+        let from_our_child = match &self.underway {
+            Underway::Spawned { child, .. } => {
+                child.id().is_some() && child.id().map(|id| id as i32) == peer.pid
+            }
+            _ => false,
+        };
+        match (command, &self.underway) {
+            (Command::Handover, Underway::Idle) => {
+                match spawn::successor(&self.service.exe, self.service.config.path.as_ref()) {
+                    Ok(child) => {
+                        let pid = child.id().unwrap_or(0);
+                        tracing::info!(successor = pid, exe = %self.service.exe.display(), "started a successor for a handover");
+                        self.service.state.update(|s| {
+                            s.handover = Some(format!(
+                                "handing over to pid {pid}: waiting for it to start"
+                            ));
+                        });
+                        self.underway = Underway::Spawned {
+                            child,
+                            caller: stream,
+                            started: Instant::now(),
+                        };
+                    }
+                    Err(error) => {
+                        reply(
+                            &mut stream,
+                            Response::error(format!(
+                                "cannot start a successor from {}: {error}",
+                                self.service.exe.display()
+                            )),
+                        )
+                        .await;
+                    }
+                }
+            }
+            (Command::Takeover { .. }, Underway::Idle) => {
+                self.start_session(stream, None, None, Instant::now())
+            }
+            (Command::Takeover { .. }, Underway::Spawned { .. }) if from_our_child => {
+                let Underway::Spawned {
+                    child,
+                    caller,
+                    started,
+                } = std::mem::replace(&mut self.underway, Underway::Idle)
+                else {
+                    unreachable!("matched above");
+                };
+                self.start_session(stream, Some(child), Some(caller), started);
+            }
+            _ => {
+                reply(
+                    &mut stream,
+                    Response::error(
+                        "a handover is already in progress; try again when it has ended",
+                    ),
+                )
+                .await;
+            }
+        }
+    }
+
+    fn start_session(
+        &mut self,
+        stream: UnixStream,
+        child: Option<Child>,
+        caller: Option<UnixStream>,
+        started: Instant,
+    ) {
+        let handed = match (
+            self.handed.lock.try_clone(),
+            self.handed.listener.try_clone(),
+        ) {
+            (Ok(lock), Ok(listener)) => Handed { lock, listener },
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::error!(%error, "cannot copy the descriptors for a handover");
+                return;
+            }
+        };
+        let app_id = self.service.state.status().app_id;
+        let task = tokio::spawn(incumbent::run(
+            Session::new(stream),
+            self.terms(),
+            app_id,
+            handed,
+            self.service.state.clone(),
+            self.requests_tx.clone(),
+        ));
+        self.underway = Underway::Session {
+            task,
+            child,
+            caller,
+            started,
+        };
+    }
+
+    async fn finish(&mut self, outcome: Outcome) -> Finished {
+        let Underway::Session {
+            child,
+            caller,
+            started,
+            ..
+        } = std::mem::replace(&mut self.underway, Underway::Idle)
+        else {
+            return Finished::ServeAgain;
+        };
+        let took_ms = started.elapsed().as_millis() as u64;
+        match outcome {
+            Outcome::Completed { successor } => {
+                tracing::info!(successor, took_ms, "handed the app over");
+                self.service.systemd.main_pid(successor);
+                if let Some(mut caller) = caller {
+                    reply(
+                        &mut caller,
+                        Response::HandedOver {
+                            successor_pid: successor,
+                            took_ms,
+                        },
+                    )
+                    .await;
+                }
+                // The child lives on as the service's main process; not ours to reap.
+                drop(child);
+                Finished::Exit
+            }
+            Outcome::RolledBack { reason, .. } => {
+                if let Some(child) = child {
+                    reap(child).await;
+                }
+                if let Some(mut caller) = caller {
+                    reply(
+                        &mut caller,
+                        Response::error(format!(
+                            "handover rolled back, this instance keeps serving: {reason}"
+                        )),
+                    )
+                    .await;
+                }
+                Finished::ServeAgain
+            }
+        }
+    }
+
+    async fn spawned_exited(&mut self, status: ExitStatus) {
+        let reason =
+            format!("the successor exited ({status}) before asking for the app; see its log");
+        self.fail_spawned(&reason).await;
+    }
+
+    /// Ends whatever is under way without completing it.
+    async fn abandon(&mut self, reason: &str) {
+        match &self.underway {
+            Underway::Idle => {}
+            Underway::Spawned { .. } => self.fail_spawned(reason).await,
+            Underway::Session { .. } => {
+                // The session task rolls back on its own when the successor is stopped.
+                if let Underway::Session {
+                    task,
+                    child,
+                    caller,
+                    ..
+                } = std::mem::replace(&mut self.underway, Underway::Idle)
+                {
+                    task.abort();
+                    if let Some(child) = child {
+                        reap(child).await;
+                    }
+                    if let Some(mut caller) = caller {
+                        reply(
+                            &mut caller,
+                            Response::error(format!("handover abandoned: {reason}")),
+                        )
+                        .await;
+                    }
+                }
+            }
+        }
+        self.service.state.update(|s| s.handover = None);
+    }
+
+    async fn fail_spawned(&mut self, reason: &str) {
+        if let Underway::Spawned {
+            child, mut caller, ..
+        } = std::mem::replace(&mut self.underway, Underway::Idle)
+        {
+            tracing::warn!(%reason, "handover failed; this instance keeps serving");
+            reap(child).await;
+            reply(
+                &mut caller,
+                Response::error(format!(
+                    "handover failed, this instance keeps serving: {reason}"
+                )),
+            )
+            .await;
+        }
+        self.service.state.update(|s| s.handover = None);
+    }
+}
+
+enum Finished {
+    Exit,
+    ServeAgain,
+}
+
+enum Event {
+    /// A spawned successor exited before its session began.
+    ChildExited(ExitStatus),
+    SessionEnded(Outcome),
+}
+
+/// The next thing that happens to the handover under way; pending when none is.
+async fn next_event(underway: &mut Underway) -> Event {
+    match underway {
+        Underway::Spawned { child, .. } => match child.wait().await {
+            Ok(status) => Event::ChildExited(status),
+            Err(_) => std::future::pending().await,
+        },
+        Underway::Session { task, .. } => Event::SessionEnded(match task.await {
+            Ok(outcome) => outcome,
+            Err(error) => Outcome::RolledBack {
+                reason: format!("the handover task failed: {error}"),
+                stopped_serving: true,
+            },
+        }),
+        Underway::Idle => std::future::pending().await,
+    }
+}
+
+/// Stops a successor that must not go on (SIGTERM, then SIGKILL) and waits for it.
+async fn reap(mut child: Child) {
+    if let Some(pid) = child.id() {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    }
+    if tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}
+
+async fn reply(stream: &mut UnixStream, response: Response) {
+    let mut line = serde_json::to_vec(&response).unwrap_or_default();
+    line.push(b'\n');
+    let _ = stream.write_all(&line).await;
+}

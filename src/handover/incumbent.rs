@@ -1,0 +1,184 @@
+//! The incumbent's side of a handover session.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{HandoverError, Session, Step};
+use crate::control::protocol::Response;
+use crate::dispatch::DedupSnapshot;
+use crate::state::ServiceState;
+
+/// What the session needs from the daemon, and tells it.
+#[derive(Debug)]
+pub enum Request {
+    /// Stop serving Slack (stop taking envelopes, drain, ack, close) and answer with the
+    /// final deduplication state.
+    StopServing(oneshot::Sender<DedupSnapshot>),
+}
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The successor holds the app: exit.
+    Completed { successor: u32 },
+    /// The successor failed; `stopped_serving` says whether this instance must start
+    /// serving again.
+    RolledBack {
+        reason: String,
+        stopped_serving: bool,
+    },
+}
+
+/// Settings of one session.
+#[derive(Debug, Clone, Copy)]
+pub struct Terms {
+    /// Break before make: the incumbent closes before the successor connects.
+    pub strict: bool,
+    /// How long the successor may take to connect (and, strict, to say hello).
+    pub timeout: Duration,
+    /// How long the other steps may take (the drain is bounded on its own).
+    pub step_timeout: Duration,
+}
+
+/// The descriptors to hand on: copies of the lock's and the control listener's (they share
+/// the open file description, which is what holds the lock and the listening socket).
+pub struct Handed {
+    pub lock: OwnedFd,
+    pub listener: OwnedFd,
+}
+
+/// Runs one session with a successor whose takeover request was accepted.
+pub async fn run(
+    mut session: Session,
+    terms: Terms,
+    app_id: Option<String>,
+    handed: Handed,
+    state: Arc<ServiceState>,
+    daemon: mpsc::Sender<Request>,
+) -> Outcome {
+    let successor = session.peer_pid().unwrap_or(0);
+    let step = |text: &str| {
+        let text = format!("handing over to pid {successor}: {text}");
+        tracing::info!(successor, "{text}");
+        state.update(|s| s.handover = Some(text));
+    };
+    let mut stopped_serving = false;
+    let mut fds_sent = false;
+    let result = async {
+        session
+            .send(&Response::TakeoverAccepted {
+                strict: terms.strict,
+                timeout_ms: terms.timeout.as_millis() as u64,
+            })
+            .await?;
+        step(if terms.strict {
+            "waiting for it to be ready (strict: it connects after this instance closes)"
+        } else {
+            "waiting for its hello"
+        });
+        match session
+            .step(terms.timeout, "waiting for the successor to be ready")
+            .await?
+        {
+            Step::Ready { app_id: theirs } => check_app(app_id.as_deref(), theirs.as_deref())?,
+            other => return Err(unexpected(other, "waiting for the successor to be ready")),
+        }
+        step("draining and closing this instance's connection");
+        let (reply, snapshot) = oneshot::channel();
+        daemon
+            .send(Request::StopServing(reply))
+            .await
+            .map_err(|_| HandoverError::Local("the daemon is stopping".into()))?;
+        let snapshot = snapshot
+            .await
+            .map_err(|_| HandoverError::Local("the daemon is stopping".into()))?;
+        stopped_serving = true;
+        step("passing on the deduplication state, the lock and the control socket");
+        session.send(&Step::State { dedup: snapshot }).await?;
+        match session
+            .step(terms.step_timeout, "waiting for send_fds")
+            .await?
+        {
+            Step::SendFds => {}
+            other => return Err(unexpected(other, "waiting for send_fds")),
+        }
+        fds_sent = true;
+        session
+            .send_fds(&[handed.lock.as_raw_fd(), handed.listener.as_raw_fd()])
+            .await?;
+        match session
+            .step(terms.step_timeout, "waiting for adopted")
+            .await?
+        {
+            Step::Adopted => {}
+            other => return Err(unexpected(other, "waiting for adopted")),
+        }
+        if terms.strict {
+            step("waiting for its hello (strict)");
+            match session
+                .step(terms.timeout, "waiting for the successor's hello")
+                .await?
+            {
+                Step::Serving => {}
+                other => return Err(unexpected(other, "waiting for the successor's hello")),
+            }
+        }
+        Ok(())
+    }
+    .await;
+    state.update(|s| s.handover = None);
+    match result {
+        Ok(()) => {
+            tracing::info!(successor, "handover complete: the successor holds the app");
+            Outcome::Completed { successor }
+        }
+        Err(error) => {
+            let reason = error.to_string();
+            tracing::warn!(successor, %reason, "handover failed; rolling back: this instance keeps the app");
+            let _ = session
+                .send(&Step::Failed {
+                    reason: format!("the incumbent rolls back: {reason}"),
+                })
+                .await;
+            stop_successor(successor);
+            if fds_sent {
+                // It may hold copies of the lock and the listener: serve again only once
+                // it is gone, which closes its end of the session.
+                session.wait_closed(terms.step_timeout).await;
+            }
+            Outcome::RolledBack {
+                reason,
+                stopped_serving,
+            }
+        }
+    }
+}
+
+fn check_app(ours: Option<&str>, theirs: Option<&str>) -> Result<(), HandoverError> {
+    match (ours, theirs) {
+        (Some(ours), Some(theirs)) if ours != theirs => Err(HandoverError::Refused(format!(
+            "the successor is connected to app {theirs}, this instance serves {ours}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn unexpected(step: Step, waiting: &'static str) -> HandoverError {
+    HandoverError::Unexpected {
+        got: format!("{step:?}"),
+        waiting,
+    }
+}
+
+/// A successor that failed must not go on serving beside us: it may hold copies of the
+/// lock and the listener.
+fn stop_successor(pid: u32) {
+    if pid == 0 || pid == std::process::id() {
+        return;
+    }
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+}

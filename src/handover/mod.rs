@@ -1,0 +1,78 @@
+//! Handover: moving the app from a running instance (the incumbent) to a successor with no
+//! gap, no event lost and none handled twice.
+//!
+//! A TLS websocket cannot move between processes, but a flock (an open file description)
+//! and a listening socket can, over SCM_RIGHTS. So the successor opens its own Slack
+//! connection; the incumbent drains, acks, closes, and passes on its deduplication state,
+//! its lock and its control listener. The session runs over the control socket, one JSON
+//! line per step, each side waiting for the other (lockstep):
+//!
+//! ```text
+//! successor                                  incumbent
+//! {"command":"takeover",…}              →
+//!                                       ←    {"response":"takeover_accepted","strict":false,…}
+//! (overlap: connects, waits for hello,
+//!  holds envelopes unacked)
+//! {"step":"ready","app_id":"A…"}        →
+//!                                            stops taking envelopes, drains, acks, closes
+//!                                       ←    {"step":"state","dedup":{…}}
+//! {"step":"send_fds"}                   →
+//!                                       ←    one byte + SCM_RIGHTS [lock, control listener]
+//! (adopts both, takes over the dedup
+//!  state, releases held envelopes)
+//! {"step":"adopted"}                    →
+//! (strict: only now connects;
+//!  {"step":"serving"} once hello came)  →
+//!                                            MAINPID=successor, exits 0
+//! ```
+//!
+//! The lock's open file description is held by both processes from the fd transfer until
+//! the incumbent exits, so no third process can take the app in between. Until the
+//! successor says `adopted` (or `serving`, strict), the incumbent can roll back: it stops
+//! the successor and serves again.
+
+pub mod incumbent;
+mod session;
+pub mod spawn;
+pub mod successor;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dispatch::DedupSnapshot;
+
+pub use session::Session;
+
+/// One step of a handover session after the takeover request was accepted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum Step {
+    /// Successor: connected and greeted by Slack (overlap), or ready to start (strict).
+    Ready { app_id: Option<String> },
+    /// Incumbent: drained and closed; its deduplication state.
+    State { dedup: DedupSnapshot },
+    /// Successor: ready to receive the lock and the control listener.
+    SendFds,
+    /// Successor: holds the lock and the listener.
+    Adopted,
+    /// Successor (strict mode): its own connection said hello.
+    Serving,
+    /// Either side: giving up, and why.
+    Failed { reason: String },
+}
+
+/// Why a handover did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error("the other side gave up: {0}")]
+    PeerFailed(String),
+    #[error("the other side went away ({0})")]
+    Disconnected(String),
+    #[error("no answer within {0:?} while {1}")]
+    Timeout(std::time::Duration, &'static str),
+    #[error("unexpected step {got} while {waiting}")]
+    Unexpected { got: String, waiting: &'static str },
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Local(String),
+}
