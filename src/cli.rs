@@ -15,6 +15,10 @@ pub struct DaemonCli {
     /// `SLACK_APP_TOKEN`, never from the command line.
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
+    /// The environment to run, from the configuration's `[environments]` (also
+    /// `FLOWCOACH_ENV`).
+    #[arg(long = "env", global = true, value_name = "NAME")]
+    pub environment: Option<String>,
     /// Take the app over from the instance running for it on this host (a new version, a
     /// new container), with no gap: connect, then ask it to hand over. Starts normally
     /// when none runs.
@@ -48,6 +52,17 @@ pub struct BenchArgs {
     /// Envelopes in flight (sent, not yet acked) at most.
     #[arg(long, default_value_t = 64)]
     pub window: usize,
+    /// Measure handovers instead: this many `flowcoachctl handover`s in a row under a
+    /// steady event stream (time to complete, time with no socket open, envelopes lost or
+    /// handled twice).
+    #[arg(long, value_name = "N")]
+    pub handovers: Option<u32>,
+    /// With --handovers: break before make (`[handover] strict = true`).
+    #[arg(long, requires = "handovers")]
+    pub strict: bool,
+    /// With --handovers: events per second in the stream.
+    #[arg(long, default_value_t = 200.0, value_name = "PER_SECOND")]
+    pub rate: f64,
     /// Print the figures as JSON.
     #[arg(long)]
     pub json: bool,

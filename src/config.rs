@@ -1,6 +1,7 @@
 //! Configuration: one TOML file (optional) plus environment overrides, validated up front so
 //! a bad setting stops the service with a message naming the field (exit 78).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -31,7 +32,17 @@ pub mod env {
     /// The control socket's path, for flowcoachctl
     /// ([`crate::control::discover::find_socket`]).
     pub const CONTROL_SOCKET: &str = "FLOWCOACH_CONTROL_SOCKET";
+    /// The environment to run (`--env` wins over it).
+    pub const ENVIRONMENT: &str = "FLOWCOACH_ENV";
+    /// Set by systemd for a unit with `LoadCredential=`.
+    pub const CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
 }
+
+mod environments;
+mod token_source;
+
+pub use environments::{EnvironmentSettings, mismatch_message, owner_of};
+pub use token_source::{CREDENTIAL_NAME, TokenSource};
 
 pub const DEFAULT_API_URL: &str = "https://slack.com/api";
 
@@ -39,8 +50,12 @@ pub const DEFAULT_API_URL: &str = "https://slack.com/api";
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
-    /// Name of this deployment (`dev`, `prod`, …): shown in status answers and logs.
+    /// The environment to run when neither `--env` nor `FLOWCOACH_ENV` says: shown in
+    /// status answers and logs, and part of the lock's and the control socket's names.
     pub environment: String,
+    /// Per-environment app pinning and token files, `[environments.NAME]`.
+    pub environments: BTreeMap<String, EnvironmentSettings>,
+    pub conflicts: ConflictSettings,
     pub slack: SlackSettings,
     pub connection: ConnectionSettings,
     pub dispatch: DispatchSettings,
@@ -48,6 +63,39 @@ pub struct Settings {
     pub control: ControlSettings,
     pub handover: HandoverSettings,
     pub log: LogSettings,
+}
+
+/// What to do when Slack counts sockets of other clients for this app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OtherClientsPolicy {
+    /// Say so (log, STATUS=, status, health degraded) and keep serving.
+    Warn,
+    /// Say so and stop with exit 75: this app must have one client.
+    Exit,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConflictSettings {
+    pub other_clients: OtherClientsPolicy,
+    /// After this many `too_many_websockets` in a row, health is unhealthy with a
+    /// diagnosis pointing at other clients of the app.
+    pub too_many_websockets_unhealthy_after: u32,
+    /// Slack keeps counting a socket for a while after it is gone: our own sockets closed
+    /// this recently are not taken for other clients.
+    #[serde(with = "humantime_serde")]
+    pub own_socket_grace: Duration,
+}
+
+impl Default for ConflictSettings {
+    fn default() -> Self {
+        ConflictSettings {
+            other_clients: OtherClientsPolicy::Warn,
+            too_many_websockets_unhealthy_after: 3,
+            own_socket_grace: Duration::from_secs(60),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -181,6 +229,8 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             environment: "default".to_owned(),
+            environments: BTreeMap::new(),
+            conflicts: ConflictSettings::default(),
             slack: SlackSettings::default(),
             connection: ConnectionSettings::default(),
             dispatch: DispatchSettings::default(),
@@ -249,7 +299,9 @@ pub struct Config {
     pub api_url: Url,
     pub token: AppToken,
     /// Where the token came from, for status output (never the token itself).
-    pub token_source: &'static str,
+    pub token_source: TokenSource,
+    /// The app the environment is pinned to, if the file pins one.
+    pub pinned_app: Option<String>,
     /// The settings file, if one was read.
     pub path: Option<PathBuf>,
 }
@@ -266,15 +318,24 @@ pub enum ConfigError {
     #[error("{field}: {reason}")]
     Invalid { field: &'static str, reason: String },
     #[error(
-        "no Slack app token: set {} to the app-level token (xapp-…)",
+        "no Slack app token (tried {tried}): set {} to the app-level token (xapp-…), or give the environment a token_file",
         env::APP_TOKEN
     )]
-    MissingToken,
+    MissingToken { tried: String },
     #[error("{source_name}: {error}")]
     BadToken {
-        source_name: &'static str,
+        source_name: String,
         error: TokenError,
     },
+    #[error(
+        "token file {path} is readable by group or others (mode {mode:o}): chmod 600 it, and keep it owned by the service's user"
+    )]
+    TokenFileTooOpen { path: PathBuf, mode: u32 },
+    #[error("token file {path}: {reason}")]
+    TokenFile { path: PathBuf, reason: String },
+    /// The token belongs to another app than the environment is pinned to.
+    #[error("{0}")]
+    AppMismatch(String),
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -454,8 +515,14 @@ impl DispatchSettings {
 
 impl Config {
     /// Loads the file named by `path` (else `$FLOWCOACH_CONFIG`, else none: defaults),
-    /// applies environment overrides, validates, and reads the token.
-    pub fn load(path: Option<&Path>, env: &dyn EnvSource) -> Result<Config, ConfigError> {
+    /// selects the environment (`requested`, else `$FLOWCOACH_ENV`, else the file's),
+    /// applies environment overrides, validates, finds the token and checks it against
+    /// the environment's pinned app.
+    pub fn load(
+        path: Option<&Path>,
+        requested: Option<&str>,
+        env: &dyn EnvSource,
+    ) -> Result<Config, ConfigError> {
         let path = path
             .map(Path::to_path_buf)
             .or_else(|| env.var(env::CONFIG).map(PathBuf::from));
@@ -464,19 +531,46 @@ impl Config {
             None => Settings::default(),
         };
         settings.apply_env(env);
+        settings.environment = environments::select(
+            requested,
+            env.var(env::ENVIRONMENT),
+            &settings.environment,
+            &settings.environments,
+        )?;
         let api_url = settings.validate()?;
-        let raw = env.var(env::APP_TOKEN).ok_or(ConfigError::MissingToken)?;
-        let token = AppToken::parse(&raw).map_err(|error| ConfigError::BadToken {
-            source_name: env::APP_TOKEN,
-            error,
-        })?;
+        environments::validate(&settings.environments)?;
+        let chosen = settings
+            .environments
+            .get(&settings.environment)
+            .cloned()
+            .unwrap_or_default();
+        let (token, token_source) = token_source::read_token(env, chosen.token_file.as_deref())?;
+        if let (Some(pinned), Some(hint)) = (&chosen.app_id, token.app_id_hint()) {
+            if pinned != hint {
+                return Err(ConfigError::AppMismatch(mismatch_message(
+                    &settings.environment,
+                    pinned,
+                    hint,
+                    "this token belongs to",
+                    &settings.environments,
+                )));
+            }
+        }
         Ok(Config {
             settings,
             api_url,
             token,
-            token_source: env::APP_TOKEN,
+            token_source,
+            pinned_app: chosen.app_id,
             path,
         })
+    }
+
+    /// The app this instance must talk to: the pinned one, else the token's hint.
+    pub fn expected_app(&self) -> Option<&str> {
+        self.pinned_app
+            .as_deref()
+            .or_else(|| self.token.app_id_hint())
     }
 }
 
@@ -495,7 +589,7 @@ mod tests {
 
     #[test]
     fn defaults_need_only_a_token() {
-        let config = Config::load(None, &[(env::APP_TOKEN, TOKEN)]).unwrap();
+        let config = Config::load(None, None, &[(env::APP_TOKEN, TOKEN)]).unwrap();
         assert_eq!(config.api_url.as_str(), "https://slack.com/api");
         assert_eq!(config.settings.environment, "default");
         assert_eq!(config.token.expose_secret(), TOKEN);
@@ -509,6 +603,7 @@ mod tests {
         );
         let config = Config::load(
             Some(file.path()),
+            None,
             &[
                 (env::APP_TOKEN, TOKEN),
                 (env::API_URL, "http://127.0.0.1:9/api"),
@@ -524,13 +619,14 @@ mod tests {
     fn config_path_from_the_environment() {
         let file = write_config("environment = \"staging\"\n");
         let path = file.path().to_str().unwrap();
-        let config = Config::load(None, &[(env::APP_TOKEN, TOKEN), (env::CONFIG, path)]).unwrap();
+        let config =
+            Config::load(None, None, &[(env::APP_TOKEN, TOKEN), (env::CONFIG, path)]).unwrap();
         assert_eq!(config.settings.environment, "staging");
     }
 
     fn error_for(file_text: &str) -> String {
         let file = write_config(file_text);
-        Config::load(Some(file.path()), &[(env::APP_TOKEN, TOKEN)])
+        Config::load(Some(file.path()), None, &[(env::APP_TOKEN, TOKEN)])
             .unwrap_err()
             .to_string()
     }
@@ -554,9 +650,9 @@ mod tests {
 
     #[test]
     fn token_problems_are_reported_without_the_token() {
-        let missing = Config::load(None, &[]).unwrap_err();
-        assert!(matches!(missing, ConfigError::MissingToken));
-        let bot = Config::load(None, &[(env::APP_TOKEN, "xoxb-secret-value")]).unwrap_err();
+        let missing = Config::load(None, None, &[]).unwrap_err();
+        assert!(matches!(missing, ConfigError::MissingToken { .. }));
+        let bot = Config::load(None, None, &[(env::APP_TOKEN, "xoxb-secret-value")]).unwrap_err();
         let text = bot.to_string();
         assert!(text.contains(env::APP_TOKEN) && !text.contains("secret-value"));
     }
@@ -565,6 +661,7 @@ mod tests {
     fn unreadable_file_is_reported_with_its_path() {
         let err = Config::load(
             Some(Path::new("/nonexistent/flowcoach.toml")),
+            None,
             &[(env::APP_TOKEN, TOKEN)],
         )
         .unwrap_err();

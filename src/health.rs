@@ -18,16 +18,34 @@ pub enum Health {
     Unhealthy(String),
 }
 
-impl Health {
-    /// Whether the systemd watchdog should still be fed: a degraded service is recovering
-    /// on its own and a restart would not help it.
-    pub fn feeds_watchdog(&self) -> bool {
-        !matches!(self, Health::Unhealthy(_))
+/// Whether the systemd watchdog should be fed: only what a restart can cure stops it. An
+/// outage beyond `outage_budget` and a stopped service do; a conflict with other clients of
+/// the app does not (a restart would only add to it).
+pub fn watchdog_verdict(
+    status: &ConnectionStatus,
+    outage_budget: Duration,
+    now: SystemTime,
+) -> Result<(), String> {
+    match evaluate_connection(status, outage_budget, now) {
+        Health::Unhealthy(reason) => Err(reason),
+        Health::Healthy | Health::Degraded(_) => Ok(()),
     }
 }
 
-/// Judges `status` at `now`; an outage longer than `outage_budget` is unhealthy.
+/// Judges `status` at `now`; an outage longer than `outage_budget` is unhealthy, and so is a
+/// diagnosed conflict with other clients of the app.
 pub fn evaluate(status: &ConnectionStatus, outage_budget: Duration, now: SystemTime) -> Health {
+    if let Some(conflict) = &status.conflict {
+        return Health::Unhealthy(conflict.clone());
+    }
+    evaluate_connection(status, outage_budget, now)
+}
+
+fn evaluate_connection(
+    status: &ConnectionStatus,
+    outage_budget: Duration,
+    now: SystemTime,
+) -> Health {
     if let Some(down_since) = status.down_since {
         let down_for = now.duration_since(down_since).unwrap_or_default();
         let cause = status.last_disconnect.as_deref().unwrap_or("unknown cause");
@@ -91,7 +109,7 @@ mod tests {
         };
         let health = evaluate(&status, BUDGET, SystemTime::now());
         assert!(matches!(&health, Health::Degraded(r) if r.contains("another client's")));
-        assert!(health.feeds_watchdog());
+        assert!(watchdog_verdict(&status, BUDGET, SystemTime::now()).is_ok());
     }
 
     #[test]
@@ -108,7 +126,20 @@ mod tests {
         let later = now + BUDGET;
         let health = evaluate(&status, BUDGET, later);
         assert!(matches!(&health, Health::Unhealthy(r) if r.contains("outage budget")));
-        assert!(!health.feeds_watchdog());
+        assert!(watchdog_verdict(&status, BUDGET, later).is_err());
+    }
+
+    #[test]
+    fn a_conflict_is_unhealthy_but_keeps_the_watchdog_fed() {
+        let status = ConnectionStatus {
+            conflict: Some("too_many_websockets 3 times in a row".into()),
+            ..connected()
+        };
+        let now = SystemTime::now();
+        assert!(
+            matches!(evaluate(&status, BUDGET, now), Health::Unhealthy(r) if r.contains("in a row"))
+        );
+        assert!(watchdog_verdict(&status, BUDGET, now).is_ok());
     }
 
     #[test]

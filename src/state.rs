@@ -63,6 +63,10 @@ pub struct ConnectionStatus {
     /// When the current outage began: set when a connection that had said hello is lost,
     /// cleared by the next hello. Drives health and the watchdog's outage budget.
     pub down_since: Option<SystemTime>,
+    /// `too_many_websockets` answers since the last hello.
+    pub too_many_in_a_row: u32,
+    /// A diagnosed conflict with other clients of the app (health: unhealthy).
+    pub conflict: Option<String>,
     /// The step of a handover in progress, in words (`handing over to pid 4243: waiting
     /// for its hello`).
     pub handover: Option<String>,
@@ -79,6 +83,8 @@ impl Default for ConnectionStatus {
             other_connections: None,
             last_disconnect: None,
             down_since: None,
+            too_many_in_a_row: 0,
+            conflict: None,
             handover: None,
         }
     }

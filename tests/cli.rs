@@ -37,7 +37,7 @@ fn check_config_accepts_a_good_configuration_and_redacts_the_token() {
     );
     let out = text(&output);
     assert_eq!(output.status.code(), Some(0), "{out}");
-    assert!(out.contains("environment: prod"), "{out}");
+    assert!(out.contains("environment:  prod"), "{out}");
     assert!(out.contains("xapp-1-A0CLITEST1-…"), "{out}");
     assert!(!out.contains("cafe0123456789"), "{out}");
 }
@@ -82,7 +82,7 @@ fn config_path_comes_from_the_environment_too() {
             ("FLOWCOACH_CONFIG", file.path().to_str().unwrap()),
         ],
     );
-    assert!(text(&output).contains("environment: from-env"));
+    assert!(text(&output).contains("environment:  from-env"));
 }
 
 #[test]

@@ -112,6 +112,7 @@ async fn run(sim: &Simulator, dispatch_settings: &str) -> Running {
     let token = token();
     let config = Config::load(
         Some(file.path()),
+        None,
         &[
             (env::APP_TOKEN, token.as_str()),
             (env::API_URL, api_url.as_str()),

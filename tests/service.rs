@@ -258,17 +258,15 @@ async fn sighup_reloads_what_can_change_and_refuses_a_bad_file() {
     let mut daemon = Daemon::start_connected(&sim).await;
     let original = std::fs::read_to_string(daemon.config_path()).unwrap();
 
-    let changed = original
-        .replace("environment = \"test\"", "environment = \"renamed\"")
-        .replace("ping_interval = \"1s\"", "ping_interval = \"2s\"")
-        + "\n[log]\nlevel = \"debug\"\n";
+    let changed = original.replace("ping_interval = \"1s\"", "ping_interval = \"2s\"")
+        + "\n[log]\nlevel = \"debug\"\n[dispatch]\ndedup_capacity = 5000\n";
     std::fs::write(daemon.config_path(), changed).unwrap();
     daemon.signal(Signal::SIGHUP);
     daemon.wait_log("configuration reloaded", |_| true).await;
     daemon
         .wait_log(
             "changed in the configuration, but takes effect only after a restart",
-            |l| l["field"] == "environment",
+            |l| l["field"] == "dispatch.dedup_capacity",
         )
         .await;
 

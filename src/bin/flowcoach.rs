@@ -8,6 +8,7 @@ use flowcoach::cli::{DaemonCli, DaemonCommand};
 use flowcoach::config::{Config, ProcessEnv};
 use flowcoach::control::server::from_systemd;
 use flowcoach::daemon::{self, Startup};
+use flowcoach::service::paths::{InstancePaths, runtime_dir};
 use flowcoach::{exit, logging, tools};
 
 fn main() -> ExitCode {
@@ -32,7 +33,12 @@ fn main() -> ExitCode {
 }
 
 fn load_config(cli: &DaemonCli) -> Result<Config, ExitCode> {
-    Config::load(cli.config.as_deref(), &ProcessEnv).map_err(|error| {
+    Config::load(
+        cli.config.as_deref(),
+        cli.environment.as_deref(),
+        &ProcessEnv,
+    )
+    .map_err(|error| {
         eprintln!("flowcoach: configuration error: {error}");
         exit::code(exit::CONFIG)
     })
@@ -47,18 +53,42 @@ fn check_config(cli: &DaemonCli) -> ExitCode {
         .path
         .as_ref()
         .map_or_else(|| "none (defaults)".to_owned(), |p| p.display().to_string());
+    let paths = InstancePaths::new(
+        runtime_dir(&ProcessEnv, nix::unistd::geteuid().is_root()),
+        config.token.app_id_hint(),
+        &config.settings.environment,
+    );
+    let others: Vec<String> = config
+        .settings
+        .environments
+        .iter()
+        .filter(|(name, _)| **name != config.settings.environment)
+        .map(|(name, env)| format!("{name} ({})", env.app_id.as_deref().unwrap_or("not pinned")))
+        .collect();
     println!("configuration OK");
-    println!("  file:        {file}");
-    println!("  environment: {}", config.settings.environment);
-    println!("  api url:     {}", config.api_url);
+    println!("  file:         {file}");
+    println!("  environment:  {}", config.settings.environment);
     println!(
-        "  token:       {} (from {})",
+        "  pinned app:   {}",
+        config.pinned_app.as_deref().unwrap_or("none (not pinned)")
+    );
+    println!(
+        "  token:        {} (from {})",
         config.token, config.token_source
     );
     println!(
-        "  app id hint: {}",
-        config.token.app_id_hint().unwrap_or("none in token")
+        "  token's app:  {}",
+        config
+            .token
+            .app_id_hint()
+            .unwrap_or("not readable from the token")
     );
+    println!("  api url:      {}", config.api_url);
+    println!("  lock file:    {}", paths.lock.display());
+    println!("  control:      {}", paths.socket.display());
+    if !others.is_empty() {
+        println!("  other envs:   {}", others.join(", "));
+    }
     exit::code(exit::OK)
 }
 

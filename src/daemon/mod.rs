@@ -30,6 +30,7 @@ use crate::service::systemd::{self, Systemd};
 use crate::slack::api::OpenError;
 use crate::slack::supervisor::{FatalError, Supervisor};
 use crate::state::{InstanceInfo, ServiceState};
+use crate::token::AppToken;
 
 /// How often `EXTEND_TIMEOUT_USEC` is renewed while draining.
 const EXTEND_STEP: Duration = Duration::from_secs(5);
@@ -54,7 +55,8 @@ pub enum DaemonError {
 impl DaemonError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            DaemonError::Fatal(_) | DaemonError::Config(_) => exit::CONFIG,
+            DaemonError::Fatal(fatal) => fatal.exit_code(),
+            DaemonError::Config(_) => exit::CONFIG,
             DaemonError::AlreadyRunning(_) => exit::TEMPFAIL,
             DaemonError::Setup(_) | DaemonError::Runtime(_) | DaemonError::Takeover(_) => {
                 exit::FAILURE
@@ -88,6 +90,8 @@ struct Service {
     holder: HolderInfo,
     state: Arc<ServiceState>,
     live: watch::Receiver<Settings>,
+    /// The current token; a reload that finds a new one sends it here.
+    tokens: Arc<watch::Sender<AppToken>>,
     dispatcher: Arc<Dispatcher>,
     systemd: Systemd,
     started_at: SystemTime,
@@ -101,7 +105,8 @@ impl Service {
             self.live.clone(),
             self.dispatcher.clone(),
             self.state.clone(),
-        )?;
+        )?
+        .follow_tokens(self.tokens.subscribe());
         let stop = CancellationToken::new();
         Ok(Serving {
             run: Box::pin(supervisor.run(stop.clone())),
@@ -154,7 +159,7 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
     tracing::info!(
         environment = %environment,
         token = %config.token,
-        token_source = config.token_source,
+        token_source = %config.token_source,
         api_url = %config.api_url,
         lock = %paths.lock.display(),
         control_socket = %paths.socket.display(),
@@ -162,12 +167,14 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
         takeover = lock.is_none(),
         "flowcoach starting"
     );
+    let tokens = Arc::new(watch::Sender::new(config.token.clone()));
     let service = Service {
         config,
         paths,
         holder,
         state,
         live,
+        tokens,
         dispatcher,
         systemd: Systemd::from_env(),
         started_at: SystemTime::now(),
@@ -266,7 +273,7 @@ async fn serve(
     let after_drain = CancellationToken::new();
     let control = ControlContext {
         state: service.state.clone(),
-        token_source: service.config.token_source.to_owned(),
+        token_source: service.config.token_source.to_string(),
         started_at: service.started_at,
         outage_budget: service.config.settings.service.outage_budget,
         access,
@@ -289,7 +296,13 @@ async fn serve(
             after_drain.clone(),
         )
     });
-    let reloader = reload::Reloader::new(service.config.path.clone(), live_tx, log);
+    let reloader = reload::Reloader::new(
+        service.config.path.clone(),
+        service.config.settings.environment.clone(),
+        live_tx,
+        service.tokens.clone(),
+        log,
+    );
     let reload_task = tokio::spawn(async move {
         while reloads.recv().await.is_some() {
             reloader.reload(&ProcessEnv);

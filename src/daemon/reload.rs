@@ -1,35 +1,65 @@
 //! SIGHUP: read the configuration again and apply what can change while running.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use tokio::sync::watch;
 
 use crate::config::{Config, EnvSource, Settings};
 use crate::logging::LogHandle;
+use crate::token::AppToken;
 
 /// Holds what a reload needs: where the configuration came from, and the channels its
 /// parts listen on.
 pub struct Reloader {
     path: Option<PathBuf>,
+    /// The environment chosen at start: a reload never switches to another one.
+    environment: String,
     live: watch::Sender<Settings>,
+    tokens: Arc<watch::Sender<AppToken>>,
     log: LogHandle,
 }
 
 impl Reloader {
-    pub fn new(path: Option<PathBuf>, live: watch::Sender<Settings>, log: LogHandle) -> Self {
-        Reloader { path, live, log }
+    pub fn new(
+        path: Option<PathBuf>,
+        environment: String,
+        live: watch::Sender<Settings>,
+        tokens: Arc<watch::Sender<AppToken>>,
+        log: LogHandle,
+    ) -> Self {
+        Reloader {
+            path,
+            environment,
+            live,
+            tokens,
+            log,
+        }
     }
 
     /// Reloads; a configuration that does not validate is refused whole and the running
     /// one stays.
     pub fn reload(&self, env: &dyn EnvSource) {
-        let config = match Config::load(self.path.as_deref(), env) {
+        let config = match Config::load(self.path.as_deref(), Some(&self.environment), env) {
             Ok(config) => config,
             Err(error) => {
                 tracing::error!(%error, "reload refused; the running configuration stays");
                 return;
             }
         };
+        let current = self.tokens.borrow().clone();
+        if config.token != current {
+            // The lock and the control socket are named after the token's app.
+            if config.token.app_id_hint() != current.app_id_hint() {
+                tracing::error!(
+                    token = %config.token,
+                    "reload refused: the new token belongs to another app, which needs a restart"
+                );
+                return;
+            }
+            tracing::info!(token = %config.token, source = %config.token_source, "new app token");
+            self.tokens.send_replace(config.token.clone());
+        }
         let new = config.settings;
         let old = self.live.borrow().clone();
         for field in restart_only_changes(&old, &new) {
@@ -72,6 +102,7 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
             old.dispatch.dedup_capacity != new.dispatch.dedup_capacity,
         ),
         ("service", old.service != new.service),
+        ("environments", old.environments != new.environments),
         ("control", old.control != new.control),
         ("log.format", old.log.format != new.log.format),
     ];

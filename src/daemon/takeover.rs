@@ -43,7 +43,7 @@ pub async fn take_over(
         "the running instance accepted the takeover"
     );
     let mut serving = None;
-    if !takeover.strict {
+    let ready = if !takeover.strict {
         // Slack's count in our hello includes the incumbent's socket.
         service
             .state
@@ -51,35 +51,38 @@ pub async fn take_over(
             .store(1, std::sync::atomic::Ordering::Relaxed);
         let mut running = service.start_serving()?;
         let connected = tokio::select! {
-            () = shutdown.cancelled() => Err("stopped by a signal".to_owned()),
-            hello = wait_for_hello(service.state.subscribe(), takeover.timeout) => hello,
+            () = shutdown.cancelled() => Err(DaemonError::Takeover("stopped by a signal".to_owned())),
+            hello = wait_for_hello(service.state.subscribe(), takeover.timeout) => hello.map_err(DaemonError::Takeover),
             ended = &mut running.run => Err(match ended {
-                Ok(()) => "the connection stopped".to_owned(),
-                Err(error) => error.to_string(),
+                Ok(()) => DaemonError::Takeover("the connection stopped".to_owned()),
+                // A bad token or the wrong app: exit as a first start would (78).
+                Err(error) => DaemonError::Fatal(error),
             }),
         };
-        match connected {
+        let ready = match connected {
             Ok(app_id) => takeover.ready(Some(app_id)).await,
-            Err(reason) => {
-                takeover.fail(&reason).await;
-                return Err(DaemonError::Takeover(reason));
+            Err(error) => {
+                takeover.fail(&reason(&error)).await;
+                return Err(error);
             }
-        }
-        .map_err(|e| DaemonError::Takeover(e.to_string()))?;
+        };
         serving = Some(running);
+        ready
     } else {
-        takeover
-            .ready(None)
-            .await
-            .map_err(|e| DaemonError::Takeover(e.to_string()))?;
-    }
-    let received = match &mut serving {
-        // Our connection keeps running (holding envelopes) while the incumbent drains.
-        Some(running) => tokio::select! {
-            received = takeover.receive(&service.paths.lock, &service.holder) => received,
-            ended = &mut running.run => Err(HandoverError::Local(format!("our connection ended: {ended:?}"))),
+        takeover.ready(None).await
+    };
+    let received = match ready {
+        // The incumbent died before we said ready: handled below, as when it dies later.
+        Err(error @ HandoverError::Disconnected(_)) => Err(error),
+        Err(error) => return Err(DaemonError::Takeover(error.to_string())),
+        Ok(()) => match &mut serving {
+            // Our connection keeps running (holding envelopes) while the incumbent drains.
+            Some(running) => tokio::select! {
+                received = takeover.receive(&service.paths.lock, &service.holder) => received,
+                ended = &mut running.run => Err(HandoverError::Local(format!("our connection ended: {ended:?}"))),
+            },
+            None => takeover.receive(&service.paths.lock, &service.holder).await,
         },
-        None => takeover.receive(&service.paths.lock, &service.holder).await,
     };
     let Received {
         lock,
@@ -95,6 +98,10 @@ pub async fn take_over(
             let listener = server::bind(&service.paths.socket)
                 .map_err(|e| DaemonError::Runtime(format!("control socket: {e}")))?;
             service.dispatcher.release(None);
+            service
+                .state
+                .predecessor_sockets
+                .store(0, std::sync::atomic::Ordering::Relaxed);
             let serving = match serving {
                 Some(serving) => serving,
                 None => service.start_serving()?,
@@ -126,16 +133,19 @@ pub async fn take_over(
         None => {
             let mut running = service.start_serving()?;
             let hello = tokio::select! {
-                hello = wait_for_hello(service.state.subscribe(), takeover.timeout) => hello,
-                ended = &mut running.run => Err(format!("the connection ended: {ended:?}")),
+                hello = wait_for_hello(service.state.subscribe(), takeover.timeout) => hello.map_err(DaemonError::Takeover),
+                ended = &mut running.run => Err(match ended {
+                    Ok(()) => DaemonError::Takeover("the connection stopped".to_owned()),
+                    Err(error) => DaemonError::Fatal(error),
+                }),
             };
             match hello {
                 Ok(_) => {
                     let _ = takeover.serving().await;
                 }
-                Err(reason) => {
-                    takeover.fail(&reason).await;
-                    return Err(DaemonError::Takeover(reason));
+                Err(error) => {
+                    takeover.fail(&reason(&error)).await;
+                    return Err(error);
                 }
             }
             running
@@ -147,6 +157,14 @@ pub async fn take_over(
         listener,
         serving,
     })
+}
+
+/// Why we give up, for the incumbent's log and its caller.
+fn reason(error: &DaemonError) -> String {
+    match error {
+        DaemonError::Takeover(reason) => reason.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// Resolves with the app ID once a connection has said hello.

@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::{self, Health};
+use crate::health;
 use crate::state::{ConnectionStatus, Phase, ServiceState};
 
 /// A send blocks only while systemd's receive queue is full; past this the message is
@@ -271,7 +271,7 @@ pub fn spawn_status_reporter(
 }
 
 /// Feeds systemd's watchdog every `interval / 2` while the service judges itself fit to go
-/// on ([`Health::feeds_watchdog`]): an outage beyond `outage_budget` stops the pings and
+/// on ([`health::watchdog_verdict`]): an outage beyond `outage_budget` stops the pings and
 /// systemd restarts the service when the interval runs out.
 ///
 /// The pings come from a task on the same runtime as everything else (a current-thread
@@ -306,23 +306,24 @@ pub fn spawn_watchdog(
                 () = stop.cancelled() => return,
                 _ = ticks.tick() => {}
             }
-            let health = health::evaluate(&state.status(), outage_budget, SystemTime::now());
-            if health.feeds_watchdog() {
-                systemd.watchdog_ping();
-                if starving {
-                    starving = false;
-                    tracing::info!("healthy again: feeding the systemd watchdog again");
+            let verdict =
+                health::watchdog_verdict(&state.status(), outage_budget, SystemTime::now());
+            match verdict {
+                Ok(()) => {
+                    systemd.watchdog_ping();
+                    if starving {
+                        starving = false;
+                        tracing::info!("healthy again: feeding the systemd watchdog again");
+                    }
                 }
-            } else if !starving {
-                starving = true;
-                let reason = match &health {
-                    Health::Healthy => "healthy",
-                    Health::Degraded(reason) | Health::Unhealthy(reason) => reason,
-                };
-                tracing::warn!(
-                    reason,
-                    "unhealthy: no longer feeding the systemd watchdog, which restarts the service unless it recovers"
-                );
+                Err(reason) if !starving => {
+                    starving = true;
+                    tracing::warn!(
+                        reason,
+                        "unhealthy: no longer feeding the systemd watchdog, which restarts the service unless it recovers"
+                    );
+                }
+                Err(_) => {}
             }
         }
     })

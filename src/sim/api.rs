@@ -130,6 +130,7 @@ async fn connections_open(State(shared): State<Arc<Shared>>, headers: HeaderMap)
             at: now,
             token_ok: app.is_some(),
             app_id: app.map(|a| a.app_id.clone()),
+            token: token.map(str::to_owned),
             outcome: answer.outcome(),
         });
         answer

@@ -34,6 +34,9 @@ pub struct OpenCall {
     pub token_ok: bool,
     /// The app of the token, if it had one.
     pub app_id: Option<String>,
+    /// The bearer token presented (simulator tokens are not secrets): shows which of an
+    /// app's tokens a client used, e.g. after a token rotation.
+    pub token: Option<String>,
     /// `"ok"`, the `error` code of the answer, or `"http <status>"`.
     pub outcome: String,
 }

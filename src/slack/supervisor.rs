@@ -1,6 +1,7 @@
 //! Keeps one Socket Mode connection alive: fresh URL per connect, backoff between
 //! failures, zero-gap rotation, and each disconnect reason handled on its own terms.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -10,7 +11,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConnectionSettings, Settings};
+use crate::config::{
+    Config, ConnectionSettings, EnvironmentSettings, OtherClientsPolicy, Settings, mismatch_message,
+};
 use crate::dispatch::Dispatcher;
 use crate::slack::api::{OpenError, SlackApi};
 use crate::slack::backoff::Backoff;
@@ -29,12 +32,25 @@ pub enum FatalError {
         "Slack disconnected with link_disabled: Socket Mode is switched off for this app; enable it under Settings > Socket Mode"
     )]
     LinkDisabled,
-    /// The lock and the control socket are named after the token's app ID hint: a token
-    /// of another app would hold the wrong lock.
-    #[error(
-        "the token looks like it belongs to app {expected}, but Slack's hello says app {actual}: check the token"
-    )]
-    AppMismatch { expected: String, actual: String },
+    /// Slack's hello names another app than the environment is pinned to (or than the
+    /// token's hint, which names the lock).
+    #[error("{0}")]
+    AppMismatch(String),
+    /// Other clients are connected to the app and the policy says exit.
+    #[error("{0}")]
+    OtherClients(String),
+}
+
+impl FatalError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            // Someone else holds the app: try again later (EX_TEMPFAIL).
+            FatalError::OtherClients(_) => crate::exit::TEMPFAIL,
+            FatalError::Auth(_) | FatalError::LinkDisabled | FatalError::AppMismatch(_) => {
+                crate::exit::CONFIG
+            }
+        }
+    }
 }
 
 /// Why a connect attempt failed, and what to do about it.
@@ -51,6 +67,14 @@ enum Failure {
 pub struct Supervisor {
     api: SlackApi,
     token: AppToken,
+    /// New tokens (SIGHUP after the token file changed): each one rotates the connection.
+    tokens: Option<watch::Receiver<AppToken>>,
+    /// The app hello must name, and the environments for the message when it does not.
+    expected_app: Option<String>,
+    environment: String,
+    environments: BTreeMap<String, EnvironmentSettings>,
+    /// When our own sockets closed: Slack counts them for a while yet.
+    recently_closed: VecDeque<Instant>,
     /// Settings that a reload (SIGHUP) may change; read at each use.
     live: watch::Receiver<Settings>,
     dispatcher: Arc<Dispatcher>,
@@ -78,6 +102,11 @@ impl Supervisor {
         Ok(Supervisor {
             api,
             token: config.token.clone(),
+            tokens: None,
+            expected_app: config.expected_app().map(str::to_owned),
+            environment: config.settings.environment.clone(),
+            environments: config.settings.environments.clone(),
+            recently_closed: VecDeque::new(),
             backoff: Backoff::new(settings.backoff_initial, settings.backoff_max),
             live,
             dispatcher,
@@ -89,6 +118,12 @@ impl Supervisor {
             active: None,
             retiring: Vec::new(),
         })
+    }
+
+    /// Follows token changes: each new token rotates the connection with no gap.
+    pub fn follow_tokens(mut self, tokens: watch::Receiver<AppToken>) -> Self {
+        self.tokens = Some(tokens);
+        self
     }
 
     /// Runs until `shutdown` is cancelled (then closes cleanly) or a fatal error.
@@ -144,6 +179,11 @@ impl Supervisor {
                         wait_before_connect = Some(next);
                     }
                 }
+                token = next_token(&mut self.tokens) => {
+                    tracing::info!(token = %token, "the app token changed; rotating to a connection with the new one");
+                    self.token = token;
+                    self.rotate(shutdown).await?;
+                }
             }
         }
     }
@@ -158,6 +198,7 @@ impl Supervisor {
         let active_id = self.active.as_ref().map(|c| c.id);
         match event {
             ConnEvent::Ended { conn, cause } if Some(conn) == active_id => {
+                self.recently_closed.push_back(Instant::now());
                 self.active = None;
                 self.sync_socket_count();
                 self.mark_down(&cause.to_string());
@@ -167,6 +208,7 @@ impl Supervisor {
                 Ok(Some((delay, cause.to_string())))
             }
             ConnEvent::Ended { conn, cause } => {
+                self.recently_closed.push_back(Instant::now());
                 self.retired(conn, &cause).await;
                 Ok(None)
             }
@@ -197,6 +239,7 @@ impl Supervisor {
                 Counters::bump(&self.state.counters.reconnects);
                 let delay = self.next_delay(self.settings().too_many_websockets_backoff);
                 self.diagnose_too_many_websockets(delay);
+                self.count_too_many_websockets();
                 Ok(Some((delay, "too_many_websockets".to_owned())))
             }
             DisconnectReason::Warning
@@ -299,6 +342,7 @@ impl Supervisor {
             ConnectError::Disconnected(DisconnectReason::TooManyWebsockets) => {
                 let floor = self.settings().too_many_websockets_backoff;
                 self.diagnose_too_many_websockets(floor);
+                self.count_too_many_websockets();
                 Failure::Retry {
                     at_least: floor,
                     cause: "too_many_websockets".to_owned(),
@@ -327,6 +371,29 @@ impl Supervisor {
         );
     }
 
+    /// After enough refusals in a row, health turns unhealthy with the diagnosis.
+    fn count_too_many_websockets(&self) {
+        let limit = self
+            .live
+            .borrow()
+            .conflicts
+            .too_many_websockets_unhealthy_after;
+        let app = self
+            .expected_app
+            .clone()
+            .unwrap_or_else(|| "this app".to_owned());
+        self.state.update(|s| {
+            s.too_many_in_a_row += 1;
+            if limit > 0 && s.too_many_in_a_row >= limit {
+                s.conflict = Some(format!(
+                    "Slack refused {} connections in a row with too_many_websockets: other clients hold app {app}'s sockets \
+                     (another instance, a laptop with the same token, a hung process); stop them or give each environment its own app",
+                    s.too_many_in_a_row
+                ));
+            }
+        });
+    }
+
     fn next_delay(&mut self, at_least: Duration) -> Duration {
         let settings = self.settings();
         self.backoff
@@ -344,26 +411,22 @@ impl Supervisor {
         self.live.borrow().dispatch.response_deadline + Duration::from_secs(1)
     }
 
-    fn on_hello(&self, hello: &Hello) -> Result<(), FatalError> {
+    fn on_hello(&mut self, hello: &Hello) -> Result<(), FatalError> {
         let actual = &hello.connection_info.app_id;
-        if let Some(expected) = self.token.app_id_hint() {
+        if let Some(expected) = &self.expected_app {
             if expected != actual {
-                return Err(FatalError::AppMismatch {
-                    expected: expected.to_owned(),
-                    actual: actual.clone(),
-                });
+                return Err(FatalError::AppMismatch(mismatch_message(
+                    &self.environment,
+                    expected,
+                    actual,
+                    "Slack's hello says this token belongs to",
+                    &self.environments,
+                )));
             }
         }
         self.sync_socket_count();
         let ours = self.state.status().sockets_open;
-        let predecessor = self
-            .state
-            .predecessor_sockets
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let others = hello
-            .num_connections
-            .saturating_sub(ours)
-            .saturating_sub(predecessor);
+        let others = self.other_connections(hello.num_connections, ours);
         self.state.update(|s| {
             s.phase = Phase::Connected;
             s.app_id = Some(hello.connection_info.app_id.clone());
@@ -371,6 +434,8 @@ impl Supervisor {
             s.other_connections = Some(others);
             s.connected_since.get_or_insert_with(SystemTime::now);
             s.down_since = None;
+            s.too_many_in_a_row = 0;
+            s.conflict = None;
         });
         let expected_lifetime_s = hello
             .debug_info
@@ -384,17 +449,47 @@ impl Supervisor {
             "connected to Slack"
         );
         if others > 0 {
+            let message = format!(
+                "Slack counts {} open sockets for app {} but this instance holds {ours}: {others} belong to another client \
+                 (another host, a laptop with the same token, or a hung process), which takes a share of this app's events",
+                hello.num_connections, hello.connection_info.app_id,
+            );
             tracing::warn!(
                 app_id = %hello.connection_info.app_id,
                 num_connections = hello.num_connections,
                 ours,
-                "Slack counts {} open sockets for app {} but this instance holds {ours}: another client \
-                 (another host, a laptop with the same token, or a stale socket) may be taking a share of this app's events",
-                hello.num_connections,
-                hello.connection_info.app_id,
+                others,
+                "{message}"
             );
+            if self.live.borrow().conflicts.other_clients == OtherClientsPolicy::Exit {
+                return Err(FatalError::OtherClients(format!(
+                    "{message}; conflicts.other_clients = \"exit\", so this instance stops"
+                )));
+            }
         }
         Ok(())
+    }
+
+    /// Sockets of other clients in Slack's count: not ours, not a predecessor's we take
+    /// over from, and not ours that closed so recently that Slack still counts them.
+    fn other_connections(&mut self, counted: u32, ours: u32) -> u32 {
+        let grace = self.live.borrow().conflicts.own_socket_grace;
+        let now = Instant::now();
+        while self
+            .recently_closed
+            .front()
+            .is_some_and(|closed| now.duration_since(*closed) > grace)
+        {
+            self.recently_closed.pop_front();
+        }
+        let predecessor = self
+            .state
+            .predecessor_sockets
+            .load(std::sync::atomic::Ordering::Relaxed);
+        counted
+            .saturating_sub(ours)
+            .saturating_sub(predecessor)
+            .saturating_sub(self.recently_closed.len() as u32)
     }
 
     /// Shutdown: stop taking envelopes, let handlers finish and ack within the drain
@@ -439,4 +534,15 @@ impl Supervisor {
         let open = u32::from(self.active.is_some()) + self.retiring.len() as u32;
         self.state.update(|s| s.sockets_open = open);
     }
+}
+
+/// The next token from a reload; pending forever when tokens are not followed.
+async fn next_token(tokens: &mut Option<watch::Receiver<AppToken>>) -> AppToken {
+    let Some(tokens) = tokens else {
+        return std::future::pending().await;
+    };
+    if tokens.changed().await.is_err() {
+        return std::future::pending().await;
+    }
+    tokens.borrow_and_update().clone()
 }

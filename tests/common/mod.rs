@@ -73,12 +73,23 @@ impl Daemon {
     }
 
     pub fn start_with(sim: &Simulator, config_text: &str, env: &[(&str, &str)]) -> Daemon {
+        Self::start_args(sim, config_text, env, &[])
+    }
+
+    /// [`Daemon::start_with`] with extra command-line arguments, e.g. `&["--takeover"]`.
+    pub fn start_args(
+        sim: &Simulator,
+        config_text: &str,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Daemon {
         let mut config = tempfile::NamedTempFile::new().unwrap();
         config.write_all(config_text.as_bytes()).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_flowcoach"));
         command
             .arg("--config")
             .arg(config.path())
+            .args(args)
             .env_clear()
             .env("SLACK_APP_TOKEN", token())
             .env("FLOWCOACH_SLACK_API_URL", sim.api_url())
