@@ -250,6 +250,25 @@ async fn run_standalone(
     .await
 }
 
+/// The PID file names the control socket for a second start's message: with socket
+/// activation (or after a handover) that is where the listener really is.
+fn record_control_socket(service: &Service, lock: &InstanceLock, listener: &UnixListener) {
+    let Some(path) = listener
+        .local_addr()
+        .ok()
+        .and_then(|address| address.as_pathname().map(std::path::Path::to_path_buf))
+    else {
+        return;
+    };
+    let holder = HolderInfo {
+        control_socket: path,
+        ..service.holder.clone()
+    };
+    if let Err(error) = lock.update(&holder) {
+        tracing::warn!(%error, "cannot record the control socket in the PID file");
+    }
+}
+
 /// Holds the app: the control server, systemd, reloads, handovers, until a stop.
 #[allow(clippy::too_many_arguments)]
 async fn serve(
@@ -264,6 +283,7 @@ async fn serve(
 ) -> Result<(), DaemonError> {
     let access = AccessPolicy::new(&service.config.settings.control.group)
         .map_err(|e| DaemonError::Config(format!("control.group: {e}")))?;
+    record_control_socket(&service, &lock, &listener);
     let handed = handovers::handed(&lock, &listener)
         .map_err(|e| DaemonError::Runtime(format!("preparing for handovers: {e}")))?;
     // One call at a time: a second one is refused by the control server at once.
