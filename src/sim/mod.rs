@@ -194,15 +194,6 @@ impl Simulator {
         self.shared.update(|inner| inner.disconnect(socket, reason));
     }
 
-    /// [`Simulator::disconnect`] for every open socket of the app (stale ones stay silent).
-    pub fn disconnect_all(&self, app_id: &str, reason: &str) {
-        self.shared.update(|inner| {
-            for socket in inner.sockets.open_ids(app_id) {
-                inner.disconnect(socket, reason);
-            }
-        });
-    }
-
     /// Drops the socket's TCP stream at once, with no Close frame.
     pub fn drop_socket(&self, socket: SocketId) {
         self.shared.read(|inner| {

@@ -37,12 +37,6 @@ pub enum OpenError {
     Transient(String),
 }
 
-impl OpenError {
-    pub fn is_permanent(&self) -> bool {
-        matches!(self, OpenError::Permanent { .. })
-    }
-}
-
 /// What the operator should do about a permanent error.
 pub fn permanent_hint(code: &str) -> &'static str {
     match code {
