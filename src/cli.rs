@@ -42,6 +42,17 @@ pub enum DaemonCommand {
     /// Measure flowcoach (as a child process) against the simulator: throughput, CPU per
     /// envelope, ack latency, resident memory.
     Bench(BenchArgs),
+    /// Write man pages and shell completions (bash, zsh, fish) for both binaries, generated
+    /// from these definitions, into a directory: for packaging.
+    #[command(hide = true)]
+    GenerateAssets(AssetsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AssetsArgs {
+    /// The directory to write into (created if missing): `man/`, `completions/{bash,zsh,fish}/`.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]

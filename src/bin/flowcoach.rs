@@ -29,6 +29,7 @@ fn main() -> ExitCode {
         Some(DaemonCommand::Sim(ref args)) => tools::sim_cli::run(args),
         Some(DaemonCommand::Demo(ref args)) => tools::demo::run(args),
         Some(DaemonCommand::Bench(ref args)) => tools::bench::run(args),
+        Some(DaemonCommand::GenerateAssets(ref args)) => tools::assets::run(args),
     }
 }
 

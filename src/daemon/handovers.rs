@@ -153,7 +153,11 @@ impl<'a> Coordinator<'a> {
         };
         match (command, &self.underway) {
             (Command::Handover, Underway::Idle) => {
-                match spawn::successor(&self.service.exe, self.service.config.path.as_ref()) {
+                match spawn::successor(
+                    &self.service.exe,
+                    self.service.config.path.as_ref(),
+                    &self.service.config.settings.environment,
+                ) {
                     Ok(child) => {
                         let pid = child.id().unwrap_or(0);
                         tracing::info!(successor = pid, exe = %self.service.exe.display(), "started a successor for a handover");

@@ -106,6 +106,7 @@ pub async fn take_over(
                 Some(serving) => serving,
                 None => service.start_serving()?,
             };
+            tracing::info!("took the app over alone");
             return Ok(Taken::App {
                 lock,
                 listener,

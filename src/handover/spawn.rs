@@ -10,14 +10,19 @@ use tokio::process::{Child, Command};
 /// systemd sockets (they come over SCM_RIGHTS) or another pid's watchdog for its own.
 const NOT_INHERITED: &[&str] = &["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_PID"];
 
-/// Starts `flowcoach run --takeover` with this process's configuration file and
-/// environment (the token stays in the environment, never in argv). Its output goes where
-/// ours goes (the journal, under systemd).
-pub fn successor(exe: &Path, config: Option<&PathBuf>) -> std::io::Result<Child> {
+/// Starts `flowcoach run --takeover` with this process's configuration file, Slack
+/// environment name and process environment (the token stays in the process environment,
+/// never in argv). Its output goes where ours goes (the journal, under systemd).
+pub fn successor(
+    exe: &Path,
+    config: Option<&PathBuf>,
+    environment: &str,
+) -> std::io::Result<Child> {
     let mut command = Command::new(exe);
     if let Some(config) = config {
         command.arg("--config").arg(config);
     }
+    command.arg("--env").arg(environment);
     command.arg("run").arg("--takeover").stdin(Stdio::null());
     for name in NOT_INHERITED {
         command.env_remove(name);

@@ -2,6 +2,7 @@
 //! `flowcoach bench`. Each runs flowcoach as a real child process, so what they show and
 //! measure is the daemon itself.
 
+pub mod assets;
 pub mod bench;
 mod child;
 pub mod demo;
