@@ -75,7 +75,7 @@ impl<'a> Coordinator<'a> {
         mut self,
         mut serving: Serving,
         shutdown: &CancellationToken,
-    ) -> Result<(), DaemonError> {
+    ) -> Result<Ending, DaemonError> {
         let mut active = true;
         loop {
             let spawn_deadline = match &self.underway {
@@ -86,7 +86,7 @@ impl<'a> Coordinator<'a> {
                 ended = &mut serving.run, if active => {
                     // Without a stop request, the supervisor ends only on a fatal error.
                     ended?;
-                    return Ok(());
+                    return Ok(Ending::Stopped);
                 }
                 () = shutdown.cancelled() => {
                     self.abandon("the incumbent is stopping").await;
@@ -95,7 +95,7 @@ impl<'a> Coordinator<'a> {
                         serving.stop.cancel();
                         systemd::extend_while(&self.service.systemd, &mut serving.run, EXTEND_STEP).await?;
                     }
-                    return Ok(());
+                    return Ok(Ending::Stopped);
                 }
                 Some(call) = self.calls.recv() => self.on_call(call).await,
                 Some(request) = self.requests.recv() => {
@@ -116,7 +116,7 @@ impl<'a> Coordinator<'a> {
                 event = next_event(&mut self.underway) => match event {
                     Event::ChildExited(status) => self.spawned_exited(status).await,
                     Event::SessionEnded(outcome) => match self.finish(outcome).await {
-                        Finished::Exit => return Ok(()),
+                        Finished::Exit => return Ok(Ending::HandedOver),
                         Finished::ServeAgain if !active => {
                             self.service.dispatcher.resume();
                             serving = self.service.start_serving()?;
@@ -345,6 +345,14 @@ impl<'a> Coordinator<'a> {
         }
         self.service.state.update(|s| s.handover = None);
     }
+}
+
+/// How the incumbent's service ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Stopped,
+    /// A successor holds the app: it reports to systemd from now on.
+    HandedOver,
 }
 
 enum Finished {

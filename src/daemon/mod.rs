@@ -332,6 +332,13 @@ async fn serve(
     let result = handovers::Coordinator::new(&service, handed, calls)
         .serve(serving, &shutdown)
         .await;
+    if matches!(result, Ok(handovers::Ending::HandedOver)) {
+        // The successor reports to systemd now: no last STATUS= or WATCHDOG=1 from here.
+        reporter.abort();
+        if let Some(watchdog) = &watchdog {
+            watchdog.abort();
+        }
+    }
     after_drain.cancel();
     reload_task.abort();
     let _ = control_task.await;
