@@ -152,6 +152,17 @@ impl<'a> Coordinator<'a> {
             _ => false,
         };
         match (command, &self.underway) {
+            // As PID 1 (a container without an init), our exit ends the container and
+            // with it any successor we start.
+            (Command::Handover, Underway::Idle) if std::process::id() == 1 => {
+                reply(
+                    &mut stream,
+                    Response::error(
+                        "flowcoach is PID 1 here (a container without --init): a successor it starts would die with it; start a new container with --takeover instead",
+                    ),
+                )
+                .await;
+            }
             (Command::Handover, Underway::Idle) => {
                 match spawn::successor(
                     &self.service.exe,
