@@ -144,21 +144,21 @@ impl Record {
     /// Number of times an app's open count fell to zero after its first socket opened (and
     /// the current zero stretch, if any).
     pub fn zero_open_stretches(&self, app_id: &str) -> usize {
-        self.zero_stretches(app_id, None).len()
+        self.zero_open_durations(app_id, None).len()
     }
 
     /// The longest time the app had no open socket after its first one opened; a stretch
     /// still going on counts up to `now`.
     pub fn longest_zero_open(&self, app_id: &str, now: Instant) -> Duration {
-        self.zero_stretches(app_id, Some(now))
+        self.zero_open_durations(app_id, Some(now))
             .into_iter()
             .max()
             .unwrap_or_default()
     }
 
-    /// Durations of the zero-open stretches; an unfinished one lasts until `now` (zero if
-    /// `now` is not given).
-    fn zero_stretches(&self, app_id: &str, now: Option<Instant>) -> Vec<Duration> {
+    /// Durations of the stretches with no open socket of the app after its first one
+    /// opened; an unfinished one lasts until `now` (zero if `now` is not given).
+    pub fn zero_open_durations(&self, app_id: &str, now: Option<Instant>) -> Vec<Duration> {
         let mut stretches = Vec::new();
         let mut seen_open = false;
         let mut zero_since: Option<Instant> = None;

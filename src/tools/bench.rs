@@ -42,19 +42,26 @@ pub fn run(args: &BenchArgs) -> ExitCode {
     if let Some(handovers) = args.handovers {
         return run_handovers(args, handovers);
     }
-    let outcome = super::runtime().and_then(|rt| {
-        rt.block_on(bench(args.envelopes, args.window))
-            .map_err(std::io::Error::other)
-    });
+    report(bench(args.envelopes, args.window), args.json, print_table)
+}
+
+/// Runs one benchmark on the tools' runtime and prints its report as a table or JSON.
+fn report<R: Serialize>(
+    benchmark: impl Future<Output = Result<R, String>>,
+    json: bool,
+    print: fn(&R),
+) -> ExitCode {
+    let outcome =
+        super::runtime().and_then(|rt| rt.block_on(benchmark).map_err(std::io::Error::other));
     match outcome {
         Ok(report) => {
-            if args.json {
+            if json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&report).unwrap_or_default()
                 );
             } else {
-                print_table(&report);
+                print(&report);
             }
             exit::code(exit::OK)
         }
@@ -272,27 +279,11 @@ impl Spread {
 }
 
 fn run_handovers(args: &BenchArgs, handovers: u32) -> ExitCode {
-    let outcome = super::runtime().and_then(|rt| {
-        rt.block_on(bench_handovers(handovers, args.strict, args.rate))
-            .map_err(std::io::Error::other)
-    });
-    match outcome {
-        Ok(report) => {
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
-            } else {
-                print_handover_table(&report);
-            }
-            exit::code(exit::OK)
-        }
-        Err(error) => {
-            eprintln!("flowcoach bench: {error}");
-            exit::code(exit::FAILURE)
-        }
-    }
+    report(
+        bench_handovers(handovers, args.strict, args.rate),
+        args.json,
+        print_handover_table,
+    )
 }
 
 fn print_handover_table(r: &HandoverBenchReport) {
@@ -425,7 +416,7 @@ async fn bench_handovers(
         .await
         .unwrap_or_else(|timeout| timeout.record);
     let now = Instant::now();
-    let stretches = zero_open_stretches(&settled, DEFAULT_APP_ID);
+    let stretches = settled.zero_open_durations(DEFAULT_APP_ID, None);
     let longest = settled.longest_zero_open(DEFAULT_APP_ID, now);
 
     terminate_pid(holder.0);
@@ -578,22 +569,4 @@ fn exited(pid: u32) -> bool {
 fn terminate_pid(pid: u32) {
     let pid = nix::unistd::Pid::from_raw(pid as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-}
-
-/// The finished stretches with no socket of `app` open, after its first one opened.
-fn zero_open_stretches(record: &Record, app: &str) -> Vec<Duration> {
-    let mut stretches = Vec::new();
-    let mut seen_open = false;
-    let mut zero_since = None;
-    for (_, at, count) in record.open_count_changes.iter().filter(|c| c.0 == app) {
-        if *count > 0 {
-            seen_open = true;
-            if let Some(start) = zero_since.take() {
-                stretches.push(at.saturating_duration_since(start));
-            }
-        } else if seen_open && zero_since.is_none() {
-            zero_since = Some(*at);
-        }
-    }
-    stretches
 }
