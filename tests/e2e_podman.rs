@@ -271,6 +271,18 @@ fn unique(kind: &str) -> String {
 // Things the tests create, removed however a test ends (containers first: declare them
 // last).
 
+/// `podman <kind> create <args…>`, which must succeed.
+fn podman_create(kind: &str, args: &[&str]) {
+    let mut all = vec![kind, "create"];
+    all.extend_from_slice(args);
+    let output = podman_blocking(&all);
+    assert!(
+        output.status.success(),
+        "podman {kind} create: {}",
+        said(&output)
+    );
+}
+
 /// A Podman secret holding the simulator's token.
 struct Secret {
     name: String,
@@ -283,12 +295,7 @@ impl Secret {
         let file = dir.path().join("token");
         std::fs::write(&file, token()).unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let output = podman_blocking(&["secret", "create", &name, file.to_str().unwrap()]);
-        assert!(
-            output.status.success(),
-            "podman secret create: {}",
-            said(&output)
-        );
+        podman_create("secret", &[&name, file.to_str().unwrap()]);
         Secret { name }
     }
 }
@@ -307,12 +314,7 @@ struct Volume {
 impl Volume {
     fn create() -> Volume {
         let name = unique("run");
-        let output = podman_blocking(&["volume", "create", &name]);
-        assert!(
-            output.status.success(),
-            "podman volume create: {}",
-            said(&output)
-        );
+        podman_create("volume", &[&name]);
         Volume { name }
     }
 }
@@ -459,6 +461,19 @@ impl Container {
     }
 
     /// `podman healthcheck run`: the image's HEALTHCHECK (`flowcoachctl health`).
+    /// `flowcoachctl status --json` in the container, which must succeed; its report.
+    async fn status_json(&self) -> Value {
+        let report = self
+            .exec(&["/usr/local/bin/flowcoachctl", "status", "--json"])
+            .await;
+        assert!(
+            report.status.success(),
+            "flowcoachctl status: {}",
+            said(&report)
+        );
+        serde_json::from_slice(&report.stdout).unwrap()
+    }
+
     async fn healthcheck(&self) -> Output {
         podman(&["healthcheck", "run", &self.name]).await
     }
@@ -643,15 +658,7 @@ async fn the_image_serves_reports_ready_and_healthy_and_stops_with_a_clean_close
         "podman healthcheck run: {}",
         said(&health)
     );
-    let report = container
-        .exec(&["/usr/local/bin/flowcoachctl", "status", "--json"])
-        .await;
-    assert!(
-        report.status.success(),
-        "flowcoachctl status: {}",
-        said(&report)
-    );
-    let report: Value = serde_json::from_slice(&report.stdout).unwrap();
+    let report = container.status_json().await;
     assert_eq!(report["pid"], 1, "{report}");
     assert_eq!(report["phase_name"], "connected", "{report}");
     assert_eq!(
@@ -827,15 +834,7 @@ async fn a_container_takes_over_from_another_through_a_shared_runtime_volume() {
     // The second one holds the app: the control socket in the shared volume answers from
     // it, and a plain start in a third container is refused (75): the lock went along.
     let hostname = second.inspect("{{.Config.Hostname}}").await;
-    let report = second
-        .exec(&["/usr/local/bin/flowcoachctl", "status", "--json"])
-        .await;
-    assert!(
-        report.status.success(),
-        "flowcoachctl status: {}",
-        said(&report)
-    );
-    let report: Value = serde_json::from_slice(&report.stdout).unwrap();
+    let report = second.status_json().await;
     assert_eq!(report["host"], hostname.as_str(), "{report}");
     let health = second.healthcheck().await;
     assert!(health.status.success(), "{}", said(&health));

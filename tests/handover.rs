@@ -114,6 +114,12 @@ impl Host {
         assert_eq!(code, 75, "a plain start while the app is held: {said}");
         said
     }
+
+    /// Whether a plain start, refused as [`Host::refused_75`] checks, named pid `pid`.
+    async fn refusal_names(&self, sim: &Simulator, config: &str, pid: u32) -> bool {
+        let said = self.refused_75(sim, config).await;
+        said.contains(&format!("pid {pid}"))
+    }
 }
 
 /// The output of a finished `flowcoachctl handover`.
@@ -256,14 +262,22 @@ async fn all_acked(sim: &Simulator) -> Record {
     record
 }
 
+/// How many envelopes have been acked.
+fn acked_count(record: &Record) -> usize {
+    record
+        .envelopes
+        .iter()
+        .filter(|e| e.acked_at.is_some())
+        .count()
+}
+
 /// Waits until `more` envelopes have been acked beyond `since`; the new count.
 async fn acks_beyond(sim: &Simulator, since: usize, more: usize) -> usize {
-    let count = |r: &Record| r.envelopes.iter().filter(|e| e.acked_at.is_some()).count();
     let record = sim
-        .wait_until(WAIT, |r| count(r) >= since + more)
+        .wait_until(WAIT, |r| acked_count(r) >= since + more)
         .await
         .unwrap_or_else(|e| panic!("the stream stalled: {e}"));
-    count(&record)
+    acked_count(&record)
 }
 
 /// After a handover ended: exactly one instance serves the app, `pid`, which the control
@@ -300,6 +314,60 @@ fn with_handover(settings: &str) -> String {
     format!("{FAST_CONFIG}\n[handover]\n{settings}\n")
 }
 
+/// A simulator, a host and an incumbent started there with `config`, connected.
+async fn connected_incumbent(config: &str) -> (Simulator, Host, Daemon) {
+    let sim = simulator(|_| {}).await;
+    let host = Host::new();
+    let incumbent = host.start(&sim, config);
+    connected(&sim).await;
+    (sim, host, incumbent)
+}
+
+/// Under a stream of events, a successor (`--takeover`) that has said hello: the
+/// simulator, the host, the incumbent, the successor and the stream.
+async fn takeover_under_load() -> (Simulator, Host, Daemon, Daemon, tokio::task::JoinHandle<()>) {
+    let (sim, host, incumbent) = connected_incumbent(FAST_CONFIG).await;
+    let load = stream(&sim, 50.0, 60);
+    acks_beyond(&sim, 0, 10).await;
+    let successor = host.takeover(&sim, FAST_CONFIG);
+    sim.wait_until(WAIT, |r| r.hellos() >= 2)
+        .await
+        .expect("the successor connects");
+    (sim, host, incumbent, successor, load)
+}
+
+/// A successor (`--takeover`) that cannot connect yet (the simulator refuses handshakes
+/// until told otherwise), once the incumbent has accepted its takeover.
+async fn takeover_kept_waiting(sim: &Simulator, host: &Host, config: &str) -> Daemon {
+    sim.set_handshake_status(Some(409));
+    let mut successor = host.takeover(sim, config);
+    successor
+        .wait_log("the running instance accepted the takeover", |_| true)
+        .await;
+    successor
+}
+
+/// Kills `daemon` outright and reaps it.
+async fn kill_now(daemon: &mut Daemon) {
+    daemon.signal(Signal::SIGKILL);
+    daemon.child.wait().await.unwrap();
+}
+
+/// Waits until the incumbent logs that it rolls a handover back; that line.
+async fn rolling_back(incumbent: &mut Daemon) -> serde_json::Value {
+    incumbent
+        .wait_log("handover failed; rolling back", |_| true)
+        .await
+}
+
+/// `flowcoachctl handover`, which must fail; what it said on stderr.
+async fn handover_refused(host: &Host) -> String {
+    let output = host.ctl(&["handover"]).await;
+    let said = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "{output:?}");
+    said
+}
+
 /// Who holds the app in the chain of handovers.
 enum Holder {
     /// A process this test started (index into its daemons).
@@ -312,12 +380,10 @@ enum Holder {
 async fn twenty_handovers_both_ways_under_load_lose_nothing_and_handle_nothing_twice() {
     const HANDOVERS: usize = 20;
     let started = Instant::now();
-    let sim = simulator(|_| {}).await;
-    let host = Host::new();
     let config = with_handover("timeout = \"10s\"");
-    let mut daemons = vec![host.start(&sim, &config)];
+    let (sim, host, first) = connected_incumbent(&config).await;
+    let mut daemons = vec![first];
     let mut strays = Strays::default();
-    connected(&sim).await;
     let load = stream(&sim, 100.0, 120);
     let mut acks = acks_beyond(&sim, 0, 20).await;
     let mut holder = Holder::Ours(0);
@@ -336,8 +402,8 @@ async fn twenty_handovers_both_ways_under_load_lose_nothing_and_handle_nothing_t
             incumbent
                 .wait_log("started a successor for a handover", |_| true)
                 .await;
-            let said = host.refused_75(&sim, &config).await;
-            during_named_incumbent += usize::from(said.contains(&format!("pid {incumbent_pid}")));
+            during_named_incumbent +=
+                usize::from(host.refusal_names(&sim, &config, incumbent_pid).await);
             let output = finished(handover).await;
             assert!(
                 output.status.success(),
@@ -357,8 +423,8 @@ async fn twenty_handovers_both_ways_under_load_lose_nothing_and_handle_nothing_t
             successor
                 .wait_log("the running instance accepted the takeover", |_| true)
                 .await;
-            let said = host.refused_75(&sim, &config).await;
-            during_named_incumbent += usize::from(said.contains(&format!("pid {incumbent_pid}")));
+            during_named_incumbent +=
+                usize::from(host.refusal_names(&sim, &config, incumbent_pid).await);
             successor.wait_log("took the app over", |_| true).await;
             strays.gone(incumbent_pid).await;
             daemons.push(successor);
@@ -432,10 +498,7 @@ async fn twenty_handovers_both_ways_under_load_lose_nothing_and_handle_nothing_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_with_a_bad_token_exits_78_and_the_incumbent_keeps_serving() {
-    let sim = simulator(|_| {}).await;
-    let host = Host::new();
-    let mut incumbent = host.start(&sim, FAST_CONFIG);
-    connected(&sim).await;
+    let (sim, host, mut incumbent) = connected_incumbent(FAST_CONFIG).await;
     // Same app (same lock and socket), a token Slack does not know.
     let mut successor = host.takeover_env(
         &sim,
@@ -445,27 +508,20 @@ async fn a_takeover_with_a_bad_token_exits_78_and_the_incumbent_keeps_serving() 
     assert_eq!(successor.exit_code().await, 78, "{}", successor.stderr());
     assert!(successor.stderr().contains("invalid_auth"));
     successor.assert_token_never_printed();
-    incumbent
-        .wait_log("handover failed; rolling back", |_| true)
-        .await;
+    rolling_back(&mut incumbent).await;
     serving_alone(&sim, &host, incumbent.pid() as u32, "EvAfterBadToken").await;
     incumbent.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flowcoachctl_handover_with_an_invalid_config_on_disk_is_rolled_back() {
-    let sim = simulator(|_| {}).await;
-    let host = Host::new();
-    let mut incumbent = host.start(&sim, FAST_CONFIG);
-    connected(&sim).await;
+    let (sim, host, mut incumbent) = connected_incumbent(FAST_CONFIG).await;
     std::fs::write(
         incumbent.config_path(),
         "[connection]\nping_interval = \"soon\"\n",
     )
     .unwrap();
-    let output = host.ctl(&["handover"]).await;
-    let said = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{output:?}");
+    let said = handover_refused(&host).await;
     assert!(
         said.contains("failed") && said.contains("keeps serving") && said.contains("78"),
         "{said}"
@@ -485,28 +541,10 @@ async fn flowcoachctl_handover_with_an_invalid_config_on_disk_is_rolled_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successor_killed_after_connecting_is_rolled_back_losing_nothing() {
-    let sim = simulator(|_| {}).await;
-    let host = Host::new();
-    let mut incumbent = host.start(&sim, FAST_CONFIG);
-    connected(&sim).await;
-    let load = stream(&sim, 50.0, 60);
-    acks_beyond(&sim, 0, 10).await;
-    let mut successor = host.takeover(&sim, FAST_CONFIG);
-    sim.wait_until(WAIT, |r| r.hellos() >= 2)
-        .await
-        .expect("the successor connects");
-    successor.signal(Signal::SIGKILL);
-    successor.child.wait().await.unwrap();
-    incumbent
-        .wait_log("handover failed; rolling back", |_| true)
-        .await;
-    let acks = sim
-        .record()
-        .envelopes
-        .iter()
-        .filter(|e| e.acked_at.is_some())
-        .count();
-    acks_beyond(&sim, acks, 20).await;
+    let (sim, host, mut incumbent, mut successor, load) = takeover_under_load().await;
+    kill_now(&mut successor).await;
+    rolling_back(&mut incumbent).await;
+    acks_beyond(&sim, acked_count(&sim.record()), 20).await;
     load.abort();
     serving_alone(&sim, &host, incumbent.pid() as u32, "EvAfterCrash").await;
     // What the successor held unacked was redelivered and handled by the incumbent, once.
@@ -517,19 +555,14 @@ async fn a_successor_killed_after_connecting_is_rolled_back_losing_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successor_that_never_says_ready_is_rolled_back_after_the_timeout() {
-    let sim = simulator(|_| {}).await;
-    let host = Host::new();
     let config = with_handover("timeout = \"3s\"");
-    let mut incumbent = host.start(&sim, &config);
-    connected(&sim).await;
+    let (sim, host, mut incumbent) = connected_incumbent(&config).await;
     sim.set_handshake_status(Some(409));
     let asked = Instant::now();
     let mut successor = host.takeover(&sim, &config);
     let code = exited(&mut successor).await;
     assert_ne!(code, 0, "{}", successor.stderr());
-    let rolled_back = incumbent
-        .wait_log("handover failed; rolling back", |_| true)
-        .await;
+    let rolled_back = rolling_back(&mut incumbent).await;
     assert!(
         asked.elapsed() >= Duration::from_millis(2900),
         "rolled back before the timeout: {rolled_back}"
@@ -547,27 +580,11 @@ async fn a_successor_that_never_says_ready_is_rolled_back_after_the_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incumbent_killed_after_the_successors_hello_leaves_the_app_to_the_successor() {
-    let sim = simulator(|_| {}).await;
-    let host = Host::new();
-    let mut incumbent = host.start(&sim, FAST_CONFIG);
-    connected(&sim).await;
-    let load = stream(&sim, 50.0, 60);
-    acks_beyond(&sim, 0, 10).await;
-    let mut successor = host.takeover(&sim, FAST_CONFIG);
-    sim.wait_until(WAIT, |r| r.hellos() >= 2)
-        .await
-        .expect("the successor connects");
-    incumbent.signal(Signal::SIGKILL);
-    incumbent.child.wait().await.unwrap();
+    let (sim, host, mut incumbent, mut successor, load) = takeover_under_load().await;
+    kill_now(&mut incumbent).await;
     // Alone, or with the lock and listener if they were passed before the kill.
     successor.wait_log("took the app over", |_| true).await;
-    let acks = sim
-        .record()
-        .envelopes
-        .iter()
-        .filter(|e| e.acked_at.is_some())
-        .count();
-    acks_beyond(&sim, acks, 20).await;
+    acks_beyond(&sim, acked_count(&sim.record()), 20).await;
     load.abort();
     serving_alone(&sim, &host, successor.pid() as u32, "EvAfterKill").await;
     all_acked(&sim).await;
@@ -576,24 +593,16 @@ async fn an_incumbent_killed_after_the_successors_hello_leaves_the_app_to_the_su
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incumbent_killed_while_the_successor_connects_leaves_the_app_to_the_successor() {
-    let sim = simulator(|_| {}).await;
-    let host = Host::new();
     let config = with_handover("timeout = \"10s\"");
-    let mut incumbent = host.start(&sim, &config);
-    connected(&sim).await;
+    let (sim, host, mut incumbent) = connected_incumbent(&config).await;
     // The successor cannot connect until the incumbent is gone.
-    sim.set_handshake_status(Some(409));
-    let mut successor = host.takeover(&sim, &config);
-    successor
-        .wait_log("the running instance accepted the takeover", |_| true)
-        .await;
+    let mut successor = takeover_kept_waiting(&sim, &host, &config).await;
     sim.wait_until(WAIT, |r| {
         r.sockets.iter().any(|s| s.rejected_handshake.is_some())
     })
     .await
     .expect("the successor tries to connect");
-    incumbent.signal(Signal::SIGKILL);
-    incumbent.child.wait().await.unwrap();
+    kill_now(&mut incumbent).await;
     sim.set_handshake_status(None);
     successor
         .wait_log("the running instance went away during the handover", |_| {
@@ -609,21 +618,12 @@ async fn an_incumbent_killed_while_the_successor_connects_leaves_the_app_to_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_handover_request_is_refused_while_one_is_under_way() {
-    let sim = simulator(|_| {}).await;
-    let host = Host::new();
     let config = with_handover("timeout = \"15s\"");
-    let mut incumbent = host.start(&sim, &config);
-    connected(&sim).await;
+    let (sim, host, mut incumbent) = connected_incumbent(&config).await;
     // Keep the first handover under way: its successor cannot connect yet.
-    sim.set_handshake_status(Some(409));
-    let mut first = host.takeover(&sim, &config);
-    first
-        .wait_log("the running instance accepted the takeover", |_| true)
-        .await;
+    let mut first = takeover_kept_waiting(&sim, &host, &config).await;
 
-    let output = host.ctl(&["handover"]).await;
-    let said = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{output:?}");
+    let said = handover_refused(&host).await;
     assert!(said.contains("a handover is already in progress"), "{said}");
 
     let mut second = host.takeover(&sim, &config);
@@ -646,12 +646,9 @@ async fn a_second_handover_request_is_refused_while_one_is_under_way() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_mode_breaks_before_making_and_the_successor_acks_what_arrived_meanwhile() {
-    let sim = simulator(|_| {}).await;
-    let host = Host::new();
     let config = with_handover("strict = true");
-    let mut incumbent = host.start(&sim, &config);
+    let (sim, host, mut incumbent) = connected_incumbent(&config).await;
     let mut strays = Strays::default();
-    connected(&sim).await;
     let load = stream(&sim, 200.0, 60);
     let acks = acks_beyond(&sim, 0, 50).await;
     // The successor's first apps.connections.open fails: it connects after a backoff, so
