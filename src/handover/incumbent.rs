@@ -129,13 +129,15 @@ pub async fn run(
         Ok(())
     }
     .await;
-    state.update(|s| s.handover = None);
     match result {
+        // The handover step stays in our status: clearing it would send systemd one more
+        // STATUS= from this process after the successor has taken over.
         Ok(()) => {
             tracing::info!(successor, "handover complete: the successor holds the app");
             Outcome::Completed { successor }
         }
         Err(error) => {
+            state.update(|s| s.handover = None);
             let reason = error.to_string();
             tracing::warn!(successor, %reason, "handover failed; rolling back: this instance keeps the app");
             let _ = session
