@@ -140,12 +140,7 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
     let lock = match InstanceLock::acquire(&paths.lock, &holder) {
         Ok(lock) => Some(lock),
         Err(LockError::Held { .. }) if takeover => None,
-        Err(error @ LockError::Held { .. }) => {
-            return Err(DaemonError::AlreadyRunning(
-                conflict::describe(&error).await,
-            ));
-        }
-        Err(error) => return Err(DaemonError::Runtime(error.to_string())),
+        Err(error) => return Err(lock_failure(error).await),
     };
     let state = Arc::new(ServiceState::new(InstanceInfo::current(&environment)));
     let (live_tx, live) = watch::channel(config.settings.clone());
@@ -186,11 +181,7 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
 
     let (lock, listener, serving) = match lock {
         Some(lock) => {
-            let listener = match control_listener {
-                Some(listener) => UnixListener::from_std(listener),
-                None => server::bind(&service.paths.socket),
-            }
-            .map_err(|e| DaemonError::Runtime(format!("control socket: {e}")))?;
+            let listener = listen(control_listener, &service.paths.socket)?;
             (lock, listener, service.start_serving()?)
         }
         None => match takeover::take_over(&service, &shutdown).await? {
@@ -199,17 +190,17 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
                 listener,
                 serving,
             } => (lock, listener, serving),
-            // The incumbent went away before handing on: the app is free.
+            // The incumbent went away before handing on: the app is free; take the lock
+            // as a first start would.
             takeover::Taken::Nothing => {
-                return Box::pin(run_standalone(
-                    service,
-                    shutdown,
-                    reloads,
-                    live_tx,
-                    log,
-                    control_listener,
-                ))
-                .await;
+                let lock = InstanceLock::acquire(&service.paths.lock, &service.holder);
+                let lock = match lock {
+                    Ok(lock) => lock,
+                    Err(error) => return Err(lock_failure(error).await),
+                };
+                service.dispatcher.release(None);
+                let listener = listen(control_listener, &service.paths.socket)?;
+                (lock, listener, service.start_serving()?)
             }
         },
     };
@@ -219,35 +210,26 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
     .await
 }
 
-/// After a takeover whose incumbent vanished: take the lock as a first start would.
-async fn run_standalone(
-    service: Service,
-    shutdown: CancellationToken,
-    reloads: mpsc::Receiver<()>,
-    live_tx: watch::Sender<Settings>,
-    log: LogHandle,
-    control_listener: Option<StdUnixListener>,
-) -> Result<(), DaemonError> {
-    let lock = match InstanceLock::acquire(&service.paths.lock, &service.holder) {
-        Ok(lock) => lock,
-        Err(error @ LockError::Held { .. }) => {
-            return Err(DaemonError::AlreadyRunning(
-                conflict::describe(&error).await,
-            ));
-        }
-        Err(error) => return Err(DaemonError::Runtime(error.to_string())),
-    };
-    service.dispatcher.release(None);
-    let listener = match control_listener {
-        Some(listener) => UnixListener::from_std(listener),
-        None => server::bind(&service.paths.socket),
+/// Why the lock could not be taken: another instance holds the app (75, naming it), or the
+/// file could not be locked at all.
+async fn lock_failure(error: LockError) -> DaemonError {
+    match error {
+        LockError::Held { .. } => DaemonError::AlreadyRunning(conflict::describe(&error).await),
+        error => DaemonError::Runtime(error.to_string()),
     }
-    .map_err(|e| DaemonError::Runtime(format!("control socket: {e}")))?;
-    let serving = service.start_serving()?;
-    serve(
-        service, lock, listener, serving, shutdown, reloads, live_tx, log,
-    )
-    .await
+}
+
+/// The control listener: the one systemd passed, else bound at `path` (only while holding
+/// the lock: binding replaces a stale socket file).
+fn listen(
+    from_systemd: Option<StdUnixListener>,
+    path: &std::path::Path,
+) -> Result<UnixListener, DaemonError> {
+    match from_systemd {
+        Some(listener) => UnixListener::from_std(listener),
+        None => server::bind(path),
+    }
+    .map_err(|e| DaemonError::Runtime(format!("control socket: {e}")))
 }
 
 /// The PID file names the control socket for a second start's message: with socket

@@ -5,7 +5,6 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{DaemonError, Service, Serving};
-use crate::control::server;
 use crate::handover::HandoverError;
 use crate::handover::successor::{Received, Takeover};
 use crate::service::lock::{InstanceLock, read_holder};
@@ -95,8 +94,7 @@ pub async fn take_over(
             tracing::warn!(%why, "the running instance went away during the handover; taking the app alone");
             let lock = InstanceLock::acquire(&service.paths.lock, &service.holder)
                 .map_err(|e| DaemonError::Takeover(e.to_string()))?;
-            let listener = server::bind(&service.paths.socket)
-                .map_err(|e| DaemonError::Runtime(format!("control socket: {e}")))?;
+            let listener = super::listen(None, &service.paths.socket)?;
             service.dispatcher.release(None);
             service
                 .state
