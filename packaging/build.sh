@@ -31,11 +31,11 @@ if [[ "$target" != target ]]; then
 fi
 
 echo "== release build"
-cargo build --release --locked --bins
+cargo build --release --locked --package flowcoach --bins
 
 echo "== man pages and completions"
 rm -rf target/assets
-target/release/flowcoach generate-assets --out target/assets >/dev/null
+cargo run --quiet --locked --package xtask -- assets --out target/assets >/dev/null
 for page in target/assets/man/*.1; do
     # The rpm takes them compressed; cargo-deb compresses its own copies.
     gzip -9 -n -c "$page" >"$page.gz"

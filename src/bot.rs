@@ -7,8 +7,8 @@ use std::time::SystemTime;
 use serde_json::{Value, json};
 
 use crate::dispatch::{Handler, HandlerFuture, Incoming};
-use crate::slack::wire::EnvelopeKind;
 use crate::state::ServiceState;
+use flowcoach_protocol::EnvelopeKind;
 
 pub const COMMAND: &str = "/flowcoach";
 
@@ -116,8 +116,8 @@ impl Handler for FlowCoach {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::slack::wire::{Inbound, parse_inbound};
     use crate::state::InstanceInfo;
+    use flowcoach_protocol::{Inbound, parse_inbound};
 
     fn incoming(frame: &str) -> Incoming {
         let Ok(Inbound::Envelope(envelope)) = parse_inbound(frame) else {

@@ -31,7 +31,11 @@ if [ ! -e "$rootfs/.flowcoach-rootfs-complete" ]; then
         MIRROR=$(sed -n 's/^deb[[:space:]]\{1,\}\([^[:space:]]*\/debian\)[[:space:]]\{1,\}bookworm[[:space:]].*/\1/p' \
             /etc/apt/sources.list 2>/dev/null | head -n 1)
     fi
-    MIRROR=${MIRROR:-http://deb.debian.org/debian}
+    if [ -z "${MIRROR:-}" ]; then
+        echo "import-base: no Debian mirror for bookworm in /etc/apt/sources.list or" \
+            "/etc/apt/sources.list.d/*.sources: configure APT, or set MIRROR=" >&2
+        exit 1
+    fi
     echo "import-base: debootstrap bookworm (minbase) from $MIRROR into $rootfs"
     rm -rf "$rootfs.partial"
     mkdir -p "$(dirname "$rootfs")"

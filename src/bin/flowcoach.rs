@@ -1,4 +1,4 @@
-//! The flowcoach daemon and its offline tools (simulator, demo, benchmark).
+//! The flowcoach daemon.
 
 use std::process::ExitCode;
 
@@ -9,7 +9,7 @@ use flowcoach::config::{Config, ProcessEnv};
 use flowcoach::control::server::from_systemd;
 use flowcoach::daemon::{self, Startup};
 use flowcoach::service::paths::{InstancePaths, runtime_dir};
-use flowcoach::{exit, logging, tools};
+use flowcoach::{exit, logging};
 
 fn main() -> ExitCode {
     let cli = match DaemonCli::try_parse() {
@@ -26,10 +26,6 @@ fn main() -> ExitCode {
     match cli.command {
         None | Some(DaemonCommand::Run) => run(&cli),
         Some(DaemonCommand::CheckConfig) => check_config(&cli),
-        Some(DaemonCommand::Sim(ref args)) => tools::sim_cli::run(args),
-        Some(DaemonCommand::Demo(ref args)) => tools::demo::run(args),
-        Some(DaemonCommand::Bench(ref args)) => tools::bench::run(args),
-        Some(DaemonCommand::GenerateAssets(ref args)) => tools::assets::run(args),
     }
 }
 

@@ -16,11 +16,11 @@ use tokio_util::sync::CancellationToken;
 use super::{DaemonError, EXTEND_STEP, Service, Serving};
 use crate::control::protocol::{Command, Response};
 use crate::control::server::HandoverCall;
+use crate::deadline::far_future;
 use crate::handover::incumbent::{self, Handed, Outcome, Terms};
 use crate::handover::{Session, spawn};
 use crate::service::lock::InstanceLock;
 use crate::service::systemd;
-use crate::slack::far_future;
 
 /// Copies of the descriptors a successor receives.
 pub fn handed(lock: &InstanceLock, listener: &UnixListener) -> std::io::Result<Handed> {

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{Notify, mpsc};
 
-use crate::slack::wire::{Ack, AckError};
+use flowcoach_protocol::{Ack, AckError};
 
 /// Acks waiting to be written, counted per connection so a connection being retired can
 /// close only once every envelope it delivered has been acked.

@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::slack::wire::{Envelope, PayloadSummary};
+use flowcoach_protocol::{Envelope, PayloadSummary};
 
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -17,8 +17,8 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{DispatchSettings, Settings};
-use crate::slack::wire::Envelope;
 use crate::state::{Counters, ServiceState};
+use flowcoach_protocol::Envelope;
 
 /// What happened to one envelope on arrival.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,10 +16,10 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use url::Url;
 
 use crate::config::ConnectionSettings;
+use crate::deadline::far_future;
 use crate::dispatch::{AckSink, Dispatcher, PendingAcks};
-use crate::slack::far_future;
-use crate::slack::wire::{DisconnectReason, FrameError, Hello, Inbound, parse_inbound};
 use crate::state::{Counters, ServiceState};
+use flowcoach_protocol::{DisconnectReason, FrameError, Hello, Inbound, parse_inbound};
 
 type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 

@@ -14,14 +14,14 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{
     Config, ConnectionSettings, EnvironmentSettings, OtherClientsPolicy, Settings, mismatch_message,
 };
+use crate::deadline::far_future;
 use crate::dispatch::Dispatcher;
 use crate::slack::api::{OpenError, SlackApi};
 use crate::slack::backoff::Backoff;
 use crate::slack::connection::{self, ConnEvent, ConnectError, ConnectionHandle, EndCause};
-use crate::slack::far_future;
-use crate::slack::wire::{DisconnectReason, Hello};
 use crate::state::{Counters, Phase, ServiceState};
 use crate::token::AppToken;
+use flowcoach_protocol::{DisconnectReason, Hello};
 
 /// Errors that stop the service: retrying cannot fix them (exit 78).
 #[derive(Debug, thiserror::Error)]

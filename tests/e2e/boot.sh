@@ -7,7 +7,7 @@
 #
 # It prints the nsenter command to run things inside, e.g.
 #   nsenter -t PID -a dpkg -i /path/inside.deb ; nsenter -t PID -a journalctl -u flowcoach
-# A simulator for it: target/release/flowcoach sim --listen 127.0.0.1:3000 (the machine
+# A simulator for it: target/release/flowcoach-dev sim --listen 127.0.0.1:3000 (the machine
 # shares the host's network), then a drop-in with FLOWCOACH_SLACK_API_URL as the tests write.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/../.."
 name="${1:-fce2e-manual-$$}"
 rootfs="${CARGO_TARGET_DIR:-target}/e2e/rootfs-bookworm"
 [[ -x "$rootfs/usr/lib/systemd/systemd" ]] || {
-    echo "no rootfs in $rootfs: run FLOWCOACH_E2E=1 cargo test --test e2e_systemd first" >&2
+    echo "no rootfs in $rootfs: run FLOWCOACH_E2E=1 cargo test --test e2e -- systemd:: first" >&2
     exit 1
 }
 

@@ -134,11 +134,6 @@ impl Deb {
             .find_map(|path| std::fs::read_to_string(path).ok())
     }
 
-    /// A file of the package by its absolute path.
-    pub fn file(&self, path: &str) -> Option<String> {
-        std::fs::read_to_string(self.tree.path().join(path.trim_start_matches('/'))).ok()
-    }
-
     /// Where `flowcoach.service` loads the `slack-app-token` credential from
     /// (`LoadCredential=slack-app-token:PATH`).
     pub fn token_path(&self) -> String {

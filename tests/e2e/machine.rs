@@ -145,11 +145,6 @@ impl Machine {
         machine
     }
 
-    /// The machine's PID 1 as the host sees it.
-    pub fn leader(&self) -> i32 {
-        self.leader
-    }
-
     /// `inside` (an absolute path in the machine) seen from the host.
     pub fn host_path(&self, inside: &str) -> PathBuf {
         let relative = inside.trim_start_matches('/');

@@ -121,7 +121,7 @@ fn tail(text: &str, lines: usize) -> String {
 }
 
 /// `FLOWCOACH_E2E_MIRROR`, else the first Debian (non-security) mirror of this machine's
-/// APT sources, else deb.debian.org.
+/// APT sources; panics saying so when there is none: the tests name no mirror of their own.
 pub fn mirror() -> String {
     if let Ok(mirror) = std::env::var("FLOWCOACH_E2E_MIRROR")
         && !mirror.is_empty()
@@ -138,7 +138,12 @@ pub fn mirror() -> String {
         .iter()
         .filter_map(|file| std::fs::read_to_string(file).ok())
         .find_map(|text| debian_mirror_in(&text))
-        .unwrap_or_else(|| "http://deb.debian.org/debian".to_owned())
+        .unwrap_or_else(|| {
+            panic!(
+                "no Debian mirror for {SUITE} in /etc/apt/sources.list or /etc/apt/sources.list.d/: \
+                 configure APT, or set FLOWCOACH_E2E_MIRROR to the mirror debootstrap should use"
+            )
+        })
 }
 
 /// A mirror serving `SUITE` in one sources file, one-line (`deb URL suite …`) or deb822.

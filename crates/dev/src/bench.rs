@@ -1,0 +1,419 @@
+//! `flowcoach-dev bench`: throughput, CPU per envelope, ack latency and resident memory of a
+//! flowcoach process (the child, not the simulator) under a steady envelope stream; with
+//! `--handovers N`, what N handovers in a row cost under a steady event stream.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use flowcoach::control::client;
+use flowcoach::control::protocol::{Command, Response};
+use flowcoach::service::paths::InstancePaths;
+use flowcoach_harness::logs::handled_events;
+use flowcoach_harness::process::{self, Strays};
+use flowcoach_harness::{Daemon, Logs};
+use flowcoach_sim::{DEFAULT_APP_ID, LoadMix, LoadSpec, Record, SimConfig, Simulator};
+use nix::sys::signal::Signal;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::BenchArgs;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The figures one run produces.
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub envelopes: u64,
+    pub window: usize,
+    pub seconds: f64,
+    pub envelopes_per_second: f64,
+    pub cpu_us_per_envelope: f64,
+    pub ack_latency_p50_us: u64,
+    pub ack_latency_p99_us: u64,
+    pub rss_idle_kib: u64,
+    pub rss_peak_under_load_kib: u64,
+    /// Of which heap and stacks (the rest is the binary's and libraries' mapped pages).
+    pub rss_anon_idle_kib: u64,
+    pub rss_anon_peak_under_load_kib: u64,
+}
+
+pub fn run(args: &BenchArgs) -> ExitCode {
+    if let Some(handovers) = args.handovers {
+        return run_handovers(args, handovers);
+    }
+    report(bench(args.envelopes, args.window), args.json, print_table)
+}
+
+/// Runs one benchmark on the tools' runtime and prints its report as a table or JSON.
+fn report<R: Serialize>(
+    benchmark: impl Future<Output = Result<R, String>>,
+    json: bool,
+    print: fn(&R),
+) -> ExitCode {
+    let outcome =
+        super::runtime().and_then(|rt| rt.block_on(benchmark).map_err(std::io::Error::other));
+    match outcome {
+        Ok(report) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print(&report);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("flowcoach-dev bench: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_table(r: &BenchReport) {
+    println!(
+        "flowcoach bench: {} envelopes, window {}",
+        r.envelopes, r.window
+    );
+    println!(
+        "  throughput        {:>10.0} envelopes/s",
+        r.envelopes_per_second
+    );
+    println!(
+        "  client CPU        {:>10.2} µs/envelope",
+        r.cpu_us_per_envelope
+    );
+    println!("  ack latency p50   {:>10} µs", r.ack_latency_p50_us);
+    println!("  ack latency p99   {:>10} µs", r.ack_latency_p99_us);
+    println!(
+        "  RSS idle          {:>10.1} MiB",
+        r.rss_idle_kib as f64 / 1024.0
+    );
+    println!(
+        "  RSS peak, load    {:>10.1} MiB",
+        r.rss_peak_under_load_kib as f64 / 1024.0
+    );
+    println!(
+        "    of which anon   {:>10.1} MiB idle, {:.1} MiB peak",
+        r.rss_anon_idle_kib as f64 / 1024.0,
+        r.rss_anon_peak_under_load_kib as f64 / 1024.0
+    );
+}
+
+async fn bench(envelopes: u64, window: usize) -> Result<BenchReport, String> {
+    let config = SimConfig {
+        // Under full load nothing should be redelivered: the figure is the steady state.
+        ack_deadline: Duration::from_secs(60),
+        server_ping_interval: None,
+        ..SimConfig::default()
+    };
+    let sim = Simulator::start(config)
+        .await
+        .map_err(|e| format!("simulator: {e}"))?;
+    // warn: the built-in handler's per-event info line is filtered out, which makes it the
+    // no-op handler the figures are about.
+    let mut daemon = Daemon::launch(&sim, "", &[("FLOWCOACH_LOG", "warn")], &[], Logs::Collect);
+    let pid = daemon.pid() as u32;
+    sim.wait_until(WAIT, |r| r.sockets.iter().any(|s| s.hello_at.is_some()))
+        .await
+        .map_err(|e| format!("flowcoach did not connect: {e:?}"))?;
+    // Let start-up allocations settle before reading the idle figure.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = process::usage(pid)?;
+
+    let started = Instant::now();
+    let load = sim.start_load(
+        DEFAULT_APP_ID,
+        LoadSpec {
+            count: envelopes,
+            rate_per_sec: None,
+            max_outstanding: Some(window),
+            mix: LoadMix::EventsOnly,
+        },
+    );
+    let mut peak_rss = idle.rss_kib;
+    let mut peak_anon = idle.rss_anon_kib;
+    let all_acked = |r: &Record| {
+        r.envelopes.len() as u64 >= envelopes && r.envelopes.iter().all(|e| e.acked_at.is_some())
+    };
+    let sampler = async {
+        loop {
+            if let Ok(stats) = process::usage(pid) {
+                peak_rss = peak_rss.max(stats.rss_kib);
+                peak_anon = peak_anon.max(stats.rss_anon_kib);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let finished = tokio::select! {
+        done = sim.wait_until(Duration::from_secs(600), all_acked) => done,
+        () = sampler => unreachable!("the sampler never ends"),
+    };
+    let record = finished.map_err(|e| format!("not every envelope was acked: {e:?}"))?;
+    let elapsed = started.elapsed();
+    let _ = load.await;
+    let loaded = process::usage(pid)?;
+    peak_rss = peak_rss.max(loaded.rss_kib);
+    peak_anon = peak_anon.max(loaded.rss_anon_kib);
+
+    daemon.signal(Signal::SIGTERM);
+    let _ = tokio::time::timeout(WAIT, daemon.child.wait()).await;
+    sim.shutdown().await;
+
+    let mut latencies: Vec<u64> = record
+        .envelopes
+        .iter()
+        .filter_map(|e| Some((e.acked_at? - e.deliveries.first()?.at).as_micros() as u64))
+        .collect();
+    latencies.sort_unstable();
+    let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
+    let cpu = loaded.cpu.saturating_sub(idle.cpu);
+    Ok(BenchReport {
+        envelopes,
+        window,
+        seconds: elapsed.as_secs_f64(),
+        envelopes_per_second: envelopes as f64 / elapsed.as_secs_f64(),
+        cpu_us_per_envelope: cpu.as_secs_f64() * 1e6 / envelopes as f64,
+        ack_latency_p50_us: percentile(0.50),
+        ack_latency_p99_us: percentile(0.99),
+        rss_idle_kib: idle.rss_kib,
+        rss_peak_under_load_kib: peak_rss,
+        rss_anon_idle_kib: idle.rss_anon_kib,
+        rss_anon_peak_under_load_kib: peak_anon,
+    })
+}
+
+/// What `--handovers N` measures.
+#[derive(Debug, Serialize)]
+pub struct HandoverBenchReport {
+    pub handovers: u32,
+    pub strict: bool,
+    pub rate_per_sec: f64,
+    /// From the request to the answer, as the incumbent counts it (`took_ms`).
+    pub took_ms: Spread,
+    /// From the request to the answer, as the caller sees it.
+    pub wall_ms: Spread,
+    /// Stretches with no socket open for the app, as the simulator saw them.
+    pub zero_open_stretches: usize,
+    /// The longest of them (`Record::longest_zero_open`).
+    pub longest_zero_open_ms: f64,
+    /// Each of them, in ms (one per handover in strict mode, none in overlap).
+    pub zero_open_ms: Spread,
+    pub envelopes: usize,
+    /// Envelopes delivered more than once (left unacked by a draining incumbent, or held
+    /// by a successor beyond the ack deadline): Slack's redelivery at work.
+    pub redelivered: usize,
+    /// Never acked, or given up by the simulator.
+    pub lost: usize,
+    /// Event ids with more than one "event handled" log line, over every process.
+    pub handled_twice: usize,
+    /// Acked events with no "event handled" log line.
+    pub acked_not_handled: usize,
+}
+
+/// Minimum, median and maximum.
+#[derive(Debug, Default, Serialize)]
+pub struct Spread {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    fn of(mut values: Vec<f64>) -> Spread {
+        values.sort_by(f64::total_cmp);
+        match (values.first(), values.last()) {
+            (Some(min), Some(max)) => Spread {
+                min: *min,
+                median: values[values.len() / 2],
+                max: *max,
+            },
+            _ => Spread::default(),
+        }
+    }
+}
+
+fn run_handovers(args: &BenchArgs, handovers: u32) -> ExitCode {
+    report(
+        bench_handovers(handovers, args.strict, args.rate),
+        args.json,
+        print_handover_table,
+    )
+}
+
+fn print_handover_table(r: &HandoverBenchReport) {
+    println!(
+        "flowcoach bench: {} handovers ({}), {:.0} events/s",
+        r.handovers,
+        if r.strict {
+            "strict: break before make"
+        } else {
+            "overlap"
+        },
+        r.rate_per_sec
+    );
+    println!("                         min     median        max");
+    let row = |name: &str, s: &Spread| {
+        println!(
+            "  {name:<18} {:>7.1} {:>10.1} {:>10.1} ms",
+            s.min, s.median, s.max
+        );
+    };
+    row("took (daemon)", &r.took_ms);
+    row("took (caller)", &r.wall_ms);
+    row("no socket open", &r.zero_open_ms);
+    println!(
+        "  longest with no socket open  {:>8.1} ms ({} stretches)",
+        r.longest_zero_open_ms, r.zero_open_stretches
+    );
+    println!("  envelopes          {:>10}", r.envelopes);
+    println!("    redelivered      {:>10}", r.redelivered);
+    println!("    lost             {:>10}", r.lost);
+    println!("    handled twice    {:>10}", r.handled_twice);
+    println!("    acked, unhandled {:>10}", r.acked_not_handled);
+}
+
+/// The environment of the benchmark's instances (names the lock and control socket).
+const BENCH_ENVIRONMENT: &str = "bench";
+
+async fn bench_handovers(
+    handovers: u32,
+    strict: bool,
+    rate: f64,
+) -> Result<HandoverBenchReport, String> {
+    if rate.is_nan() || rate <= 0.0 {
+        return Err("--rate must be positive".to_owned());
+    }
+    let sim = Simulator::start(SimConfig {
+        server_ping_interval: None,
+        ..SimConfig::default()
+    })
+    .await
+    .map_err(|e| format!("simulator: {e}"))?;
+    let config = format!("environment = \"{BENCH_ENVIRONMENT}\"\n[handover]\nstrict = {strict}\n");
+    // JSON at info: the "event handled" lines are counted. Every instance writes to this
+    // one's stderr: a successor inherits its predecessor's.
+    let mut first = Daemon::launch(&sim, &config, &[], &[], Logs::Collect);
+    let socket =
+        InstancePaths::new(&first.runtime_dir, Some(DEFAULT_APP_ID), BENCH_ENVIRONMENT).socket;
+    // Successors are not our children: whichever holds the app is stopped however this ends.
+    let mut strays = Strays::default();
+    let mut holder = first.pid() as u32;
+    sim.wait_until(WAIT, |r| r.open_sockets(DEFAULT_APP_ID) >= 1)
+        .await
+        .map_err(|e| format!("flowcoach did not connect: {e:?}"))?;
+
+    let load = sim.start_load(
+        DEFAULT_APP_ID,
+        LoadSpec {
+            count: (rate * 3600.0) as u64,
+            rate_per_sec: Some(rate),
+            max_outstanding: None,
+            mix: LoadMix::EventsOnly,
+        },
+    );
+    // Handovers a tenth of a second of stream apart, at least one envelope.
+    let spacing = ((rate / 10.0) as usize).max(1);
+    let mut acks = acked_beyond(&sim, 0, spacing * 5).await?;
+    let mut took = Vec::new();
+    let mut wall = Vec::new();
+    let mut reaped_first = false;
+    for round in 0..handovers {
+        let asked = Instant::now();
+        let answer = client::request(&socket, Command::Handover, Duration::from_secs(120))
+            .await
+            .map_err(|e| format!("handover {}: {e}", round + 1))?;
+        wall.push(asked.elapsed().as_secs_f64() * 1e3);
+        let successor = match answer {
+            Response::HandedOver {
+                successor_pid,
+                took_ms,
+            } => {
+                took.push(took_ms as f64);
+                successor_pid
+            }
+            Response::Error { message, .. } => {
+                return Err(format!("handover {}: {message}", round + 1));
+            }
+            other => return Err(format!("handover {}: unexpected {other:?}", round + 1)),
+        };
+        strays.add(successor);
+        // The next request must reach the successor: the old instance still accepts on the
+        // shared control socket until it has exited.
+        if reaped_first {
+            strays.gone(holder, WAIT).await?;
+        } else {
+            tokio::time::timeout(WAIT, first.child.wait())
+                .await
+                .map_err(|_| "the first instance did not exit after its handover")?
+                .map_err(|e| e.to_string())?;
+            reaped_first = true;
+        }
+        holder = successor;
+        acks = acked_beyond(&sim, acks, spacing).await?;
+    }
+    load.abort();
+    // Left unacked by a draining incumbent: redelivered after the ack deadline.
+    let settled = sim
+        .wait_until(Duration::from_secs(30), |r| {
+            r.envelopes
+                .iter()
+                .all(|e| e.acked_at.is_some() || e.gave_up)
+        })
+        .await
+        .unwrap_or_else(|timeout| timeout.record);
+    let now = Instant::now();
+    let stretches = settled.zero_open_durations(DEFAULT_APP_ID, None);
+    let longest = settled.longest_zero_open(DEFAULT_APP_ID, now);
+
+    process::signal(holder, Signal::SIGTERM);
+    strays
+        .gone(holder, WAIT)
+        .await
+        .map_err(|_| format!("pid {holder} did not stop after SIGTERM"))?;
+    sim.shutdown().await;
+    let handled = handled_events(&first.logs());
+
+    let acked_events: Vec<&str> = settled
+        .envelopes
+        .iter()
+        .filter(|e| e.acked_at.is_some())
+        .filter_map(|e| e.event_id.as_deref())
+        .collect();
+    Ok(HandoverBenchReport {
+        handovers,
+        strict,
+        rate_per_sec: rate,
+        took_ms: Spread::of(took),
+        wall_ms: Spread::of(wall),
+        zero_open_stretches: stretches.len(),
+        longest_zero_open_ms: longest.as_secs_f64() * 1e3,
+        zero_open_ms: Spread::of(stretches.iter().map(|d| d.as_secs_f64() * 1e3).collect()),
+        envelopes: settled.envelopes.len(),
+        redelivered: settled
+            .envelopes
+            .iter()
+            .filter(|e| e.deliveries.len() > 1)
+            .count(),
+        lost: settled
+            .envelopes
+            .iter()
+            .filter(|e| e.acked_at.is_none() || e.gave_up)
+            .count(),
+        handled_twice: handled.values().filter(|n| **n > 1).count(),
+        acked_not_handled: acked_events
+            .iter()
+            .filter(|id| !handled.contains_key(**id))
+            .count(),
+    })
+}
+
+/// Waits until `more` envelopes have been acked beyond `since`; the new count.
+async fn acked_beyond(sim: &Simulator, since: usize, more: usize) -> Result<usize, String> {
+    let count = |r: &Record| r.envelopes.iter().filter(|e| e.acked_at.is_some()).count();
+    sim.wait_until(WAIT, |r| count(r) >= since + more)
+        .await
+        .map(|r| count(&r))
+        .map_err(|e| format!("the event stream stalled: {e:?}"))
+}

@@ -1,0 +1,128 @@
+//! `flowcoach-dev`: the development tools beside the daemon: the Socket Mode simulator on a
+//! fixed address, a narrated demo, and the benchmarks. Each runs the real `flowcoach`
+//! binary as a child process, so what they show and measure is the daemon itself.
+
+mod bench;
+mod demo;
+mod sim;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// flowcoach's development tools: simulator, demo, benchmarks.
+#[derive(Debug, Parser)]
+#[command(name = "flowcoach-dev", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    tool: Tool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Tool {
+    /// Run the Socket Mode simulator, a local stand-in for Slack.
+    Sim(SimArgs),
+    /// Run flowcoach against the simulator and watch it work: events, a slash command, a
+    /// rotation, a dropped connection, a clean stop.
+    Demo(DemoArgs),
+    /// Measure flowcoach (as a child process) against the simulator: throughput, CPU per
+    /// envelope, ack latency, resident memory; or handovers.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Envelopes to send.
+    #[arg(long, default_value_t = 100_000)]
+    pub envelopes: u64,
+    /// Envelopes in flight (sent, not yet acked) at most.
+    #[arg(long, default_value_t = 64)]
+    pub window: usize,
+    /// Measure handovers instead: this many `flowcoachctl handover`s in a row under a
+    /// steady event stream (time to complete, time with no socket open, envelopes lost or
+    /// handled twice).
+    #[arg(long, value_name = "N")]
+    pub handovers: Option<u32>,
+    /// With --handovers: break before make (`[handover] strict = true`).
+    #[arg(long, requires = "handovers")]
+    pub strict: bool,
+    /// With --handovers: events per second in the stream.
+    #[arg(long, default_value_t = 200.0, value_name = "PER_SECOND")]
+    pub rate: f64,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Address for the simulator's Web API and websocket endpoints.
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    pub listen: SocketAddr,
+    /// The simulated app's ID.
+    #[arg(long, default_value = "A0SIMAPP01")]
+    pub app_id: String,
+    /// Events per second to inject once a client is connected (0: none).
+    #[arg(long, default_value_t = 1.0)]
+    pub rate: f64,
+    /// Ask each connection to rotate after this long, like `debug_reconnects`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub rotate_every: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// How long the demo runs before stopping flowcoach with SIGTERM.
+    #[arg(long, default_value = "12s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if matches!(cli.tool, Tool::Demo(_) | Tool::Bench(_))
+        && let Err(error) = build_the_daemon()
+    {
+        eprintln!("flowcoach-dev: {error}");
+        return ExitCode::FAILURE;
+    }
+    match cli.tool {
+        Tool::Sim(args) => sim::run(&args),
+        Tool::Demo(args) => demo::run(&args),
+        Tool::Bench(args) => bench::run(&args),
+    }
+}
+
+/// Under `cargo run`, builds `flowcoach` and `flowcoachctl` with this binary's profile
+/// first, so that one command runs the demo or a benchmark on the current source: cargo
+/// builds only the package it runs. Run on its own, the binaries beside it are used.
+fn build_the_daemon() -> Result<(), String> {
+    if std::env::var_os("CARGO").is_none() {
+        return Ok(());
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let profile: &[&str] = if cfg!(debug_assertions) {
+        &[]
+    } else {
+        &["--release"]
+    };
+    let args = [profile, &["--package", "flowcoach", "--bins"]].concat();
+    let status = flowcoach_harness::cargo::build(&workspace, &args)
+        .map_err(|error| format!("cannot run cargo build: {error}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("cargo build of the daemon failed ({status})"))
+    }
+}
+
+/// The tools run the simulator on a multi-threaded runtime of their own: the child
+/// process is measured, not this one.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}

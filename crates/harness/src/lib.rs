@@ -1,0 +1,11 @@
+//! One harness for the integration tests and the benchmarks: a simulator in the calling
+//! process and flowcoach as a real child process, its JSON log lines collected so callers
+//! wait on events instead of sleeping.
+
+pub mod binaries;
+pub mod cargo;
+mod daemon;
+pub mod logs;
+pub mod process;
+
+pub use daemon::*;

@@ -1,0 +1,708 @@
+//! Handovers between real flowcoach processes on one host (a shared runtime directory),
+//! against the simulator: `flowcoachctl handover` (the incumbent starts its successor) and
+//! `flowcoach --takeover` (a successor started by someone else asks for the app). Under a
+//! steady event stream nothing is lost, nothing is handled twice, the app always has an
+//! open socket and the lock is never free; failed successors are rolled back; an incumbent
+//! that dies mid-handover leaves the app to its successor; strict mode breaks before it
+//! makes.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use flowcoach_harness::{APP, Daemon, FAST_CONFIG, WAIT, acked, connected, event, simulator};
+use flowcoach_protocol::EnvelopeKind;
+use flowcoach_sim::{CloseKind, LoadMix, LoadSpec, OpenResponse, Record, Simulator};
+use nix::sys::signal::Signal;
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+/// One host: every process of a test shares this runtime directory (lock, control socket).
+struct Host {
+    dir: tempfile::TempDir,
+    dir_text: String,
+}
+
+impl Host {
+    fn new() -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let dir_text = dir.path().display().to_string();
+        Host { dir, dir_text }
+    }
+
+    fn env(&self) -> (&'static str, &str) {
+        ("FLOWCOACH_RUNTIME_DIR", self.dir_text.as_str())
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join(format!("{APP}.test.sock"))
+    }
+
+    fn lock_file(&self) -> PathBuf {
+        self.dir.path().join(format!("{APP}.test.pid"))
+    }
+
+    /// `flowcoach` started plainly, as a first instance (or a conflicting one).
+    fn start(&self, sim: &Simulator, config: &str) -> Daemon {
+        Daemon::start_with(sim, config, &[self.env()])
+    }
+
+    /// `flowcoach --takeover`.
+    fn takeover(&self, sim: &Simulator, config: &str) -> Daemon {
+        self.takeover_env(sim, config, &[])
+    }
+
+    fn takeover_env(&self, sim: &Simulator, config: &str, env: &[(&str, &str)]) -> Daemon {
+        let mut all = vec![self.env()];
+        all.extend_from_slice(env);
+        Daemon::start_args(sim, config, &all, &["--takeover"])
+    }
+
+    fn ctl_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_flowcoachctl"));
+        command
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Runs flowcoachctl to the end (asynchronously: the simulator runs on this runtime).
+    async fn ctl(&self, args: &[&str]) -> Output {
+        let output = self.ctl_command(args).output();
+        tokio::time::timeout(WAIT + Duration::from_secs(10), output)
+            .await
+            .unwrap_or_else(|_| panic!("flowcoachctl {args:?} did not finish"))
+            .unwrap()
+    }
+
+    /// Starts `flowcoachctl handover`; [`finished`] collects its answer.
+    fn start_handover(&self) -> Child {
+        self.ctl_command(&["--timeout", "30s", "handover"])
+            .spawn()
+            .unwrap()
+    }
+
+    /// The pid in `flowcoachctl status --json`.
+    async fn status_pid(&self) -> u32 {
+        let status = self.ctl(&["status", "--json"]).await;
+        assert!(status.status.success(), "{status:?}");
+        let report: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        report["pid"].as_u64().unwrap() as u32
+    }
+
+    /// The pid the lock file names.
+    fn lock_pid(&self) -> u32 {
+        let text = std::fs::read_to_string(self.lock_file()).unwrap();
+        text.lines().next().unwrap().parse().unwrap()
+    }
+
+    /// Starts flowcoach plainly and checks it exits 75, the app being held; returns what it
+    /// said.
+    async fn refused_75(&self, sim: &Simulator, config: &str) -> String {
+        let mut third = self.start(sim, config);
+        let code = third.exit_code().await;
+        let said = third.stderr();
+        assert_eq!(code, 75, "a plain start while the app is held: {said}");
+        said
+    }
+
+    /// Whether a plain start, refused as [`Host::refused_75`] checks, named pid `pid`.
+    async fn refusal_names(&self, sim: &Simulator, config: &str, pid: u32) -> bool {
+        let said = self.refused_75(sim, config).await;
+        said.contains(&format!("pid {pid}"))
+    }
+}
+
+/// The output of a finished `flowcoachctl handover`.
+async fn finished(handover: Child) -> Output {
+    tokio::time::timeout(Duration::from_secs(40), handover.wait_with_output())
+        .await
+        .expect("flowcoachctl handover answers")
+        .unwrap()
+}
+
+/// `handed over to pid N in M ms` → N.
+fn handed_to(output: &Output) -> u32 {
+    let text = String::from_utf8_lossy(&output.stdout);
+    let pid = text
+        .strip_prefix("handed over to pid ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok());
+    pid.unwrap_or_else(|| panic!("not a completed handover: {output:?}"))
+}
+
+/// Waits for one of our children to exit; its exit code. (Not [`Daemon::exit_code`]: a
+/// successor it started shares its stderr, so that never reaches its end.)
+async fn exited(daemon: &mut Daemon) -> i32 {
+    let status = tokio::time::timeout(WAIT, daemon.child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("pid {} did not exit:\n{}", daemon.pid(), daemon.stderr()))
+        .unwrap();
+    status.code().unwrap_or(-1)
+}
+
+/// Whether a process that is not our child has ended (gone, or a zombie nobody reaped).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+async fn wait_gone(pid: u32) {
+    let deadline = Instant::now() + WAIT;
+    while !gone(pid) {
+        assert!(Instant::now() < deadline, "pid {pid} did not exit");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Successors started by the incumbents (not our children): killed when the test ends,
+/// however it ends, unless seen gone before (their pids may be reused by then, e.g. by
+/// another test's processes).
+#[derive(Default)]
+struct Strays(Vec<u32>);
+
+impl Strays {
+    fn add(&mut self, pid: u32) {
+        self.0.push(pid);
+    }
+
+    /// Waits until `pid` has exited; from then on it is not ours to kill.
+    async fn gone(&mut self, pid: u32) {
+        wait_gone(pid).await;
+        self.0.retain(|p| *p != pid);
+    }
+}
+
+impl Drop for Strays {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            if !gone(*pid) {
+                let pid = nix::unistd::Pid::from_raw(*pid as i32);
+                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+fn kill(pid: u32, signal: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
+}
+
+/// "event handled" log lines per event_id, over every process's log.
+fn handled(daemons: &[&Daemon]) -> HashMap<String, usize> {
+    let mut all: HashMap<String, usize> = HashMap::new();
+    for daemon in daemons {
+        for (event_id, n) in daemon.count_by("event handled", "event_id") {
+            if !event_id.is_empty() {
+                *all.entry(event_id).or_default() += n;
+            }
+        }
+    }
+    all
+}
+
+/// The event ids of the acked `events_api` envelopes.
+fn acked_event_ids(record: &Record) -> Vec<String> {
+    record
+        .envelopes
+        .iter()
+        .filter(|e| e.kind == EnvelopeKind::EventsApi && e.acked_at.is_some())
+        .filter_map(|e| e.event_id.clone())
+        .collect()
+}
+
+/// Every acked event was handled exactly once, and nothing was handled twice. Log lines
+/// trail the acks (an event is acked before its handler runs): waits for them first.
+async fn handled_exactly_once(record: &Record, daemons: &[&Daemon]) {
+    let expected = acked_event_ids(record);
+    let deadline = Instant::now() + WAIT;
+    let counts = loop {
+        let counts = handled(daemons);
+        if expected.iter().all(|id| counts.contains_key(id)) || Instant::now() >= deadline {
+            break counts;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "events handled more than once: {twice:?}");
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|id| !counts.contains_key(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acked events never handled, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
+
+/// Waits until every envelope is acked; none may have been given up.
+async fn all_acked(sim: &Simulator) -> Record {
+    let record = sim
+        .wait_until(WAIT, |r| {
+            r.all_acked() || r.envelopes.iter().any(|e| e.gave_up)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("not every envelope was acked: {e}"));
+    assert!(record.all_acked(), "envelopes given up:\n{record}");
+    record
+}
+
+/// How many envelopes have been acked.
+fn acked_count(record: &Record) -> usize {
+    record
+        .envelopes
+        .iter()
+        .filter(|e| e.acked_at.is_some())
+        .count()
+}
+
+/// Waits until `more` envelopes have been acked beyond `since`; the new count.
+async fn acks_beyond(sim: &Simulator, since: usize, more: usize) -> usize {
+    let record = sim
+        .wait_until(WAIT, |r| acked_count(r) >= since + more)
+        .await
+        .unwrap_or_else(|e| panic!("the stream stalled: {e}"));
+    acked_count(&record)
+}
+
+/// After a handover ended: exactly one instance serves the app, `pid`, which the control
+/// socket and the lock file name, and it acks a fresh event.
+async fn serving_alone(sim: &Simulator, host: &Host, pid: u32, event_id: &str) {
+    sim.wait_until(WAIT, |r| r.open_sockets(APP) == 1)
+        .await
+        .unwrap_or_else(|e| panic!("not exactly one open socket: {e}"));
+    assert_eq!(
+        host.status_pid().await,
+        pid,
+        "flowcoachctl status answers from"
+    );
+    assert_eq!(host.lock_pid(), pid, "the lock file names");
+    acked(sim, event(event_id, "after the handover")).await;
+    let record = sim.record();
+    assert_eq!(record.open_sockets(APP), 1, "{record}");
+}
+
+/// A steady stream of message events.
+fn stream(sim: &Simulator, rate: f64, seconds: u64) -> tokio::task::JoinHandle<()> {
+    sim.start_load(
+        APP,
+        LoadSpec {
+            count: (rate * seconds as f64) as u64,
+            rate_per_sec: Some(rate),
+            max_outstanding: None,
+            mix: LoadMix::EventsOnly,
+        },
+    )
+}
+
+fn with_handover(settings: &str) -> String {
+    format!("{FAST_CONFIG}\n[handover]\n{settings}\n")
+}
+
+/// A simulator, a host and an incumbent started there with `config`, connected.
+async fn connected_incumbent(config: &str) -> (Simulator, Host, Daemon) {
+    let sim = simulator(|_| {}).await;
+    let host = Host::new();
+    let incumbent = host.start(&sim, config);
+    connected(&sim).await;
+    (sim, host, incumbent)
+}
+
+/// Under a stream of events, a successor (`--takeover`) that has said hello: the
+/// simulator, the host, the incumbent, the successor and the stream.
+async fn takeover_under_load() -> (Simulator, Host, Daemon, Daemon, tokio::task::JoinHandle<()>) {
+    let (sim, host, incumbent) = connected_incumbent(FAST_CONFIG).await;
+    let load = stream(&sim, 50.0, 60);
+    acks_beyond(&sim, 0, 10).await;
+    let successor = host.takeover(&sim, FAST_CONFIG);
+    sim.wait_until(WAIT, |r| r.hellos() >= 2)
+        .await
+        .expect("the successor connects");
+    (sim, host, incumbent, successor, load)
+}
+
+/// A successor (`--takeover`) that cannot connect yet (the simulator refuses handshakes
+/// until told otherwise), once the incumbent has accepted its takeover.
+async fn takeover_kept_waiting(sim: &Simulator, host: &Host, config: &str) -> Daemon {
+    sim.set_handshake_status(Some(409));
+    let mut successor = host.takeover(sim, config);
+    successor
+        .wait_log("the running instance accepted the takeover", |_| true)
+        .await;
+    successor
+}
+
+/// Kills `daemon` outright and reaps it.
+async fn kill_now(daemon: &mut Daemon) {
+    daemon.signal(Signal::SIGKILL);
+    daemon.child.wait().await.unwrap();
+}
+
+/// Waits until the incumbent logs that it rolls a handover back; that line.
+async fn rolling_back(incumbent: &mut Daemon) -> serde_json::Value {
+    incumbent
+        .wait_log("handover failed; rolling back", |_| true)
+        .await
+}
+
+/// `flowcoachctl handover`, which must fail; what it said on stderr.
+async fn handover_refused(host: &Host) -> String {
+    let output = host.ctl(&["handover"]).await;
+    let said = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "{output:?}");
+    said
+}
+
+/// Who holds the app in the chain of handovers.
+enum Holder {
+    /// A process this test started (index into its daemons).
+    Ours(usize),
+    /// A successor an incumbent started (`flowcoachctl handover`).
+    Spawned(u32),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_handovers_both_ways_under_load_lose_nothing_and_handle_nothing_twice() {
+    const HANDOVERS: usize = 20;
+    let started = Instant::now();
+    let config = with_handover("timeout = \"10s\"");
+    let (sim, host, first) = connected_incumbent(&config).await;
+    let mut daemons = vec![first];
+    let mut strays = Strays::default();
+    let load = stream(&sim, 100.0, 120);
+    let mut acks = acks_beyond(&sim, 0, 20).await;
+    let mut holder = Holder::Ours(0);
+    // Conflicting starts that named the incumbent, i.e. ran before the successor adopted
+    // the lock, out of those started during a handover.
+    let mut during_named_incumbent = 0;
+    for round in 0..HANDOVERS {
+        let (incumbent_pid, new_holder) = if round % 2 == 0 {
+            // flowcoachctl handover: the incumbent starts its successor.
+            let Holder::Ours(index) = holder else {
+                unreachable!("the chain alternates")
+            };
+            let incumbent = &mut daemons[index];
+            let incumbent_pid = incumbent.pid() as u32;
+            let handover = host.start_handover();
+            incumbent
+                .wait_log("started a successor for a handover", |_| true)
+                .await;
+            during_named_incumbent +=
+                usize::from(host.refusal_names(&sim, &config, incumbent_pid).await);
+            let output = finished(handover).await;
+            assert!(
+                output.status.success(),
+                "round {round}: {output:?}\n{}",
+                incumbent.stderr()
+            );
+            let successor = handed_to(&output);
+            strays.add(successor);
+            assert_eq!(exited(incumbent).await, 0, "{}", incumbent.stderr());
+            (incumbent_pid, Holder::Spawned(successor))
+        } else {
+            // flowcoach --takeover, started by someone else.
+            let Holder::Spawned(incumbent_pid) = holder else {
+                unreachable!("the chain alternates")
+            };
+            let mut successor = host.takeover(&sim, &config);
+            successor
+                .wait_log("the running instance accepted the takeover", |_| true)
+                .await;
+            during_named_incumbent +=
+                usize::from(host.refusal_names(&sim, &config, incumbent_pid).await);
+            successor.wait_log("took the app over", |_| true).await;
+            strays.gone(incumbent_pid).await;
+            daemons.push(successor);
+            (incumbent_pid, Holder::Ours(daemons.len() - 1))
+        };
+        holder = new_holder;
+        let holder_pid = match holder {
+            Holder::Ours(index) => daemons[index].pid() as u32,
+            Holder::Spawned(pid) => pid,
+        };
+        assert_ne!(holder_pid, incumbent_pid);
+        // Just after completion, a plain start is refused too, naming the new holder.
+        let said = host.refused_75(&sim, &config).await;
+        assert!(said.contains(&format!("pid {holder_pid}")), "{said}");
+        assert_eq!(host.status_pid().await, holder_pid);
+        assert_eq!(host.lock_pid(), holder_pid);
+        // The stream goes on through the new holder before the next handover.
+        acks = acks_beyond(&sim, acks, 20).await;
+    }
+    load.abort();
+    let record = all_acked(&sim).await;
+    assert_eq!(
+        record.zero_open_stretches(APP),
+        0,
+        "the app had no open socket at some point:\n{record}"
+    );
+    assert_eq!(record.open_sockets(APP), 1, "{record}");
+    // Every incumbent closed its websocket with a close handshake.
+    for socket in record.sockets.iter().filter(|s| s.closed_at.is_some()) {
+        assert_eq!(
+            socket.close,
+            Some(CloseKind::ClientCloseHandshake),
+            "socket #{}:\n{record}",
+            socket.id
+        );
+    }
+    assert_eq!(
+        record.hellos(),
+        HANDOVERS + 1,
+        "one connection per instance"
+    );
+    let Holder::Ours(last) = holder else {
+        unreachable!("an even number of handovers ends with a takeover")
+    };
+    let mut last = daemons.remove(last);
+    last.stop().await;
+    let mut all: Vec<&Daemon> = daemons.iter().collect();
+    all.push(&last);
+    handled_exactly_once(&record, &all).await;
+    // Every instance, ours or started by an incumbent, ended well (a spawned successor
+    // logs where its incumbent does).
+    for daemon in &all {
+        let failed = daemon.count_by("flowcoach stopped on an error", "error");
+        assert!(failed.is_empty(), "{failed:?}");
+    }
+    // The conflicting starts really overlapped the handovers: the lock file still named
+    // the incumbent when they were refused.
+    assert!(during_named_incumbent >= 1);
+    let redelivered = record
+        .envelopes
+        .iter()
+        .filter(|e| e.deliveries.len() > 1)
+        .count();
+    eprintln!(
+        "{HANDOVERS} handovers in {:?}: {} envelopes, {redelivered} delivered more than once; \
+         {during_named_incumbent} conflicting starts during a handover named the incumbent",
+        started.elapsed(),
+        record.envelopes.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_with_a_bad_token_exits_78_and_the_incumbent_keeps_serving() {
+    let (sim, host, mut incumbent) = connected_incumbent(FAST_CONFIG).await;
+    // Same app (same lock and socket), a token Slack does not know.
+    let mut successor = host.takeover_env(
+        &sim,
+        FAST_CONFIG,
+        &[("SLACK_APP_TOKEN", "xapp-1-A0SIMAPP01-1-0badc0ffee")],
+    );
+    assert_eq!(successor.exit_code().await, 78, "{}", successor.stderr());
+    assert!(successor.stderr().contains("invalid_auth"));
+    successor.assert_token_never_printed();
+    rolling_back(&mut incumbent).await;
+    serving_alone(&sim, &host, incumbent.pid() as u32, "EvAfterBadToken").await;
+    incumbent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flowcoachctl_handover_with_an_invalid_config_on_disk_is_rolled_back() {
+    let (sim, host, mut incumbent) = connected_incumbent(FAST_CONFIG).await;
+    std::fs::write(
+        incumbent.config_path(),
+        "[connection]\nping_interval = \"soon\"\n",
+    )
+    .unwrap();
+    let said = handover_refused(&host).await;
+    assert!(
+        said.contains("failed") && said.contains("keeps serving") && said.contains("78"),
+        "{said}"
+    );
+    // The successor's complaint went where the incumbent's logs go (written in pieces,
+    // so it may be split among the incumbent's lines: look for the field it names).
+    incumbent
+        .wait_log("", |l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("ping_interval"))
+        })
+        .await;
+    serving_alone(&sim, &host, incumbent.pid() as u32, "EvAfterBadConfig").await;
+    incumbent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_killed_after_connecting_is_rolled_back_losing_nothing() {
+    let (sim, host, mut incumbent, mut successor, load) = takeover_under_load().await;
+    kill_now(&mut successor).await;
+    rolling_back(&mut incumbent).await;
+    acks_beyond(&sim, acked_count(&sim.record()), 20).await;
+    load.abort();
+    serving_alone(&sim, &host, incumbent.pid() as u32, "EvAfterCrash").await;
+    // What the successor held unacked was redelivered and handled by the incumbent, once.
+    let record = all_acked(&sim).await;
+    incumbent.stop().await;
+    handled_exactly_once(&record, &[&incumbent, &successor]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_that_never_says_ready_is_rolled_back_after_the_timeout() {
+    let config = with_handover("timeout = \"3s\"");
+    let (sim, host, mut incumbent) = connected_incumbent(&config).await;
+    sim.set_handshake_status(Some(409));
+    let asked = Instant::now();
+    let mut successor = host.takeover(&sim, &config);
+    let code = exited(&mut successor).await;
+    assert_ne!(code, 0, "{}", successor.stderr());
+    let rolled_back = rolling_back(&mut incumbent).await;
+    assert!(
+        asked.elapsed() >= Duration::from_millis(2900),
+        "rolled back before the timeout: {rolled_back}"
+    );
+    assert!(
+        rolled_back["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("3s")),
+        "{rolled_back}"
+    );
+    sim.set_handshake_status(None);
+    serving_alone(&sim, &host, incumbent.pid() as u32, "EvAfterTimeout").await;
+    incumbent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incumbent_killed_after_the_successors_hello_leaves_the_app_to_the_successor() {
+    let (sim, host, mut incumbent, mut successor, load) = takeover_under_load().await;
+    kill_now(&mut incumbent).await;
+    // Alone, or with the lock and listener if they were passed before the kill.
+    successor.wait_log("took the app over", |_| true).await;
+    acks_beyond(&sim, acked_count(&sim.record()), 20).await;
+    load.abort();
+    serving_alone(&sim, &host, successor.pid() as u32, "EvAfterKill").await;
+    all_acked(&sim).await;
+    successor.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incumbent_killed_while_the_successor_connects_leaves_the_app_to_the_successor() {
+    let config = with_handover("timeout = \"10s\"");
+    let (sim, host, mut incumbent) = connected_incumbent(&config).await;
+    // The successor cannot connect until the incumbent is gone.
+    let mut successor = takeover_kept_waiting(&sim, &host, &config).await;
+    sim.wait_until(WAIT, |r| {
+        r.sockets.iter().any(|s| s.rejected_handshake.is_some())
+    })
+    .await
+    .expect("the successor tries to connect");
+    kill_now(&mut incumbent).await;
+    sim.set_handshake_status(None);
+    successor
+        .wait_log("the running instance went away during the handover", |_| {
+            true
+        })
+        .await;
+    successor
+        .wait_log("took the app over alone", |_| true)
+        .await;
+    serving_alone(&sim, &host, successor.pid() as u32, "EvAfterKillEarly").await;
+    successor.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_handover_request_is_refused_while_one_is_under_way() {
+    let config = with_handover("timeout = \"15s\"");
+    let (sim, host, mut incumbent) = connected_incumbent(&config).await;
+    // Keep the first handover under way: its successor cannot connect yet.
+    let mut first = takeover_kept_waiting(&sim, &host, &config).await;
+
+    let said = handover_refused(&host).await;
+    assert!(said.contains("a handover is already in progress"), "{said}");
+
+    let mut second = host.takeover(&sim, &config);
+    assert_ne!(second.exit_code().await, 0);
+    assert!(
+        second
+            .stderr()
+            .contains("a handover is already in progress"),
+        "{}",
+        second.stderr()
+    );
+
+    // The first one goes on and completes.
+    sim.set_handshake_status(None);
+    first.wait_log("took the app over", |_| true).await;
+    assert_eq!(exited(&mut incumbent).await, 0, "{}", incumbent.stderr());
+    serving_alone(&sim, &host, first.pid() as u32, "EvAfterRefusal").await;
+    first.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_mode_breaks_before_making_and_the_successor_acks_what_arrived_meanwhile() {
+    let config = with_handover("strict = true");
+    let (sim, host, mut incumbent) = connected_incumbent(&config).await;
+    let mut strays = Strays::default();
+    let load = stream(&sim, 200.0, 60);
+    let acks = acks_beyond(&sim, 0, 50).await;
+    // The successor's first apps.connections.open fails: it connects after a backoff, so
+    // the gap (no socket open) is long enough for envelopes to arrive in it.
+    sim.push_open_response(OpenResponse::HttpStatus(503));
+    let output = host.ctl(&["handover"]).await;
+    assert!(
+        output.status.success(),
+        "{output:?}\n{}",
+        incumbent.stderr()
+    );
+    let successor = handed_to(&output);
+    strays.add(successor);
+    assert_eq!(exited(&mut incumbent).await, 0, "{}", incumbent.stderr());
+    acks_beyond(&sim, acks, 100).await;
+    load.abort();
+    let record = all_acked(&sim).await;
+    serving_alone(&sim, &host, successor, "EvAfterStrict").await;
+
+    // Break before make: one stretch with no socket, between the incumbent's close and the
+    // successor's hello.
+    assert_eq!(record.zero_open_stretches(APP), 1, "{record}");
+    let old = &record.sockets[0];
+    let new = record
+        .sockets
+        .iter()
+        .find(|s| s.hello_at.is_some() && s.closed_at.is_none())
+        .expect("the successor's socket");
+    let (closed, hello) = (old.closed_at.unwrap(), new.hello_at.unwrap());
+    assert!(closed <= new.opened_at, "{record}");
+    assert_eq!(old.close, Some(CloseKind::ClientCloseHandshake));
+    // Envelopes injected during the gap, or left unacked by the draining incumbent, were
+    // delivered again once the successor connected, and it acked them.
+    let caught: Vec<_> = record
+        .envelopes
+        .iter()
+        .filter(|e| {
+            let in_gap = e.pending_since >= closed && e.pending_since <= hello;
+            let left =
+                e.deliveries.iter().any(|d| d.socket == old.id) && e.ack_socket != Some(old.id);
+            in_gap || left
+        })
+        .collect();
+    assert!(
+        !caught.is_empty(),
+        "nothing arrived during the gap:\n{record}"
+    );
+    for e in &caught {
+        assert_eq!(e.ack_socket, Some(new.id), "{e:?}");
+    }
+    eprintln!(
+        "strict handover: gap {:?}, {} envelopes caught by the successor",
+        hello - closed,
+        caught.len()
+    );
+    kill(successor, Signal::SIGTERM);
+    strays.gone(successor).await;
+    handled_exactly_once(&record, &[&incumbent]).await;
+}

@@ -1,0 +1,14 @@
+//! flowcoach's integration tests, one binary (one link instead of one per file): real
+//! flowcoach processes, real unix sockets and signals, and the real Socket Mode protocol
+//! against the simulator (`flowcoach-harness`, `flowcoach-sim`).
+
+mod bad_input;
+mod cli;
+mod control;
+mod dispatch;
+mod environments;
+mod handover;
+mod instance_lock;
+mod service;
+mod socket_mode;
+mod systemd_notify;

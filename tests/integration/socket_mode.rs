@@ -1,0 +1,274 @@
+//! flowcoach as a real process against the simulator over real sockets: connecting,
+//! acking, answering in the ack, rotation, reconnects, exit codes.
+
+use std::time::Duration;
+
+use flowcoach_harness::{
+    APP, Daemon, WAIT, acked, connected, event, first_socket_closed_cleanly, simulator, slash,
+    wait_hellos,
+};
+use flowcoach_sim::{CloseKind, OpenResponse, Record};
+
+#[tokio::test]
+async fn connects_acks_events_and_stops_cleanly() {
+    let sim = simulator(|_| {}).await;
+    let mut daemon = Daemon::start_connected(&sim).await;
+    daemon.wait_log("connected to Slack", |_| true).await;
+
+    let ids: Vec<String> = (0..20)
+        .map(|i| sim.inject(APP, event(&format!("Ev{i}"), "hi")))
+        .collect();
+    let record = sim.wait_acked(WAIT, &ids).await.expect("every event acked");
+    for id in &ids {
+        let envelope = record.envelope(id).unwrap();
+        assert_eq!(
+            envelope.deliveries.len(),
+            1,
+            "acked before the deadline, never redelivered"
+        );
+        assert!(envelope.ack_payload.is_none());
+    }
+    daemon
+        .wait_log("event handled", |l| {
+            l["event_id"] == "Ev19" && l["channel"] == "C0SIM"
+        })
+        .await;
+
+    daemon.stop().await;
+    first_socket_closed_cleanly(&sim).await;
+    daemon.assert_token_never_printed();
+}
+
+#[tokio::test]
+async fn drops_the_socket_itself_when_slack_keeps_tcp_open_after_close() {
+    // The simulator, like Slack, does not close TCP after the close handshake.
+    let sim = simulator(|c| c.hold_tcp_after_close = Duration::from_secs(30)).await;
+    let mut daemon = Daemon::start_connected(&sim).await;
+    daemon.stop().await;
+    let record = sim
+        .wait_until(WAIT, |r| r.sockets[0].tcp_closed_at.is_some())
+        .await
+        .expect("flowcoach drops TCP");
+    let socket = &record.sockets[0];
+    let lingered = socket.tcp_closed_at.unwrap() - socket.closed_at.unwrap();
+    assert!(
+        lingered < Duration::from_secs(3),
+        "TCP held {lingered:?} after Close"
+    );
+}
+
+#[tokio::test]
+async fn slash_command_is_answered_in_the_ack() {
+    let sim = simulator(|_| {}).await;
+    let mut daemon = Daemon::start_connected(&sim).await;
+    let payload = acked(&sim, slash("status"))
+        .await
+        .ack_payload
+        .expect("answer in the ack");
+    let text = payload["text"].as_str().unwrap();
+    assert!(text.contains(&format!("pid {}", daemon.pid())), "{text}");
+    assert!(text.contains("environment test"), "{text}");
+    assert!(text.contains("connected since"), "{text}");
+    daemon.stop().await;
+}
+
+async fn rotates_without_a_gap(reason: &str) {
+    let sim = simulator(|c| {
+        c.warning_grace = Duration::from_secs(2);
+        c.refresh_grace = Duration::from_millis(500);
+    })
+    .await;
+    let mut daemon = Daemon::start_connected(&sim).await;
+    let load = sim.start_load(
+        APP,
+        flowcoach_sim::LoadSpec {
+            count: 200,
+            rate_per_sec: Some(50.0),
+            max_outstanding: None,
+            mix: flowcoach_sim::LoadMix::EventsOnly,
+        },
+    );
+    let first = sim.open_sockets(APP)[0];
+    sim.disconnect(first, reason);
+    let record = sim
+        .wait_until(WAIT, |r| {
+            r.sockets.len() >= 2
+                && r.sockets[0].closed_at.is_some()
+                && r.sockets[1].hello_at.is_some()
+        })
+        .await
+        .expect("rotated");
+    assert_eq!(
+        record.zero_open_stretches(APP),
+        0,
+        "no instant without an open socket"
+    );
+    tokio::time::timeout(WAIT, load).await.unwrap().unwrap();
+    let record = sim
+        .wait_until(WAIT, |r| r.envelopes.len() == 200 && r.all_acked())
+        .await
+        .expect("every envelope acked");
+    assert!(record.envelopes.iter().all(|e| !e.gave_up));
+    assert_eq!(record.zero_open_stretches(APP), 0);
+    daemon
+        .wait_log("rotated to a new connection", |_| true)
+        .await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn warning_rotates_with_zero_gap() {
+    rotates_without_a_gap("warning").await;
+}
+
+#[tokio::test]
+async fn refresh_requested_rotates_with_zero_gap() {
+    rotates_without_a_gap("refresh_requested").await;
+}
+
+#[tokio::test]
+async fn stale_connection_is_detected_and_replaced() {
+    let sim = simulator(|c| c.server_ping_interval = None).await;
+    let mut daemon = Daemon::start_connected(&sim).await;
+    let socket = sim.open_sockets(APP)[0];
+    sim.make_stale(socket);
+    // ping_interval 1s + pong_timeout 1s in FAST_CONFIG: well within the wait bound.
+    daemon
+        .wait_log(
+            "no pong or frame from Slack in time: connection is stale",
+            |_| true,
+        )
+        .await;
+    // Reconnected after the stale socket, and served on the new one.
+    wait_hellos(&sim, 2).await;
+    acked(&sim, event("EvAfterStale", "hi")).await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_auth_exits_78_with_a_clear_message() {
+    let sim = simulator(|_| {}).await;
+    sim.set_open_response(Some(OpenResponse::Error("invalid_auth".into())));
+    let mut daemon = Daemon::start(&sim, "");
+    assert_eq!(daemon.exit_code().await, 78);
+    let stderr = daemon.stderr();
+    assert!(stderr.contains("invalid_auth"), "{stderr}");
+    assert!(stderr.contains("app-level token"), "{stderr}");
+    assert_eq!(
+        sim.record().open_calls.len(),
+        1,
+        "a permanent error is not retried"
+    );
+    daemon.assert_token_never_printed();
+}
+
+#[tokio::test]
+async fn link_disabled_exits_78() {
+    let sim = simulator(|_| {}).await;
+    let mut daemon = Daemon::start_connected(&sim).await;
+    sim.disconnect(sim.open_sockets(APP)[0], "link_disabled");
+    assert_eq!(daemon.exit_code().await, 78);
+    assert!(daemon.stderr().contains("Socket Mode is switched off"));
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let sim = simulator(|_| {}).await;
+    sim.push_open_response(OpenResponse::RateLimited {
+        retry_after_secs: 2,
+    });
+    let mut daemon = Daemon::start(&sim, "");
+    let record = connected(&sim).await;
+    assert_eq!(record.open_calls[0].outcome, "http 429");
+    let waited = record.open_calls[1].at - record.open_calls[0].at;
+    assert!(waited >= Duration::from_secs(2), "retried after {waited:?}");
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn handshake_conflict_is_retried() {
+    let sim = simulator(|_| {}).await;
+    sim.set_handshake_status(Some(409));
+    let mut daemon = Daemon::start(&sim, "");
+    sim.wait_until(WAIT, |r| r.open_calls.len() >= 2)
+        .await
+        .expect("retries");
+    sim.set_handshake_status(None);
+    connected(&sim).await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn too_many_websockets_storm_backs_off_and_diagnoses() {
+    // The app's only socket slot is held by another instance with the same token: the
+    // situation that started this project.
+    let sim = simulator(|c| c.max_sockets_per_app = 1).await;
+    let mut incumbent = Daemon::start_connected(&sim).await;
+    let mut second = Daemon::start(&sim, "");
+    let refused = |r: &Record| {
+        r.sockets
+            .iter()
+            .filter(|s| s.close == Some(CloseKind::TooManyWebsockets))
+            .count()
+    };
+    let record = sim
+        .wait_until(WAIT, |r| refused(r) >= 5)
+        .await
+        .expect("the second instance keeps trying, slowly");
+    let attempts: Vec<_> = record
+        .sockets
+        .iter()
+        .filter(|s| s.close == Some(CloseKind::TooManyWebsockets))
+        .map(|s| s.opened_at)
+        .collect();
+    for pair in attempts.windows(2) {
+        let gap = pair[1] - pair[0];
+        // too_many_websockets_backoff is 500ms in FAST_CONFIG: never a faster redial.
+        assert!(gap >= Duration::from_millis(500), "redialled after {gap:?}");
+    }
+    second
+        .wait_log(
+            "Slack refused the connection with too_many_websockets",
+            |l| {
+                l["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("Other clients hold this app's sockets")
+            },
+        )
+        .await;
+    // The incumbent is untouched: still one socket, still serving.
+    acked(&sim, event("EvIncumbent", "hi")).await;
+    second.stop().await;
+    incumbent.stop().await;
+}
+
+#[tokio::test]
+async fn unannounced_drops_reconnect_through_the_backoff() {
+    let sim = simulator(|_| {}).await;
+    let mut daemon = Daemon::start_connected(&sim).await;
+    for round in 1..=4 {
+        let socket = sim.open_sockets(APP)[0];
+        sim.drop_socket(socket);
+        wait_hellos(&sim, round + 1).await;
+    }
+    let record = sim.record();
+    // A fresh URL per connect: a reused ticket would be refused with HTTP 401.
+    assert!(
+        record
+            .sockets
+            .iter()
+            .all(|s| s.rejected_handshake.is_none())
+    );
+    assert_eq!(record.open_calls.len(), record.sockets.len());
+    let opens: Vec<_> = record.sockets.iter().map(|s| s.opened_at).collect();
+    for (pair, dropped) in opens.windows(2).zip(&record.sockets) {
+        let gap = pair[1] - dropped.closed_at.unwrap_or(pair[0]);
+        // backoff_initial is 200ms in FAST_CONFIG: the floor of every delay.
+        assert!(
+            gap >= Duration::from_millis(200),
+            "reconnected after {gap:?}"
+        );
+    }
+    daemon.stop().await;
+}
