@@ -1,6 +1,6 @@
-//! What the service is doing right now: lifecycle phase, connection facts and counters,
-//! shared by the supervisor, the dispatcher, the built-in handlers and (later) the control
-//! socket and systemd notifications.
+//! What the instance is doing right now: lifecycle phase, connection facts and counters,
+//! shared by the supervisor, the dispatcher, the built-in handlers, the control socket and
+//! the systemd notifications.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};

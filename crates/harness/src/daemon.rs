@@ -144,28 +144,10 @@ impl Daemon {
         let mut child = command.spawn().expect("spawn flowcoach");
         let (tx, logs) = watch::channel(Vec::new());
         let raw = Arc::new(Mutex::new(String::new()));
-        let raw_sink = raw.clone();
         // Shown logs go straight to our stderr: nothing to collect.
-        let Some(stderr) = child.stderr.take() else {
-            return Daemon {
-                child,
-                logs,
-                raw,
-                _config: config,
-                _runtime: runtime,
-                runtime_dir,
-            };
-        };
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                raw_sink.lock().unwrap().push_str(&line);
-                raw_sink.lock().unwrap().push('\n');
-                let value = serde_json::from_str(&line)
-                    .unwrap_or_else(|_| serde_json::json!({ "message": line, "unparsed": true }));
-                tx.send_modify(|logs| logs.push(value));
-            }
-        });
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(collect_logs(stderr, tx, raw.clone()));
+        }
         Daemon {
             child,
             logs,
@@ -281,6 +263,26 @@ impl Daemon {
             !stderr.contains(&token_secret()),
             "the token leaked into the logs:\n{stderr}"
         );
+    }
+}
+
+/// Reads the daemon's JSON log lines until its stderr closes (it and every successor that
+/// inherited it have exited).
+async fn collect_logs(
+    stderr: tokio::process::ChildStderr,
+    parsed: watch::Sender<Vec<Value>>,
+    raw: Arc<Mutex<String>>,
+) {
+    let mut lines = BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        {
+            let mut raw = raw.lock().unwrap();
+            raw.push_str(&line);
+            raw.push('\n');
+        }
+        let value = serde_json::from_str(&line)
+            .unwrap_or_else(|_| serde_json::json!({ "message": line, "unparsed": true }));
+        parsed.send_modify(|logs| logs.push(value));
     }
 }
 
