@@ -1,17 +1,24 @@
 //! The daemon's side of the control socket.
 //!
 //! It shares the current-thread runtime with the Slack connection, so nothing here blocks
-//! and every client is bounded: one exchange per connection within
-//! [`Limits::exchange_timeout`], requests of at most [`MAX_MESSAGE_BYTES`], at most
-//! [`Limits::max_clients`] connections at once (more are refused at once, not queued), and a
-//! pause after accept errors (EMFILE…) instead of a busy loop.
+//! and every client is bounded: the caller is checked (`SO_PEERCRED` and the access policy)
+//! before anything is read, its request line must arrive within
+//! [`Limits::request_timeout`] and be at most [`MAX_MESSAGE_BYTES`] long, the whole
+//! exchange ends within [`Limits::exchange_timeout`], and at most [`Limits::max_clients`]
+//! connections are served at once, with a pause after accept errors (EMFILE…) instead of a
+//! busy loop.
+//!
+//! Idle or half-open connections cannot keep `status` and `health` out: when every slot is
+//! taken, a new connection takes the slot of the one that has waited longest for its
+//! request line, which is told so and closed. Only when every slot holds a request being
+//! answered (a moment: answers are computed at once) is a new connection refused as busy.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 pub use super::listen::{bind, from_systemd};
@@ -28,7 +35,12 @@ pub struct Limits {
     /// The whole exchange (reading the request, writing the answer) must end within this;
     /// a client that sends nothing or reads nothing is dropped then.
     pub exchange_timeout: Duration,
-    /// Connections served at once; beyond this, new ones get a short error and are closed.
+    /// From the accept to the end of the request line (the caller check included): a
+    /// client that has not sent its request by then is dropped.
+    pub request_timeout: Duration,
+    /// Connections served at once; beyond this, a new one takes the slot of the one that
+    /// has waited longest for its request line, or, when none is waiting, gets a short
+    /// error and is closed.
     pub max_clients: usize,
 }
 
@@ -36,6 +48,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             exchange_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(1),
             max_clients: 32,
         }
     }
@@ -56,8 +69,9 @@ pub async fn serve_with(
     limits: Limits,
     shutdown: CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(limits.max_clients));
+    let slots = Arc::new(Slots::new(limits.max_clients));
     let mut busy_log = Throttle::default();
+    let mut dropped_log = Throttle::default();
     let mut error_log = Throttle::default();
     loop {
         let accepted = tokio::select! {
@@ -66,16 +80,18 @@ pub async fn serve_with(
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, _)) => match permits.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    tokio::spawn(connection(
-                        stream,
-                        ctx.clone(),
-                        limits.exchange_timeout,
-                        permit,
-                    ));
+            Ok((stream, _)) => match slots.admit() {
+                Some((slot, dropped_waiting)) => {
+                    if dropped_waiting && let Some(suppressed) = dropped_log.ready() {
+                        tracing::warn!(
+                            max_clients = limits.max_clients,
+                            suppressed,
+                            "control: every connection slot is taken; dropped the connection that waited longest for its request"
+                        );
+                    }
+                    tokio::spawn(connection(stream, ctx.clone(), limits, slot));
                 }
-                Err(_) => {
+                None => {
                     refuse_busy(&stream, limits.max_clients);
                     if let Some(suppressed) = busy_log.ready() {
                         tracing::warn!(
@@ -98,6 +114,96 @@ pub async fn serve_with(
         }
     }
     tracing::debug!("control: stopped accepting connections");
+}
+
+/// The connections being served, oldest first.
+struct Slots {
+    max: usize,
+    table: Mutex<SlotTable>,
+}
+
+#[derive(Default)]
+struct SlotTable {
+    next_id: u64,
+    taken: VecDeque<Taken>,
+}
+
+struct Taken {
+    id: u64,
+    /// Still waiting for its request line: it may be dropped to make room.
+    waiting: bool,
+    drop_it: CancellationToken,
+}
+
+/// One connection's slot, given back when dropped.
+struct Slot {
+    slots: Arc<Slots>,
+    id: u64,
+    /// Cancelled when a newer connection took this slot while the request was awaited.
+    dropped: CancellationToken,
+}
+
+impl Slots {
+    fn new(max: usize) -> Self {
+        Slots {
+            max: max.max(1),
+            table: Mutex::default(),
+        }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, SlotTable> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A slot for a new connection: a free one, else the slot of the connection that has
+    /// waited longest for its request line (then `true`: that one is told to go). `None`
+    /// when every slot holds a request being answered.
+    fn admit(self: &Arc<Self>) -> Option<(Slot, bool)> {
+        let mut table = self.table();
+        let mut dropped_waiting = false;
+        if table.taken.len() >= self.max {
+            let oldest = table.taken.iter().position(|taken| taken.waiting)?;
+            if let Some(taken) = table.taken.remove(oldest) {
+                taken.drop_it.cancel();
+            }
+            dropped_waiting = true;
+        }
+        let id = table.next_id;
+        table.next_id += 1;
+        let dropped = CancellationToken::new();
+        table.taken.push_back(Taken {
+            id,
+            waiting: true,
+            drop_it: dropped.clone(),
+        });
+        let slot = Slot {
+            slots: self.clone(),
+            id,
+            dropped,
+        };
+        Some((slot, dropped_waiting))
+    }
+}
+
+impl Slot {
+    /// The request has arrived: from now on the slot is kept until the answer is sent.
+    fn requested(&self) {
+        if let Some(taken) = self
+            .slots
+            .table()
+            .taken
+            .iter_mut()
+            .find(|taken| taken.id == self.id)
+        {
+            taken.waiting = false;
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots.table().taken.retain(|taken| taken.id != self.id);
+    }
 }
 
 /// At most one log line a second for a repeated condition.
@@ -132,12 +238,7 @@ fn refuse_busy(stream: &UnixStream, max_clients: usize) {
     let _ = stream.try_write(&line);
 }
 
-async fn connection(
-    mut stream: UnixStream,
-    ctx: Arc<ControlContext>,
-    timeout: Duration,
-    _permit: OwnedSemaphorePermit,
-) {
+async fn connection(mut stream: UnixStream, ctx: Arc<ControlContext>, limits: Limits, slot: Slot) {
     let peer = match stream.peer_cred() {
         Ok(cred) => Peer {
             uid: cred.uid(),
@@ -149,7 +250,42 @@ async fn connection(
             return;
         }
     };
-    match tokio::time::timeout(timeout, exchange(&mut stream, &ctx, &peer)).await {
+    let exchange_deadline = tokio::time::Instant::now() + limits.exchange_timeout;
+    let request_timeout = limits.request_timeout.min(limits.exchange_timeout);
+    let incoming = tokio::select! {
+        () = slot.dropped.cancelled() => {
+            tracing::debug!(uid = peer.uid, pid = peer.pid, "control: dropped a client waiting for its request to make room");
+            let line = response_line(&Response::error(format!(
+                "dropped: all {} control connection slots were taken, and this connection had waited longest for its request line",
+                limits.max_clients
+            )));
+            let _ = stream.try_write(&line);
+            return;
+        }
+        received = tokio::time::timeout(request_timeout, receive(&mut stream, &ctx, &peer)) => match received {
+            Ok(Ok(Some(incoming))) => incoming,
+            Ok(Ok(None)) => return,
+            Ok(Err(error)) => {
+                tracing::debug!(%error, uid = peer.uid, pid = peer.pid, "control: connection failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(
+                    uid = peer.uid,
+                    pid = peer.pid,
+                    "control: dropping a client that sent no request within {request_timeout:?}"
+                );
+                let line = response_line(&Response::error(format!(
+                    "timed out: the request line must arrive within {request_timeout:?}"
+                )));
+                let _ = stream.try_write(&line);
+                return;
+            }
+        },
+    };
+    slot.requested();
+    let exchange = limits.exchange_timeout;
+    match tokio::time::timeout_at(exchange_deadline, respond(&mut stream, &ctx, incoming)).await {
         Ok(Ok(None)) => {}
         Ok(Ok(Some(command))) => hand_off(stream, &ctx, peer, command).await,
         Ok(Err(error)) => {
@@ -159,10 +295,10 @@ async fn connection(
             tracing::debug!(
                 uid = peer.uid,
                 pid = peer.pid,
-                "control: dropping a client that took longer than {timeout:?}"
+                "control: dropping a client that took longer than {exchange:?}"
             );
             let line = response_line(&Response::error(format!(
-                "timed out: the exchange must end within {timeout:?}"
+                "timed out: the exchange must end within {exchange:?}"
             )));
             let _ = stream.try_write(&line);
         }
@@ -186,18 +322,27 @@ pub struct HandoverCall {
     pub command: Command,
 }
 
-/// Answers one request, or returns the command whose connection must be handed off.
-async fn exchange(
+/// Checks the caller, then reads its request. `None` when the caller was refused (and told
+/// so): nothing of what it sends is read.
+async fn receive(
     stream: &mut UnixStream,
     ctx: &ControlContext,
     peer: &Peer,
-) -> std::io::Result<Option<Command>> {
-    let incoming = read_request(stream).await?;
+) -> std::io::Result<Option<Incoming>> {
     if let Err(refusal) = ctx.access.authorize(peer).await {
         tracing::warn!(uid = peer.uid, pid = peer.pid, %refusal, "control: refused a caller");
         send(stream, &Response::error(refusal.to_string())).await?;
         return Ok(None);
     }
+    read_request(stream).await.map(Some)
+}
+
+/// Answers one request, or returns the command whose connection must be handed off.
+async fn respond(
+    stream: &mut UnixStream,
+    ctx: &ControlContext,
+    incoming: Incoming,
+) -> std::io::Result<Option<Command>> {
     let response = match incoming {
         Incoming::Nothing => return Ok(None),
         Incoming::TooLong => Response::error(format!(

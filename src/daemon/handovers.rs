@@ -397,6 +397,8 @@ async fn next_event(underway: &mut Underway) -> Event {
 
 /// Stops a successor that must not go on (SIGTERM, then SIGKILL) and waits for it.
 async fn reap(mut child: Child) {
+    // Signalling by pid is safe here: the child is ours, and `id` is `None` once it has
+    // been reaped, so until then its pid cannot have passed to another process.
     if let Some(pid) = child.id() {
         let pid = nix::unistd::Pid::from_raw(pid as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);

@@ -167,7 +167,69 @@ struct AgeRun {
     hashes: Vec<u64>,
 }
 
+/// Longest JSON of a hash in a run's list, its comma included (`u64::MAX` has 20 digits).
+const HASH_JSON_MAX: usize = 21;
+/// Longest JSON of a run without its hashes: `{"age_ms":<20 digits>,"hashes":[]},`.
+const RUN_JSON_MAX: usize = 44;
+/// Longest JSON of a snapshot without its runs: `{"hash_key":[<20>,<20>],"runs":[]}`.
+const SNAPSHOT_JSON_MAX: usize = 66;
+
 impl DedupSnapshot {
+    /// Splits the set into parts whose JSON is at most `max_json_bytes` long each (at least
+    /// one part, oldest entries first); [`merge`](Self::merge) puts them together again.
+    /// A budget too small for one entry still gets one entry a part.
+    pub fn into_parts(self, max_json_bytes: usize) -> Vec<DedupSnapshot> {
+        let budget = max_json_bytes.saturating_sub(SNAPSHOT_JSON_MAX);
+        let empty = || DedupSnapshot {
+            hash_key: self.hash_key,
+            runs: Vec::new(),
+        };
+        let mut parts = Vec::new();
+        let mut part = empty();
+        let mut used = 0;
+        for run in self.runs {
+            let mut hashes = run.hashes.as_slice();
+            loop {
+                let room = budget.saturating_sub(used + RUN_JSON_MAX) / HASH_JSON_MAX;
+                if room == 0 && !part.runs.is_empty() {
+                    parts.push(std::mem::replace(&mut part, empty()));
+                    used = 0;
+                    continue;
+                }
+                let (now, later) = hashes.split_at(room.max(1).min(hashes.len()));
+                part.runs.push(AgeRun {
+                    age_ms: run.age_ms,
+                    hashes: now.to_vec(),
+                });
+                used += RUN_JSON_MAX + now.len() * HASH_JSON_MAX;
+                hashes = later;
+                if hashes.is_empty() {
+                    break;
+                }
+            }
+        }
+        parts.push(part);
+        parts
+    }
+
+    /// Appends a part that follows this one (from [`into_parts`](Self::into_parts)); a run
+    /// split between two parts becomes one again. False, and nothing merged, when the part
+    /// belongs to another set (another hash key).
+    pub fn merge(&mut self, part: DedupSnapshot) -> bool {
+        if part.hash_key != self.hash_key {
+            return false;
+        }
+        let mut runs = part.runs.into_iter();
+        if let Some(first) = runs.next() {
+            match self.runs.last_mut() {
+                Some(last) if last.age_ms == first.age_ms => last.hashes.extend(first.hashes),
+                _ => self.runs.push(first),
+            }
+        }
+        self.runs.extend(runs);
+        true
+    }
+
     pub fn len(&self) -> usize {
         self.runs.iter().map(|r| r.hashes.len()).sum()
     }
@@ -255,6 +317,43 @@ mod tests {
         busy.insert("b", now);
         assert!(!busy.adopt(old.snapshot(now), now));
         assert!(!busy.contains("a", now));
+    }
+
+    /// Parts fit their budget even in the worst case (every number as long as it gets, runs
+    /// of one hash and long runs), and merge back into the same set.
+    #[test]
+    fn a_snapshot_splits_into_bounded_parts_and_merges_back() {
+        let budget = 4096;
+        let snapshot = DedupSnapshot {
+            hash_key: [u64::MAX, u64::MAX],
+            runs: (0..300)
+                .map(|i| AgeRun {
+                    age_ms: u64::MAX - i,
+                    hashes: vec![u64::MAX - i; if i % 3 == 0 { 1 } else { 250 }],
+                })
+                .collect(),
+        };
+        let parts = snapshot.clone().into_parts(budget);
+        assert!(parts.len() > 10, "{} parts", parts.len());
+        let mut merged: Option<DedupSnapshot> = None;
+        for part in parts {
+            let json = serde_json::to_string(&part).unwrap();
+            assert!(json.len() <= budget, "{} bytes", json.len());
+            match &mut merged {
+                Some(merged) => assert!(merged.merge(part)),
+                None => merged = Some(part),
+            }
+        }
+        assert_eq!(merged, Some(snapshot.clone()));
+
+        let empty = DedupSnapshot {
+            hash_key: [1, 2],
+            runs: Vec::new(),
+        };
+        assert_eq!(empty.clone().into_parts(budget), vec![empty.clone()]);
+        let mut other = empty;
+        assert!(!other.merge(snapshot), "another hash key");
+        assert!(other.is_empty());
     }
 
     #[test]

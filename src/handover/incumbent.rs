@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{HandoverError, Session, Step};
+use super::process::Process;
+use super::{HandoverError, Session, Step, dedup_state};
 use crate::control::protocol::Response;
 use crate::dispatch::DedupSnapshot;
 use crate::state::ServiceState;
@@ -59,7 +60,9 @@ pub async fn run(
     state: Arc<ServiceState>,
     daemon: mpsc::Sender<Request>,
 ) -> Outcome {
-    let successor = session.peer_pid().unwrap_or(0);
+    // Held from the start: the pid may belong to another process by the time we stop it.
+    let process = session.peer();
+    let successor = process.as_ref().map_or(0, Process::pid);
     let step = |text: &str| {
         let text = format!("handing over to pid {successor}: {text}");
         tracing::info!(successor, "{text}");
@@ -97,7 +100,7 @@ pub async fn run(
             .map_err(|_| HandoverError::Local("the daemon is stopping".into()))?;
         stopped_serving = true;
         step("passing on the deduplication state, the lock and the control socket");
-        session.send(&Step::State { dedup: snapshot }).await?;
+        dedup_state::send(&mut session, snapshot).await?;
         match session
             .step(terms.step_timeout, "waiting for send_fds")
             .await?
@@ -145,7 +148,9 @@ pub async fn run(
                     reason: format!("the incumbent rolls back: {reason}"),
                 })
                 .await;
-            stop_successor(successor);
+            if let Some(process) = &process {
+                stop_successor(process);
+            }
             if fds_sent {
                 // It may hold copies of the lock and the listener: serve again only once
                 // it is gone, which closes its end of the session.
@@ -176,11 +181,13 @@ fn unexpected(step: Step, waiting: &'static str) -> HandoverError {
 }
 
 /// A successor that failed must not go on serving beside us: it may hold copies of the
-/// lock and the listener.
-fn stop_successor(pid: u32) {
-    if pid == 0 || pid == std::process::id() {
+/// lock and the listener. The signal goes through its pidfd: if it has ended meanwhile,
+/// nobody gets it, not a newer process under the same pid.
+fn stop_successor(process: &Process) {
+    if process.pid() == std::process::id() {
         return;
     }
-    let pid = nix::unistd::Pid::from_raw(pid as i32);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    if let Err(error) = process.signal(nix::sys::signal::Signal::SIGTERM) {
+        tracing::debug!(%error, successor = process.pid(), "could not stop the failed successor (it may have ended)");
+    }
 }

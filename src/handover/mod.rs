@@ -15,6 +15,7 @@
 //!  holds envelopes unacked)
 //! {"step":"ready","app_id":"A…"}        →
 //!                                            stops taking envelopes, drains, acks, closes
+//!                                       ←    {"step":"state_part","dedup":{…}} (0 or more)
 //!                                       ←    {"step":"state","dedup":{…}}
 //! {"step":"send_fds"}                   →
 //!                                       ←    one byte + SCM_RIGHTS [lock, control listener]
@@ -26,12 +27,17 @@
 //!                                            MAINPID=successor, exits 0
 //! ```
 //!
+//! Every line is at most 64 KiB, as on the control socket: the deduplication state (up to
+//! about 0.5 MiB) travels in parts.
+//!
 //! The lock's open file description is held by both processes from the fd transfer until
 //! the incumbent exits, so no third process can take the app in between. Until the
 //! successor says `adopted` (or `serving`, strict), the incumbent can roll back: it stops
 //! the successor and serves again.
 
+mod dedup_state;
 pub mod incumbent;
+mod process;
 mod session;
 pub mod spawn;
 pub mod successor;
@@ -48,7 +54,9 @@ pub use session::Session;
 pub enum Step {
     /// Successor: connected and greeted by Slack (overlap), or ready to start (strict).
     Ready { app_id: Option<String> },
-    /// Incumbent: drained and closed; its deduplication state.
+    /// Incumbent: drained and closed; a part of its deduplication state, more to follow.
+    StatePart { dedup: DedupSnapshot },
+    /// Incumbent: drained and closed; the last part of its deduplication state.
     State { dedup: DedupSnapshot },
     /// Successor: ready to receive the lock and the control listener.
     SendFds,
@@ -71,6 +79,8 @@ pub enum HandoverError {
     Timeout(std::time::Duration, &'static str),
     #[error("unexpected step {got} while {waiting}")]
     Unexpected { got: String, waiting: &'static str },
+    #[error("a handover line is longer than {limit} bytes")]
+    TooLong { limit: usize },
     #[error("{0}")]
     Refused(String),
     #[error("{0}")]

@@ -11,17 +11,21 @@ use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 
+use super::process::Process;
 use super::{HandoverError, Step};
+use crate::control::protocol::MAX_MESSAGE_BYTES;
 
-/// The deduplication state is the largest message: about 25 bytes an entry.
-const MAX_LINE_BYTES: usize = 32 << 20;
+/// Longest line either side sends or accepts, newline included: as on the control socket.
+pub const MAX_LINE_BYTES: usize = MAX_MESSAGE_BYTES;
 
 /// One end of a handover session.
 pub struct Session {
     stream: UnixStream,
-    /// Bytes read past the last line. Lockstep means there never are any when fds are due;
-    /// `receive_fds` checks it.
+    /// Bytes read past the last line, never more than [`MAX_LINE_BYTES`]. Lockstep means
+    /// there never are any when fds are due; `receive_fds` checks it.
     pending: Vec<u8>,
+    /// How much of `pending` is known to hold no newline: each byte is scanned once.
+    scanned: usize,
 }
 
 impl Session {
@@ -29,22 +33,31 @@ impl Session {
         Session {
             stream,
             pending: Vec::new(),
+            scanned: 0,
         }
     }
 
-    pub fn peer_pid(&self) -> Option<u32> {
-        self.stream
-            .peer_cred()
-            .ok()
-            .and_then(|cred| cred.pid())
-            .and_then(|pid| u32::try_from(pid).ok())
+    /// The process at the other end, as it connected; `None` when it cannot be known.
+    pub fn peer(&self) -> Option<Process> {
+        match Process::peer_of(&self.stream) {
+            Ok(process) => Some(process),
+            Err(error) => {
+                tracing::warn!(%error, "cannot identify the other process of a handover session");
+                None
+            }
+        }
     }
 
-    /// Writes one message as a JSON line.
+    /// Writes one message as a JSON line of at most [`MAX_LINE_BYTES`].
     pub async fn send<T: Serialize>(&mut self, message: &T) -> Result<(), HandoverError> {
         let mut line = serde_json::to_vec(message)
             .map_err(|e| HandoverError::Local(format!("cannot encode a step: {e}")))?;
         line.push(b'\n');
+        if line.len() > MAX_LINE_BYTES {
+            return Err(HandoverError::TooLong {
+                limit: MAX_LINE_BYTES,
+            });
+        }
         self.stream
             .write_all(&line)
             .await
@@ -78,22 +91,29 @@ impl Session {
         }
     }
 
+    /// The next line, newline included. A line longer than [`MAX_LINE_BYTES`] is an error
+    /// as soon as that many bytes came without a newline.
     async fn read_line(&mut self) -> Result<Vec<u8>, HandoverError> {
         loop {
-            if let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
-                let rest = self.pending.split_off(end + 1);
-                let line = std::mem::replace(&mut self.pending, rest);
-                return Ok(line);
+            if let Some(offset) = self.pending[self.scanned..]
+                .iter()
+                .position(|b| *b == b'\n')
+            {
+                let rest = self.pending.split_off(self.scanned + offset + 1);
+                self.scanned = 0;
+                return Ok(std::mem::replace(&mut self.pending, rest));
             }
-            if self.pending.len() > MAX_LINE_BYTES {
-                return Err(HandoverError::Local(
-                    "a handover message is too long".into(),
-                ));
+            self.scanned = self.pending.len();
+            let room = MAX_LINE_BYTES - self.pending.len();
+            if room == 0 {
+                return Err(HandoverError::TooLong {
+                    limit: MAX_LINE_BYTES,
+                });
             }
-            let mut chunk = [0u8; 64 * 1024];
+            let mut chunk = [0u8; 16 * 1024];
             let read = self
                 .stream
-                .read(&mut chunk)
+                .read(&mut chunk[..room.min(16 * 1024)])
                 .await
                 .map_err(|e| HandoverError::Disconnected(e.to_string()))?;
             if read == 0 {
@@ -193,5 +213,52 @@ impl Session {
                 Ok(fds) => return Ok(fds),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// A line that passes the limit without a newline is refused once the limit is reached,
+    /// not read to its end.
+    #[tokio::test]
+    async fn a_line_longer_than_64_kib_is_refused() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let mut session = Session::new(ours);
+        let flood = tokio::spawn(async move {
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut written = 0usize;
+            while written < 32 << 20 {
+                match theirs.write(&chunk).await {
+                    Ok(n) => written += n,
+                    Err(_) => break,
+                }
+            }
+            written
+        });
+        let error = session.step(WAIT, "waiting for a step").await.unwrap_err();
+        assert!(
+            matches!(error, HandoverError::TooLong { limit } if limit == MAX_LINE_BYTES),
+            "{error}"
+        );
+        drop(session);
+        let written = tokio::time::timeout(WAIT, flood).await.unwrap().unwrap();
+        assert!(written < 32 << 20, "read all {written} bytes");
+    }
+
+    /// Several lines arriving in one read come out one by one, in order.
+    #[tokio::test]
+    async fn lines_read_together_come_out_one_by_one() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        theirs
+            .write_all(b"{\"step\":\"send_fds\"}\n{\"step\":\"adopted\"}\n")
+            .await
+            .unwrap();
+        let mut session = Session::new(ours);
+        assert_eq!(session.step(WAIT, "first").await.unwrap(), Step::SendFds);
+        assert_eq!(session.step(WAIT, "second").await.unwrap(), Step::Adopted);
     }
 }

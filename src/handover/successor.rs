@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::net::UnixStream;
 
-use super::{HandoverError, Session, Step};
+use super::{HandoverError, Session, Step, dedup_state};
 use crate::control::protocol::{Command, Request, Response};
 use crate::dispatch::DedupSnapshot;
 use crate::service::lock::{HolderInfo, InstanceLock};
@@ -74,19 +74,12 @@ impl Takeover {
         lock_path: &Path,
         holder: &HolderInfo,
     ) -> Result<Received, HandoverError> {
-        let dedup = match self
-            .session
-            .step(STEP_TIMEOUT, "waiting for the incumbent's state")
-            .await?
-        {
-            Step::State { dedup } => dedup,
-            other => {
-                return Err(HandoverError::Unexpected {
-                    got: format!("{other:?}"),
-                    waiting: "waiting for the incumbent's state",
-                });
-            }
-        };
+        let dedup = dedup_state::receive(
+            &mut self.session,
+            STEP_TIMEOUT,
+            "waiting for the incumbent's state",
+        )
+        .await?;
         self.session.send(&Step::SendFds).await?;
         let mut fds = self.session.receive_fds(STEP_TIMEOUT).await?.into_iter();
         let (Some(lock_fd), Some(listener_fd)) = (fds.next(), fds.next()) else {

@@ -17,7 +17,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::errno::Errno;
 use nix::fcntl::{FlockArg, OFlag};
@@ -43,6 +43,12 @@ const MAX_ATTEMPTS: usize = 10;
 
 /// More than a PID file ever needs; a bigger file is read only this far.
 const MAX_FILE_BYTES: usize = 64 * 1024;
+
+/// How long a start that finds the lock held waits for the file to name a running holder:
+/// the winner of a simultaneous start writes its content just after its `flock`.
+const SETTLE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Pause between two reads while waiting for that.
+const SETTLE_PAUSE: Duration = Duration::from_millis(2);
 
 impl HolderInfo {
     /// This process, started now.
@@ -237,7 +243,7 @@ impl InstanceLock {
             }
             Attempt::Held => Err(LockError::Held {
                 path: path.to_owned(),
-                holder: read_holder_from(&file),
+                holder: read_settled_holder(&file),
             }),
             // Dropping `file` closes it, which releases a lock taken on the old inode.
             Attempt::Replaced => Ok(None),
@@ -299,6 +305,44 @@ fn lock_opened(file: &File, path: &Path) -> io::Result<Attempt> {
 /// whether the holder is alive: only the lock does.
 pub fn read_holder(path: &Path) -> Option<HolderInfo> {
     read_holder_from(&File::open(path).ok()?)
+}
+
+/// What the PID file says about the process holding its lock, once it says it.
+///
+/// A holder writes the file only after its `flock` succeeded, so a process that has just
+/// lost the race may find, for a moment, the previous holder's content (a pid that is gone)
+/// or an empty file. It reads again until the content is complete (our writer always
+/// records `started_at`) and names a running process, for at most [`SETTLE_TIMEOUT`]; then
+/// it takes what is there (a holder in another pid namespace, a conventional PID file).
+fn read_settled_holder(file: &File) -> Option<HolderInfo> {
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let holder = read_holder_from(file);
+        let settled = holder
+            .as_ref()
+            .is_some_and(|holder| holder.started_at != 0 && is_running(holder.pid));
+        if settled || Instant::now() >= deadline {
+            return holder;
+        }
+        std::thread::sleep(SETTLE_PAUSE);
+    }
+}
+
+/// Whether `pid` is a running process: it exists and is not a zombie waiting to be reaped.
+fn is_running(pid: u32) -> bool {
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
+    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None) == Err(Errno::ESRCH) {
+        return false;
+    }
+    // The state follows the command name, which may itself contain ") ".
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
 }
 
 /// Reads from offset 0 whatever the descriptor's own offset (a handed-over descriptor
@@ -458,6 +502,30 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         let _ = open(&path);
         assert_eq!(lock_opened(&second, &path).unwrap(), Attempt::Replaced);
+    }
+
+    #[test]
+    fn only_existing_unreaped_processes_are_running() {
+        assert!(is_running(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Wait until it has exited without reaping it: a zombie holds no lock.
+        // SAFETY: a zeroed siginfo_t is a valid out-parameter; WNOWAIT leaves the child
+        // to `wait` below.
+        let observed = unsafe {
+            let mut info: nix::libc::siginfo_t = std::mem::zeroed();
+            nix::libc::waitid(
+                nix::libc::P_PID,
+                pid,
+                &mut info,
+                nix::libc::WEXITED | nix::libc::WNOWAIT,
+            )
+        };
+        assert_eq!(observed, 0);
+        assert!(!is_running(pid), "a zombie");
+        child.wait().unwrap();
+        assert!(!is_running(pid), "a reaped pid");
+        assert!(!is_running(u32::MAX));
     }
 
     #[test]

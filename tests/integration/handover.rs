@@ -706,3 +706,164 @@ async fn strict_mode_breaks_before_making_and_the_successor_acks_what_arrived_me
     strays.gone(successor).await;
     handled_exactly_once(&record, &[&incumbent]).await;
 }
+
+/// A deduplication state of thousands of entries is more than one line of the session
+/// holds: it travels in parts, and the successor still recognises the incumbent's events,
+/// the oldest and the newest, when Slack delivers them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_carries_a_deduplication_state_of_thousands_of_entries() {
+    const EVENTS: u64 = 8000;
+    let (sim, host, mut incumbent) = connected_incumbent(FAST_CONFIG).await;
+    acked(&sim, event("EvOldest", "first of all")).await;
+    let load = sim.start_load(
+        APP,
+        LoadSpec {
+            count: EVENTS,
+            rate_per_sec: None,
+            max_outstanding: Some(256),
+            mix: LoadMix::EventsOnly,
+        },
+    );
+    sim.wait_until(WAIT, |r| acked_count(r) > EVENTS as usize)
+        .await
+        .expect("the load is acked");
+    load.await.unwrap();
+    acked(&sim, event("EvNewest", "last before the takeover")).await;
+    let mut successor = host.takeover(&sim, FAST_CONFIG);
+    let adopted = successor
+        .wait_log("took over the predecessor's deduplication state", |_| true)
+        .await;
+    assert!(adopted["entries"].as_u64() >= Some(EVENTS + 2), "{adopted}");
+    successor.wait_log("took the app over", |_| true).await;
+    assert_eq!(exited(&mut incumbent).await, 0, "{}", incumbent.stderr());
+    for id in ["EvOldest", "EvNewest"] {
+        acked(&sim, event(id, "delivered again")).await;
+    }
+    acked(&sim, event("EvAfterBigState", "after the takeover")).await;
+    successor.stop().await;
+    let counts = handled(&[&incumbent, &successor]);
+    for id in ["EvOldest", "EvNewest", "EvAfterBigState"] {
+        assert_eq!(counts.get(id), Some(&1), "{id} handled once: {counts:?}");
+    }
+}
+
+/// Set in the child process of [`a_fake_successor_sending_32_mib_without_a_newline_is_cut_off`]:
+/// the control socket to flood.
+const FLOOD_CHILD: &str = "FLOWCOACH_TEST_FLOOD_SOCKET";
+const FLOOD_BYTES: usize = 32 << 20;
+/// Marks the child's report among libtest's output.
+const FLOOD_MARK: &str = "@@flood@@ ";
+
+/// A permitted client asks for a takeover, then sends 32 MiB without a newline. The
+/// incumbent cuts it off once a line passes 64 KiB (a handover line is capped like a control
+/// request), stops it (SIGTERM, to that process) and keeps serving: events sent meanwhile
+/// are acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fake_successor_sending_32_mib_without_a_newline_is_cut_off() {
+    let (sim, host, mut incumbent) = connected_incumbent(FAST_CONFIG).await;
+    let flood = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "flood_child", "--ignored", "--nocapture"])
+        .env(FLOOD_CHILD, host.socket())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    incumbent
+        .wait_log("handing over to pid", |l| {
+            l["successor"].as_u64() == flood.id().map(u64::from)
+        })
+        .await;
+    for i in 0..10 {
+        acked(&sim, event(&format!("EvDuringFlood{i}"), "flooded")).await;
+    }
+    let output = tokio::time::timeout(WAIT, flood.wait_with_output())
+        .await
+        .expect("the flooding client ends")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report = stdout
+        .lines()
+        .find_map(|line| line.split_once(FLOOD_MARK).map(|(_, report)| report))
+        .unwrap_or_else(|| panic!("no report from the flooding client:\n{stdout}"));
+    let field = |name: &str| {
+        report
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {name} in {report:?}"))
+            .to_owned()
+    };
+    let written: usize = field("written").parse().unwrap();
+    // 64 KiB read, then what the socket buffers hold before the writer learns of the close.
+    assert!(
+        written < 1 << 20,
+        "the incumbent read {written} of {FLOOD_BYTES} bytes before cutting the client off"
+    );
+    assert_eq!(
+        field("terminated"),
+        "true",
+        "the failed successor was stopped"
+    );
+    let rolled_back = rolling_back(&mut incumbent).await;
+    assert!(
+        rolled_back["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("65536 bytes")),
+        "{rolled_back}"
+    );
+    serving_alone(&sim, &host, incumbent.pid() as u32, "EvAfterFlood").await;
+    incumbent.stop().await;
+}
+
+#[test]
+#[ignore = "runs in the child process of a_fake_successor_sending_32_mib_without_a_newline_is_cut_off"]
+fn flood_child() {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, sigaction};
+    use std::io::{BufRead, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static TERMINATED: AtomicBool = AtomicBool::new(false);
+    extern "C" fn on_term(_: nix::libc::c_int) {
+        TERMINATED.store(true, Ordering::SeqCst);
+    }
+
+    let Some(socket) = std::env::var_os(FLOOD_CHILD) else {
+        return;
+    };
+    // Noted instead of dying of it, so the report says whether the incumbent stopped us.
+    let action = SigAction::new(
+        SigHandler::Handler(on_term),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe { sigaction(Signal::SIGTERM, &action) }.unwrap();
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    writeln!(
+        stream,
+        r#"{{"version":1,"command":"takeover","pid":{},"release":"0.0.0-flood"}}"#,
+        std::process::id()
+    )
+    .unwrap();
+    let mut accepted = String::new();
+    std::io::BufReader::new(stream.try_clone().unwrap())
+        .read_line(&mut accepted)
+        .unwrap();
+    assert!(accepted.contains("takeover_accepted"), "{accepted}");
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut written = 0;
+    while written < FLOOD_BYTES {
+        match stream.write(&chunk) {
+            Ok(n) => written += n,
+            Err(_) => break,
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !TERMINATED.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!(
+        "{FLOOD_MARK}written={written} terminated={}",
+        TERMINATED.load(Ordering::SeqCst)
+    );
+}

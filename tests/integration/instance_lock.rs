@@ -439,3 +439,68 @@ fn read_holder_handles_garbage_and_plain_pid_files() {
     );
     assert_eq!((info.started_at, info.control_socket), (0, PathBuf::new()));
 }
+
+/// A loser reads the PID file right after the winner's `flock`, possibly before the winner
+/// has written its own content: it must still name the winner, never the previous holder
+/// (a dead pid left in the file) or nobody (a fresh, empty file). Twenty starters at once,
+/// several rounds, half of them over a file naming a dead holder.
+#[test]
+fn every_loser_of_simultaneous_starts_names_the_live_winner() {
+    const ROUNDS: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let path = lock_path(&dir);
+    let dead = {
+        let mut gone = Command::new("true").spawn().unwrap();
+        gone.wait().unwrap();
+        gone.id()
+    };
+    let mut wrong = Vec::new();
+    for round in 0..ROUNDS {
+        if round % 2 == 0 {
+            let previous = HolderInfo {
+                pid: dead,
+                ..HolderInfo::new(ENVIRONMENT, APP, path.with_extension("sock"))
+            };
+            std::fs::write(
+                &path,
+                format!("{dead}\n{}\n", serde_json::to_string(&previous).unwrap()),
+            )
+            .unwrap();
+        } else {
+            let _ = std::fs::remove_file(&path);
+        }
+        let (barrier, release) = io::pipe().unwrap();
+        let children: Vec<Child> = (0..20)
+            .map(|_| Child::spawn_behind(&path, Stdio::from(barrier.try_clone().unwrap())))
+            .collect();
+        drop(barrier);
+        for child in &children {
+            assert_eq!(child.next_report(), "ready");
+        }
+        drop(release);
+        let reports: Vec<String> = children.iter().map(Child::next_report).collect();
+        let winners: Vec<u32> = children
+            .iter()
+            .zip(&reports)
+            .filter(|(_, report)| *report == "locked")
+            .map(|(child, _)| child.pid())
+            .collect();
+        assert_eq!(winners.len(), 1, "round {round}: {reports:#?}");
+        let named = format!("pid {},", winners[0]);
+        wrong.extend(
+            reports
+                .iter()
+                .filter(|report| *report != "locked" && !report.contains(&named))
+                .map(|report| format!("round {round}, winner {}: {report}", winners[0])),
+        );
+        // Killed and reaped: the winner's lock is free for the next round.
+        drop(children);
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} losers did not name the winner:\n{}",
+        wrong.len(),
+        ROUNDS * 19,
+        wrong.join("\n")
+    );
+}

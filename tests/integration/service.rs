@@ -71,10 +71,14 @@ async fn of_twenty_simultaneous_starts_exactly_one_runs() {
     connected(&sim).await;
     let mut exits = Vec::new();
     let mut running = Vec::new();
+    let mut losers = Vec::new();
     for mut daemon in daemons.drain(..) {
         // The losers exit on their own; the winner keeps running.
         match tokio::time::timeout(Duration::from_secs(10), daemon.child.wait()).await {
-            Ok(status) => exits.push(status.unwrap().code()),
+            Ok(status) => {
+                exits.push(status.unwrap().code());
+                losers.push(daemon);
+            }
             Err(_) => running.push(daemon),
         }
     }
@@ -86,6 +90,14 @@ async fn of_twenty_simultaneous_starts_exactly_one_runs() {
         "only the winner reached Slack"
     );
     let mut winner = running.pop().unwrap();
+    // Every loser named the winner, even one that looked while the winner was still
+    // writing the PID file.
+    let named = format!("pid {},", winner.pid());
+    for loser in &mut losers {
+        loser.exit_code().await;
+        let said = loser.stderr();
+        assert!(said.contains(&named), "the winner is {named}: {said}");
+    }
     winner.stop().await;
 }
 
