@@ -412,12 +412,13 @@ impl ConnectionTask {
                 envelope_id: Some(envelope_id),
             } => {
                 Counters::bump(&self.counters().frames_unknown);
-                // We cannot handle it, and redelivery would not change that: ack it so
-                // Slack stops retrying, and say so.
                 tracing::warn!(conn = self.id, kind, %envelope_id, "acked an envelope of unknown type without handling it");
-                if let Err(error) = self.acks.expect(envelope_id).send(None) {
-                    tracing::warn!(%error, "ack not sent");
-                }
+                self.ack_unhandled(envelope_id);
+            }
+            FrameError::NoPayload { kind, envelope_id } => {
+                Counters::bump(&self.counters().frames_malformed);
+                tracing::warn!(conn = self.id, kind, %envelope_id, "acked an envelope without a payload, not handled");
+                self.ack_unhandled(envelope_id);
             }
             FrameError::UnknownType { kind, .. } => {
                 Counters::bump(&self.counters().frames_unknown);
@@ -427,6 +428,14 @@ impl ConnectionTask {
                 Counters::bump(&self.counters().frames_malformed);
                 tracing::warn!(conn = self.id, %error, excerpt, "ignored a malformed frame");
             }
+        }
+    }
+
+    /// Acks an envelope we cannot handle: redelivery would not change that, so Slack
+    /// should stop retrying.
+    fn ack_unhandled(&self, envelope_id: String) {
+        if let Err(error) = self.acks.expect(envelope_id).send(None) {
+            tracing::warn!(%error, "ack not sent");
         }
     }
 

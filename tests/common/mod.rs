@@ -241,6 +241,24 @@ impl Daemon {
         status.code().unwrap_or(-1)
     }
 
+    /// `flowcoachctl status --json` over this daemon's control socket (environment `test`,
+    /// as in [`FAST_CONFIG`]).
+    pub async fn status_json(&self) -> Value {
+        let socket = self.runtime_dir.join(format!("{APP}.test.sock"));
+        let output = Command::new(env!("CARGO_BIN_EXE_flowcoachctl"))
+            .args(["status", "--json", "--socket"])
+            .arg(&socket)
+            .env_clear()
+            .stdin(Stdio::null())
+            .output();
+        let output = tokio::time::timeout(WAIT, output)
+            .await
+            .expect("flowcoachctl answers")
+            .unwrap();
+        assert!(output.status.success(), "flowcoachctl status: {output:?}");
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+
     /// The token must never appear in what flowcoach prints.
     pub fn assert_token_never_printed(&self) {
         let stderr = self.stderr();
