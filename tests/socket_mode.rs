@@ -188,6 +188,24 @@ async fn retry_after_is_honoured() {
 }
 
 #[tokio::test]
+async fn an_absurd_retry_after_is_capped_and_said() {
+    let sim = simulator(|_| {}).await;
+    sim.push_open_response(OpenResponse::RateLimited {
+        retry_after_secs: u64::MAX,
+    });
+    let mut daemon = Daemon::start(&sim, "");
+    let said = daemon
+        .wait_log(
+            "apps.connections.open asked to retry after more than",
+            |_| true,
+        )
+        .await;
+    assert_eq!(said["retry_after_s"], u64::MAX);
+    assert_eq!(said["waiting_s"], 60);
+    daemon.stop().await;
+}
+
+#[tokio::test]
 async fn handshake_conflict_is_retried() {
     let sim = simulator(|_| {}).await;
     sim.set_handshake_status(Some(409));
