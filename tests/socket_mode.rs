@@ -9,7 +9,7 @@ use common::{
     APP, Daemon, WAIT, acked, connected, event, first_socket_closed_cleanly, simulator, slash,
     wait_hellos,
 };
-use flowcoach::sim::{CloseKind, OpenResponse, Record};
+use flowcoach::sim::{CloseKind, HelloStyle, OpenResponse, Record};
 
 #[tokio::test]
 async fn connects_acks_events_and_stops_cleanly() {
@@ -57,6 +57,30 @@ async fn drops_the_socket_itself_when_slack_keeps_tcp_open_after_close() {
         lingered < Duration::from_secs(3),
         "TCP held {lingered:?} after Close"
     );
+}
+
+#[tokio::test]
+async fn a_bare_hello_is_accepted_without_inventing_a_count() {
+    let sim = simulator(|c| c.hello = HelloStyle::Bare).await;
+    let mut daemon = Daemon::start_connected(&sim).await;
+    daemon
+        .wait_log("Slack's hello lacks num_connections", |_| true)
+        .await;
+    acked(&sim, event("EvAfterBareHello", "hi")).await;
+    let status = daemon.status_json().await;
+    assert_eq!(status["phase_name"], "connected", "{status}");
+    assert_eq!(
+        status["num_connections"],
+        serde_json::Value::Null,
+        "{status}"
+    );
+    assert_eq!(status["app_id"], APP, "the token's app: {status}");
+    // The next connection says the same bare hello: that is not said again.
+    sim.disconnect(sim.open_sockets(APP)[0], "refresh_requested");
+    daemon.wait_log_count("connected to Slack", 2).await;
+    let said = daemon.count_by("Slack's hello lacks", "message");
+    assert_eq!(said.values().sum::<usize>(), 1, "{said:?}");
+    daemon.stop().await;
 }
 
 #[tokio::test]

@@ -221,7 +221,10 @@ impl fmt::Display for Record {
                 write!(f, " refused with HTTP {status}")?;
             }
             if let Some(hello) = &s.hello {
-                write!(f, " hello(n={})", hello.num_connections)?;
+                match hello.num_connections {
+                    Some(n) => write!(f, " hello(n={n})")?,
+                    None => write!(f, " hello(no count)")?,
+                }
             }
             if let Some(reason) = &s.disconnect_sent {
                 write!(f, " disconnect={reason}")?;

@@ -80,15 +80,18 @@ impl Session {
         }
     }
 
-    /// Serves an admitted socket until the sim is done with its TCP stream.
-    pub(super) async fn run(mut self, hello: Hello) {
-        let frame = Tagged {
-            kind: "hello",
-            body: &hello,
-        };
-        let hello_sent = match serde_json::to_string(&frame) {
-            Ok(text) => self.write(Message::text(text)).await,
-            Err(_) => false,
+    /// Serves an admitted socket until the sim is done with its TCP stream; `hello` is
+    /// `None` when it is withheld.
+    pub(super) async fn run(mut self, hello: Option<Hello>) {
+        let hello_sent = match hello.map(|body| {
+            serde_json::to_string(&Tagged {
+                kind: "hello",
+                body: &body,
+            })
+        }) {
+            None => true,
+            Some(Ok(text)) => self.write(Message::text(text)).await,
+            Some(Err(_)) => false,
         };
         let ending = if hello_sent {
             self.serve_open().await

@@ -16,10 +16,20 @@ pub const MAX_ACK_BYTES: usize = 20_000;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     /// Open sockets of this app, counting other processes, other hosts and stale sockets.
-    pub num_connections: u32,
-    pub connection_info: ConnectionInfo,
+    /// Slack's SDKs do not require it, nor `connection_info`: a bare hello is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_info: Option<ConnectionInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub debug_info: Option<DebugInfo>,
+}
+
+impl Hello {
+    /// The app Slack says this socket belongs to, if it says.
+    pub fn app_id(&self) -> Option<&str> {
+        self.connection_info.as_ref().map(|c| c.app_id.as_str())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,17 +261,13 @@ pub fn parse_inbound(text: &str) -> Result<Inbound, FrameError> {
     let kind = string_field(raw.kind, "type")?.ok_or(FrameError::MissingType)?;
     let envelope_id = string_field(raw.envelope_id, "envelope_id")?;
     if kind == "hello" {
-        let connection_info = raw.connection_info.ok_or(FrameError::MissingField {
-            kind: "hello",
-            field: "connection_info",
-        })?;
         // debug_info is informational: a malformed one must not cost us the connection.
         let debug_info = raw
             .debug_info
             .and_then(|d| serde_json::from_str::<DebugInfo>(d.get()).ok());
         return Ok(Inbound::Hello(Hello {
-            num_connections: raw.num_connections.unwrap_or(1),
-            connection_info,
+            num_connections: raw.num_connections,
+            connection_info: raw.connection_info,
             debug_info,
         }));
     }
@@ -346,8 +352,8 @@ mod tests {
         let Inbound::Hello(hello) = parse_inbound(frame).unwrap() else {
             panic!("not a hello")
         };
-        assert_eq!(hello.num_connections, 2);
-        assert_eq!(hello.connection_info.app_id, "A123");
+        assert_eq!(hello.num_connections, Some(2));
+        assert_eq!(hello.app_id(), Some("A123"));
         assert_eq!(
             hello.debug_info.unwrap().approximate_connection_time,
             Some(18060)
@@ -358,6 +364,21 @@ mod tests {
     fn hello_with_broken_debug_info_still_counts() {
         let frame = r#"{"type":"hello","connection_info":{"app_id":"A1"},"debug_info":7}"#;
         assert!(matches!(parse_inbound(frame), Ok(Inbound::Hello(h)) if h.debug_info.is_none()));
+    }
+
+    #[test]
+    fn a_bare_hello_is_accepted_without_inventing_a_count() {
+        let Inbound::Hello(hello) = parse_inbound(r#"{"type":"hello"}"#).unwrap() else {
+            panic!("not a hello")
+        };
+        assert_eq!(hello.num_connections, None);
+        assert_eq!(hello.app_id(), None);
+        let frame = r#"{"type":"hello","connection_info":{"app_id":"A1"}}"#;
+        let Inbound::Hello(hello) = parse_inbound(frame).unwrap() else {
+            panic!("not a hello")
+        };
+        assert_eq!(hello.num_connections, None);
+        assert_eq!(hello.app_id(), Some("A1"));
     }
 
     #[test]
@@ -433,13 +454,6 @@ mod tests {
                 "{frame}"
             );
         }
-        assert!(matches!(
-            parse_inbound(r#"{"type":"hello"}"#),
-            Err(FrameError::MissingField {
-                field: "connection_info",
-                ..
-            })
-        ));
     }
 
     #[test]
