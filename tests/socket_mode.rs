@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    APP, Daemon, WAIT, acked, connected, event, first_socket_closed_cleanly, simulator, slash,
-    wait_hellos,
+    APP, Daemon, WAIT, acked, connected, event, fast_config_with, first_socket_closed_cleanly,
+    simulator, slash, wait_hellos,
 };
 use flowcoach::sim::{CloseKind, HelloStyle, OpenResponse, Record};
 
@@ -150,6 +150,43 @@ async fn warning_rotates_with_zero_gap() {
 #[tokio::test]
 async fn refresh_requested_rotates_with_zero_gap() {
     rotates_without_a_gap("refresh_requested").await;
+}
+
+/// SIGTERM ends the daemon with exit 0 within [`WAIT`], logging no error.
+async fn stops_cleanly(daemon: &mut Daemon) {
+    daemon.stop().await;
+    let errors: Vec<_> = daemon
+        .logs()
+        .into_iter()
+        .filter(|l| l["level"] == "ERROR")
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
+#[tokio::test]
+async fn sigterm_while_waiting_for_hello_stops_cleanly() {
+    let sim = simulator(|c| c.hello = HelloStyle::Withheld).await;
+    // A hello timeout far beyond the wait for the exit: only a prompt stop passes.
+    let config = fast_config_with(&[("hello_timeout", r#""60s""#)]);
+    let mut daemon = Daemon::start_with(&sim, &config, &[]);
+    sim.wait_until(WAIT, |r| !r.sockets.is_empty())
+        .await
+        .expect("flowcoach opens a socket");
+    stops_cleanly(&mut daemon).await;
+    sim.wait_until(WAIT, |r| r.sockets[0].closed_at.is_some())
+        .await
+        .expect("the socket is released");
+}
+
+#[tokio::test]
+async fn sigterm_with_a_dead_socket_stops_cleanly() {
+    let sim = simulator(|c| c.server_ping_interval = None).await;
+    // Liveness checks far off: the socket is dead, and not yet found out, at SIGTERM.
+    let config = fast_config_with(&[("ping_interval", r#""60s""#), ("pong_timeout", r#""60s""#)]);
+    let mut daemon = Daemon::start_with(&sim, &config, &[]);
+    connected(&sim).await;
+    sim.make_stale(sim.open_sockets(APP)[0]);
+    stops_cleanly(&mut daemon).await;
 }
 
 #[tokio::test]

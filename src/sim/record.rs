@@ -56,6 +56,9 @@ pub struct SocketRecord {
     pub close: Option<CloseKind>,
     /// When the client dropped TCP, if the sim saw it.
     pub tcp_closed_at: Option<Instant>,
+    /// The status code of the client's Close frame, 1005 (no status) for a Close without
+    /// one; `None` while no Close came.
+    pub client_close_code: Option<u16>,
     /// The first disconnect reason sent on this socket.
     pub disconnect_sent: Option<String>,
     pub client_pings: u64,
@@ -236,6 +239,9 @@ impl fmt::Display for Record {
                 (Some(kind), Some(t)) => write!(f, " closed {} {kind:?}", at(t))?,
                 (None, Some(t)) => write!(f, " closed {}", at(t))?,
                 _ => write!(f, " open")?,
+            }
+            if let Some(code) = s.client_close_code {
+                write!(f, " client-close-code={code}")?;
             }
             if let Some(t) = s.tcp_closed_at {
                 write!(f, " tcp-dropped-by-client {}", at(t))?;

@@ -101,6 +101,7 @@ impl Inner {
             closed_at: None,
             close: None,
             tcp_closed_at: None,
+            client_close_code: None,
             disconnect_sent: None,
             client_pings: 0,
             stale: false,

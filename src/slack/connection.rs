@@ -11,6 +11,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use url::Url;
@@ -145,6 +147,15 @@ fn describe_handshake_error(error: tungstenite::Error) -> String {
     }
 }
 
+/// Our Close frame: 1000 (Normal). One without a code reads as 1005 (no status) to the
+/// peer, which cannot tell an intended close from a broken one.
+fn normal_close() -> CloseFrame {
+    CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    }
+}
+
 /// An open websocket that has said hello.
 pub struct WebSocket {
     ws: WsStream,
@@ -179,7 +190,7 @@ impl WebSocket {
     async fn close(&mut self, bound: Duration) {
         let ws = &mut self.ws;
         let handshake = async {
-            if ws.close(None).await.is_err() {
+            if ws.close(Some(normal_close())).await.is_err() {
                 return;
             }
             // Over RFC 6455 nothing may follow our Close: envelopes read now are not
