@@ -47,10 +47,11 @@ pub fn status(report: &StatusReport, now: u64) -> String {
         "started",
         format!("{}, up {}", timestamp(r.started_at), duration(r.uptime_s)),
     );
-    let counted = r.num_connections.map_or_else(
-        || "not counted by Slack yet".to_owned(),
-        |n| format!("{n} counted by Slack"),
-    );
+    let counted = match (r.num_connections, r.connected_since) {
+        (Some(n), _) => format!("{n} counted by Slack"),
+        (None, Some(_)) => "Slack's hello gave no count".to_owned(),
+        (None, None) => "not counted by Slack yet".to_owned(),
+    };
     line("sockets", format!("{} ours, {counted}", r.sockets_open));
     let last = r
         .last_disconnect
@@ -178,6 +179,14 @@ token:        from SLACK_APP_TOKEN
 health:       healthy
 ";
         assert_eq!(text, expected);
+        let bare_hello = StatusReport {
+            num_connections: None,
+            ..report
+        };
+        assert!(
+            status(&bare_hello, 1_796_026_213)
+                .contains("sockets:      1 ours, Slack's hello gave no count\n")
+        );
         assert_eq!(
             health(&Health::Degraded("reconnecting".into())),
             "degraded: reconnecting"

@@ -24,6 +24,15 @@ const PERMANENT_ERRORS: &[&str] = &[
     "invalid_token",
 ];
 
+/// Slack's answer is about 300 bytes: a larger one is not Slack's, and reading it whole
+/// would cost memory without bound.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// The longest wait a `Retry-After` can impose. Slack's rate limits are per minute, so
+/// after a minute a call is allowed again; a larger value is a broken header, and obeying
+/// it would stop the service for good.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     /// The token or the app's settings are wrong: stop and tell the operator.
@@ -112,10 +121,9 @@ impl SlackApi {
         if !response.status().is_success() {
             return Err(OpenError::Transient(format!("HTTP {}", response.status())));
         }
-        let body: OpenResponse = response
-            .json()
-            .await
-            .map_err(|e| OpenError::Transient(format!("unreadable answer: {}", e.without_url())))?;
+        let body = read_answer(response).await?;
+        let body: OpenResponse = serde_json::from_slice(&body)
+            .map_err(|e| OpenError::Transient(format!("unreadable answer: {e}")))?;
         if !body.ok {
             let code = body.error.unwrap_or_else(|| "unknown_error".to_owned());
             if code == "ratelimited" {
@@ -140,6 +148,12 @@ impl SlackApi {
         match url.scheme() {
             "wss" => {}
             "ws" if is_loopback(&url) => {}
+            "ws" => {
+                return Err(OpenError::Transient(format!(
+                    "refusing ws:// URL: host {} is not a loopback address (plain ws is only for a local simulator; Slack's URLs are wss)",
+                    url.host_str().unwrap_or_default()
+                )));
+            }
             other => {
                 return Err(OpenError::Transient(format!(
                     "refusing websocket URL with scheme {other:?}: only wss (or ws on loopback)"
@@ -154,14 +168,55 @@ impl SlackApi {
     }
 }
 
-/// `Retry-After` in seconds; Slack sends integers. Missing or unreadable: 1 s.
+/// The body of a successful answer, at most [`MAX_ANSWER_BYTES`] of it.
+async fn read_answer(mut response: reqwest::Response) -> Result<Vec<u8>, OpenError> {
+    let too_large = || {
+        OpenError::Transient(format!(
+            "the answer exceeds the limit of {MAX_ANSWER_BYTES} bytes (Slack's is about 300)"
+        ))
+    };
+    if response
+        .content_length()
+        .is_some_and(|length| length > MAX_ANSWER_BYTES as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| OpenError::Transient(format!("unreadable answer: {}", e.without_url())))?
+    {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// `Retry-After` in seconds, at most [`MAX_RETRY_AFTER`]; Slack sends integers. Missing
+/// or unreadable: 1 s.
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Duration {
-    headers
+    let Some(asked) = headers
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs)
-        .unwrap_or(Duration::from_secs(1))
+    else {
+        return Duration::from_secs(1);
+    };
+    let asked = Duration::from_secs(asked);
+    if asked > MAX_RETRY_AFTER {
+        tracing::warn!(
+            retry_after_s = asked.as_secs(),
+            waiting_s = MAX_RETRY_AFTER.as_secs(),
+            "apps.connections.open asked to retry after more than {}s; waiting {}s instead",
+            MAX_RETRY_AFTER.as_secs(),
+            MAX_RETRY_AFTER.as_secs()
+        );
+        return MAX_RETRY_AFTER;
+    }
+    asked
 }
 
 #[cfg(test)]
@@ -198,11 +253,40 @@ mod tests {
     }
 
     #[test]
+    fn plain_ws_elsewhere_than_loopback_is_refused_for_its_host() {
+        for (url, host) in [
+            ("ws://0.0.0.0:9/link/?ticket=t", "0.0.0.0"),
+            ("ws://wss-primary.slack.com/link/", "wss-primary.slack.com"),
+        ] {
+            let error = api(false).websocket_url(url).unwrap_err().to_string();
+            assert!(
+                error.contains(&format!("host {host} is not a loopback address")),
+                "{error}"
+            );
+            assert!(!error.contains("scheme"), "{error}");
+            assert!(!error.contains("ticket"), "{error}");
+        }
+        let error = api(false).websocket_url("https://slack.com/").unwrap_err();
+        assert!(error.to_string().contains("scheme \"https\""), "{error}");
+    }
+
+    #[test]
     fn retry_after_defaults_to_a_second() {
         let mut headers = reqwest::header::HeaderMap::new();
         assert_eq!(retry_after(&headers), Duration::from_secs(1));
         headers.insert(reqwest::header::RETRY_AFTER, "7".parse().unwrap());
         assert_eq!(retry_after(&headers), Duration::from_secs(7));
+    }
+
+    #[test]
+    fn retry_after_is_capped() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        for value in ["18446744073709551615", "61"] {
+            headers.insert(reqwest::header::RETRY_AFTER, value.parse().unwrap());
+            assert_eq!(retry_after(&headers), MAX_RETRY_AFTER, "{value}");
+        }
+        headers.insert(reqwest::header::RETRY_AFTER, "60".parse().unwrap());
+        assert_eq!(retry_after(&headers), Duration::from_secs(60));
     }
 }
 
@@ -225,5 +309,78 @@ mod network_tests {
         let error = api.open_connection(&token).await.unwrap_err();
         assert!(matches!(error, OpenError::Transient(_)), "{error:?}");
         assert!(!error.to_string().contains("abc"));
+    }
+
+    /// An HTTP server on loopback that answers every request with `head`, then streams
+    /// `padding` bytes of JSON whitespace and a valid answer; its API base.
+    async fn answering_server(head: &'static str, padding: usize) -> Url {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    // The request has no body: its head ends the first read or few.
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    if stream.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let spaces = [b' '; 8192];
+                    let mut sent = 0;
+                    while sent < padding {
+                        let n = spaces.len().min(padding - sent);
+                        if stream.write_all(&spaces[..n]).await.is_err() {
+                            return;
+                        }
+                        sent += n;
+                    }
+                    let answer = br#"{"ok":true,"url":"ws://127.0.0.1:9/link/?ticket=t"}"#;
+                    let _ = stream.write_all(answer).await;
+                });
+            }
+        });
+        Url::parse(&format!("http://127.0.0.1:{port}/api")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_oversized_answer_is_refused_without_reading_it_all() {
+        let token = AppToken::parse("xapp-1-A0TEST-1-abc").unwrap();
+        // Streamed until the server closes, with no length announced: valid JSON, but
+        // 1 MiB of it; and an announced 300 MiB that never comes.
+        for head in [
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 314572800\r\n\r\n",
+        ] {
+            let padding = if head.contains("content-length") {
+                0
+            } else {
+                1 << 20
+            };
+            let base = answering_server(head, padding).await;
+            let api = SlackApi::new(&base, false).unwrap();
+            let error = api.open_connection(&token).await.unwrap_err();
+            assert!(matches!(error, OpenError::Transient(_)), "{error:?}");
+            assert!(
+                error.to_string().contains(&MAX_ANSWER_BYTES.to_string()),
+                "the error names the limit: {error}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_small_answer_is_read() {
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n";
+        let base = answering_server(head, 100).await;
+        let api = SlackApi::new(&base, false).unwrap();
+        let token = AppToken::parse("xapp-1-A0TEST-1-abc").unwrap();
+        let url = api.open_connection(&token).await.unwrap();
+        assert_eq!(url.as_str(), "ws://127.0.0.1:9/link/?ticket=t");
     }
 }

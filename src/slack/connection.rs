@@ -11,6 +11,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use url::Url;
@@ -114,7 +116,11 @@ pub async fn open(
     let config = WebSocketConfig::default()
         .max_message_size(Some(settings.max_message_bytes))
         .max_frame_size(Some(settings.max_message_bytes));
-    let handshake = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), false);
+    // TCP_NODELAY: an ack is one small write, and with Nagle's algorithm it waits for the
+    // server's delayed ACK of the previous one (about 10 ms at p99 instead of 1 ms).
+    let disable_nagle = true;
+    let handshake =
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), disable_nagle);
     let (ws, _response) = timeout(settings.hello_timeout, handshake)
         .await
         .map_err(|_| ConnectError::HelloTimeout(settings.hello_timeout))?
@@ -138,6 +144,15 @@ fn describe_handshake_error(error: tungstenite::Error) -> String {
     match error {
         tungstenite::Error::Http(response) => format!("HTTP {}", response.status()),
         other => other.to_string(),
+    }
+}
+
+/// Our Close frame: 1000 (Normal). One without a code reads as 1005 (no status) to the
+/// peer, which cannot tell an intended close from a broken one.
+fn normal_close() -> CloseFrame {
+    CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
     }
 }
 
@@ -175,7 +190,7 @@ impl WebSocket {
     async fn close(&mut self, bound: Duration) {
         let ws = &mut self.ws;
         let handshake = async {
-            if ws.close(None).await.is_err() {
+            if ws.close(Some(normal_close())).await.is_err() {
                 return;
             }
             // Over RFC 6455 nothing may follow our Close: envelopes read now are not
@@ -408,12 +423,13 @@ impl ConnectionTask {
                 envelope_id: Some(envelope_id),
             } => {
                 Counters::bump(&self.counters().frames_unknown);
-                // We cannot handle it, and redelivery would not change that: ack it so
-                // Slack stops retrying, and say so.
                 tracing::warn!(conn = self.id, kind, %envelope_id, "acked an envelope of unknown type without handling it");
-                if let Err(error) = self.acks.expect(envelope_id).send(None) {
-                    tracing::warn!(%error, "ack not sent");
-                }
+                self.ack_unhandled(envelope_id);
+            }
+            FrameError::NoPayload { kind, envelope_id } => {
+                Counters::bump(&self.counters().frames_malformed);
+                tracing::warn!(conn = self.id, kind, %envelope_id, "acked an envelope without a payload, not handled");
+                self.ack_unhandled(envelope_id);
             }
             FrameError::UnknownType { kind, .. } => {
                 Counters::bump(&self.counters().frames_unknown);
@@ -423,6 +439,14 @@ impl ConnectionTask {
                 Counters::bump(&self.counters().frames_malformed);
                 tracing::warn!(conn = self.id, %error, excerpt, "ignored a malformed frame");
             }
+        }
+    }
+
+    /// Acks an envelope we cannot handle: redelivery would not change that, so Slack
+    /// should stop retrying.
+    fn ack_unhandled(&self, envelope_id: String) {
+        if let Err(error) = self.acks.expect(envelope_id).send(None) {
+            tracing::warn!(%error, "ack not sent");
         }
     }
 
@@ -511,26 +535,50 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_silent_server_is_a_hello_timeout() {
+    /// A websocket server on loopback that accepts one upgrade, sends `first` (if any) and
+    /// then keeps the socket open without a word; its URL.
+    async fn websocket_server(first: Option<&'static str>) -> Url {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        // Accepts the websocket upgrade, then says nothing.
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
-            let _ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+            if let Some(text) = first {
+                ws.send(Message::text(text)).await.unwrap();
+            }
             std::future::pending::<()>().await;
         });
+        Url::parse(&format!("ws://127.0.0.1:{port}/link/")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_is_a_hello_timeout() {
+        let url = websocket_server(None).await;
         let settings = ConnectionSettings {
             hello_timeout: Duration::from_millis(300),
             ..ConnectionSettings::default()
         };
-        let url = Url::parse(&format!("ws://127.0.0.1:{port}/link/")).unwrap();
         let result = open(&url, &settings).await;
         assert!(
             matches!(result, Err(ConnectError::HelloTimeout(_))),
             "{:?}",
             result.err()
+        );
+    }
+
+    #[tokio::test]
+    async fn the_socket_sends_without_nagle_delay() {
+        let url = websocket_server(Some(
+            r#"{"type":"hello","num_connections":1,"connection_info":{"app_id":"A1"}}"#,
+        ))
+        .await;
+        let (socket, _hello) = open(&url, &ConnectionSettings::default()).await.unwrap();
+        let MaybeTlsStream::Plain(tcp) = socket.ws.get_ref() else {
+            panic!("a ws:// URL gives a plain TCP stream");
+        };
+        assert!(
+            tcp.nodelay().unwrap(),
+            "TCP_NODELAY is off: acks wait for delayed ACKs"
         );
     }
 }

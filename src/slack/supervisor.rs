@@ -73,6 +73,8 @@ pub struct Supervisor {
     expected_app: Option<String>,
     environment: String,
     environments: BTreeMap<String, EnvironmentSettings>,
+    /// A hello without the socket count or the app has been reported.
+    minimal_hello_said: bool,
     /// When our own sockets closed: Slack counts them for a while yet.
     recently_closed: VecDeque<Instant>,
     /// Settings that a reload (SIGHUP) may change; read at each use.
@@ -106,6 +108,7 @@ impl Supervisor {
             expected_app: config.expected_app().map(str::to_owned),
             environment: config.settings.environment.clone(),
             environments: config.settings.environments.clone(),
+            minimal_hello_said: false,
             recently_closed: VecDeque::new(),
             backoff: Backoff::new(settings.backoff_initial, settings.backoff_max),
             live,
@@ -412,8 +415,8 @@ impl Supervisor {
     }
 
     fn on_hello(&mut self, hello: &Hello) -> Result<(), FatalError> {
-        let actual = &hello.connection_info.app_id;
-        if let Some(expected) = &self.expected_app {
+        self.note_minimal_hello(hello);
+        if let (Some(expected), Some(actual)) = (&self.expected_app, hello.app_id()) {
             if expected != actual {
                 return Err(FatalError::AppMismatch(mismatch_message(
                     &self.environment,
@@ -426,12 +429,19 @@ impl Supervisor {
         }
         self.sync_socket_count();
         let ours = self.state.status().sockets_open;
-        let others = self.other_connections(hello.num_connections, ours);
+        let others = hello
+            .num_connections
+            .map(|counted| self.other_connections(counted, ours));
+        // Without Slack's word, the app is the one the token (or the pin) names.
+        let app_id = hello
+            .app_id()
+            .or(self.expected_app.as_deref())
+            .map(str::to_owned);
         self.state.update(|s| {
             s.phase = Phase::Connected;
-            s.app_id = Some(hello.connection_info.app_id.clone());
-            s.num_connections = Some(hello.num_connections);
-            s.other_connections = Some(others);
+            s.app_id.clone_from(&app_id);
+            s.num_connections = hello.num_connections;
+            s.other_connections = others;
             s.connected_since.get_or_insert_with(SystemTime::now);
             s.down_since = None;
             s.too_many_in_a_row = 0;
@@ -441,26 +451,22 @@ impl Supervisor {
             .debug_info
             .as_ref()
             .and_then(|d| d.approximate_connection_time);
+        let app_id = app_id.as_deref().unwrap_or("?");
         tracing::info!(
-            app_id = %hello.connection_info.app_id,
+            app_id,
             num_connections = hello.num_connections,
             ours,
             expected_lifetime_s,
             "connected to Slack"
         );
-        if others > 0 {
+        if let (Some(counted), Some(others)) = (hello.num_connections, others)
+            && others > 0
+        {
             let message = format!(
-                "Slack counts {} open sockets for app {} but this instance holds {ours}: {others} belong to another client \
+                "Slack counts {counted} open sockets for app {app_id} but this instance holds {ours}: {others} belong to another client \
                  (another host, a laptop with the same token, or a hung process), which takes a share of this app's events",
-                hello.num_connections, hello.connection_info.app_id,
             );
-            tracing::warn!(
-                app_id = %hello.connection_info.app_id,
-                num_connections = hello.num_connections,
-                ours,
-                others,
-                "{message}"
-            );
+            tracing::warn!(app_id, num_connections = counted, ours, others, "{message}");
             if self.live.borrow().conflicts.other_clients == OtherClientsPolicy::Exit {
                 return Err(FatalError::OtherClients(format!(
                     "{message}; conflicts.other_clients = \"exit\", so this instance stops"
@@ -468,6 +474,26 @@ impl Supervisor {
             }
         }
         Ok(())
+    }
+
+    /// Slack's SDKs accept a hello without `num_connections` or `connection_info`, and so
+    /// does flowcoach; what that costs is said once, not at every hello.
+    fn note_minimal_hello(&mut self, hello: &Hello) {
+        if self.minimal_hello_said {
+            return;
+        }
+        let mut missing = Vec::new();
+        if hello.num_connections.is_none() {
+            missing.push("num_connections: other clients of this app are not counted");
+        }
+        if hello.app_id().is_none() {
+            missing.push("connection_info: the app is taken from the token, unconfirmed by Slack");
+        }
+        if missing.is_empty() {
+            return;
+        }
+        self.minimal_hello_said = true;
+        tracing::warn!("Slack's hello lacks {}", missing.join("; it lacks "));
     }
 
     /// Sockets of other clients in Slack's count: not ours, not a predecessor's we take

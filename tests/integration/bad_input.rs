@@ -1,6 +1,6 @@
 //! Whatever arrives on the socket, flowcoach logs it, counts it and keeps serving.
 
-use flowcoach_harness::{APP, Daemon, acked, event, simulator, wait_hellos};
+use flowcoach_harness::{APP, Daemon, WAIT, acked, event, simulator, wait_hellos};
 use flowcoach_sim::{EnvelopeSpec, RawFrame, Simulator, SocketId};
 use serde_json::json;
 
@@ -90,6 +90,29 @@ async fn bad_frames_are_logged_counted_and_survived() {
         1,
         "the connection was kept throughout"
     );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn an_envelope_without_a_payload_is_acked_and_counted_as_malformed() {
+    let (sim, mut daemon, socket) = start_connected().await;
+    let frames = [
+        r#"{"type":"events_api","envelope_id":"no-payload","accepts_response_payload":false}"#,
+        r#"{"type":"events_api","envelope_id":"null-payload","payload":null}"#,
+    ];
+    for (round, frame) in frames.into_iter().enumerate() {
+        sim.send_raw(socket, RawFrame::Text(frame.into()));
+        // The simulator did not send these envelopes itself: their acks count as unknown.
+        sim.wait_until(WAIT, |r| r.unknown_acks > round as u64)
+            .await
+            .unwrap_or_else(|e| panic!("{frame} not acked: {e:?}"));
+        daemon
+            .wait_log_count("acked an envelope without a payload", round + 1)
+            .await;
+    }
+    let status = daemon.status_json().await;
+    assert_eq!(status["counters"]["frames_malformed"], 2, "{status}");
+    acked(&sim, event("EvAfterNoPayload", "hi")).await;
     daemon.stop().await;
 }
 

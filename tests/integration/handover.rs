@@ -762,7 +762,12 @@ const FLOOD_MARK: &str = "@@flood@@ ";
 async fn a_fake_successor_sending_32_mib_without_a_newline_is_cut_off() {
     let (sim, host, mut incumbent) = connected_incumbent(FAST_CONFIG).await;
     let flood = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "handover::flood_child", "--ignored", "--nocapture"])
+        .args([
+            "--exact",
+            "handover::flood_child",
+            "--ignored",
+            "--nocapture",
+        ])
         .env(FLOOD_CHILD, host.socket())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use flowcoach_harness::{
-    APP, Daemon, WAIT, acked, connected, event, first_socket_closed_cleanly, simulator, slash,
-    wait_hellos,
+    APP, Daemon, WAIT, acked, connected, event, fast_config_with, first_socket_closed_cleanly,
+    simulator, slash, wait_hellos,
 };
-use flowcoach_sim::{CloseKind, OpenResponse, Record};
+use flowcoach_sim::{CloseKind, HelloStyle, OpenResponse, Record};
 
 #[tokio::test]
 async fn connects_acks_events_and_stops_cleanly() {
@@ -55,6 +55,30 @@ async fn drops_the_socket_itself_when_slack_keeps_tcp_open_after_close() {
         lingered < Duration::from_secs(3),
         "TCP held {lingered:?} after Close"
     );
+}
+
+#[tokio::test]
+async fn a_bare_hello_is_accepted_without_inventing_a_count() {
+    let sim = simulator(|c| c.hello = HelloStyle::Bare).await;
+    let mut daemon = Daemon::start_connected(&sim).await;
+    daemon
+        .wait_log("Slack's hello lacks num_connections", |_| true)
+        .await;
+    acked(&sim, event("EvAfterBareHello", "hi")).await;
+    let status = daemon.status_json().await;
+    assert_eq!(status["phase_name"], "connected", "{status}");
+    assert_eq!(
+        status["num_connections"],
+        serde_json::Value::Null,
+        "{status}"
+    );
+    assert_eq!(status["app_id"], APP, "the token's app: {status}");
+    // The next connection says the same bare hello: that is not said again.
+    sim.disconnect(sim.open_sockets(APP)[0], "refresh_requested");
+    daemon.wait_log_count("connected to Slack", 2).await;
+    let said = daemon.count_by("Slack's hello lacks", "message");
+    assert_eq!(said.values().sum::<usize>(), 1, "{said:?}");
+    daemon.stop().await;
 }
 
 #[tokio::test]
@@ -126,6 +150,43 @@ async fn refresh_requested_rotates_with_zero_gap() {
     rotates_without_a_gap("refresh_requested").await;
 }
 
+/// SIGTERM ends the daemon with exit 0 within [`WAIT`], logging no error.
+async fn stops_cleanly(daemon: &mut Daemon) {
+    daemon.stop().await;
+    let errors: Vec<_> = daemon
+        .logs()
+        .into_iter()
+        .filter(|l| l["level"] == "ERROR")
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
+#[tokio::test]
+async fn sigterm_while_waiting_for_hello_stops_cleanly() {
+    let sim = simulator(|c| c.hello = HelloStyle::Withheld).await;
+    // A hello timeout far beyond the wait for the exit: only a prompt stop passes.
+    let config = fast_config_with(&[("hello_timeout", r#""60s""#)]);
+    let mut daemon = Daemon::start_with(&sim, &config, &[]);
+    sim.wait_until(WAIT, |r| !r.sockets.is_empty())
+        .await
+        .expect("flowcoach opens a socket");
+    stops_cleanly(&mut daemon).await;
+    sim.wait_until(WAIT, |r| r.sockets[0].closed_at.is_some())
+        .await
+        .expect("the socket is released");
+}
+
+#[tokio::test]
+async fn sigterm_with_a_dead_socket_stops_cleanly() {
+    let sim = simulator(|c| c.server_ping_interval = None).await;
+    // Liveness checks far off: the socket is dead, and not yet found out, at SIGTERM.
+    let config = fast_config_with(&[("ping_interval", r#""60s""#), ("pong_timeout", r#""60s""#)]);
+    let mut daemon = Daemon::start_with(&sim, &config, &[]);
+    connected(&sim).await;
+    sim.make_stale(sim.open_sockets(APP)[0]);
+    stops_cleanly(&mut daemon).await;
+}
+
 #[tokio::test]
 async fn stale_connection_is_detected_and_replaced() {
     let sim = simulator(|c| c.server_ping_interval = None).await;
@@ -182,6 +243,24 @@ async fn retry_after_is_honoured() {
     assert_eq!(record.open_calls[0].outcome, "http 429");
     let waited = record.open_calls[1].at - record.open_calls[0].at;
     assert!(waited >= Duration::from_secs(2), "retried after {waited:?}");
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn an_absurd_retry_after_is_capped_and_said() {
+    let sim = simulator(|_| {}).await;
+    sim.push_open_response(OpenResponse::RateLimited {
+        retry_after_secs: u64::MAX,
+    });
+    let mut daemon = Daemon::start(&sim, "");
+    let said = daemon
+        .wait_log(
+            "apps.connections.open asked to retry after more than",
+            |_| true,
+        )
+        .await;
+    assert_eq!(said["retry_after_s"], u64::MAX);
+    assert_eq!(said["waiting_s"], 60);
     daemon.stop().await;
 }
 

@@ -5,6 +5,7 @@
 //! never a crash. Payloads stay as raw JSON until a handler asks for them.
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use serde_json::value::RawValue;
 
 /// Acks of 20 KB or more have been seen to be dropped silently by Slack (slack-go), so we
@@ -15,10 +16,20 @@ pub const MAX_ACK_BYTES: usize = 20_000;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     /// Open sockets of this app, counting other processes, other hosts and stale sockets.
-    pub num_connections: u32,
-    pub connection_info: ConnectionInfo,
+    /// Slack's SDKs do not require it, nor `connection_info`: a bare hello is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_info: Option<ConnectionInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub debug_info: Option<DebugInfo>,
+}
+
+impl Hello {
+    /// The app Slack says this socket belongs to, if it says.
+    pub fn app_id(&self) -> Option<&str> {
+        self.connection_info.as_ref().map(|c| c.app_id.as_str())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,14 +224,26 @@ pub enum FrameError {
         kind: &'static str,
         field: &'static str,
     },
+    /// Valid JSON, but a field that is a string in every Slack frame is something else.
+    #[error("{field} must be a string")]
+    NotAString { field: &'static str },
+    /// An envelope whose payload is missing or null: there is nothing to handle, and a
+    /// redelivery would bring nothing more, so it can still be acked.
+    #[error("{kind} envelope {envelope_id} has no payload")]
+    NoPayload {
+        kind: &'static str,
+        envelope_id: String,
+    },
 }
 
 /// Every field any frame may carry, all optional, so that one parse classifies any frame.
 #[derive(Deserialize)]
 struct RawFrame {
+    /// The two identifying fields are read as any JSON value, so that one of another type
+    /// is reported by name rather than as a frame that is not JSON.
     #[serde(rename = "type")]
-    kind: Option<String>,
-    envelope_id: Option<String>,
+    kind: Option<Value>,
+    envelope_id: Option<Value>,
     #[serde(default)]
     accepts_response_payload: bool,
     payload: Option<Box<RawValue>>,
@@ -235,19 +258,16 @@ struct RawFrame {
 /// Parses and classifies one inbound text frame.
 pub fn parse_inbound(text: &str) -> Result<Inbound, FrameError> {
     let raw: RawFrame = serde_json::from_str(text).map_err(FrameError::Malformed)?;
-    let kind = raw.kind.ok_or(FrameError::MissingType)?;
+    let kind = string_field(raw.kind, "type")?.ok_or(FrameError::MissingType)?;
+    let envelope_id = string_field(raw.envelope_id, "envelope_id")?;
     if kind == "hello" {
-        let connection_info = raw.connection_info.ok_or(FrameError::MissingField {
-            kind: "hello",
-            field: "connection_info",
-        })?;
         // debug_info is informational: a malformed one must not cost us the connection.
         let debug_info = raw
             .debug_info
             .and_then(|d| serde_json::from_str::<DebugInfo>(d.get()).ok());
         return Ok(Inbound::Hello(Hello {
-            num_connections: raw.num_connections.unwrap_or(1),
-            connection_info,
+            num_connections: raw.num_connections,
+            connection_info: raw.connection_info,
             debug_info,
         }));
     }
@@ -256,20 +276,20 @@ pub fn parse_inbound(text: &str) -> Result<Inbound, FrameError> {
         return Ok(Inbound::Disconnect(DisconnectReason::parse(&reason)));
     }
     let Some(envelope_kind) = EnvelopeKind::parse(&kind) else {
-        return Err(FrameError::UnknownType {
-            kind,
-            envelope_id: raw.envelope_id,
-        });
+        return Err(FrameError::UnknownType { kind, envelope_id });
     };
     let kind_name = envelope_kind.as_str();
-    let envelope_id = raw.envelope_id.ok_or(FrameError::MissingField {
+    let envelope_id = envelope_id.ok_or(FrameError::MissingField {
         kind: kind_name,
         field: "envelope_id",
     })?;
-    let payload = raw.payload.ok_or(FrameError::MissingField {
-        kind: kind_name,
-        field: "payload",
-    })?;
+    // `null` deserialises to `None` as well.
+    let Some(payload) = raw.payload else {
+        return Err(FrameError::NoPayload {
+            kind: kind_name,
+            envelope_id,
+        });
+    };
     Ok(Inbound::Envelope(Envelope {
         envelope_id,
         kind: envelope_kind,
@@ -278,6 +298,15 @@ pub fn parse_inbound(text: &str) -> Result<Inbound, FrameError> {
         retry_attempt: raw.retry_attempt,
         retry_reason: raw.retry_reason,
     }))
+}
+
+/// A field that must be a string when present.
+fn string_field(value: Option<Value>, field: &'static str) -> Result<Option<String>, FrameError> {
+    match value {
+        None => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text)),
+        Some(_) => Err(FrameError::NotAString { field }),
+    }
 }
 
 /// The ack we send for an envelope: `{"envelope_id":…}` or with a response `payload`.
@@ -323,8 +352,8 @@ mod tests {
         let Inbound::Hello(hello) = parse_inbound(frame).unwrap() else {
             panic!("not a hello")
         };
-        assert_eq!(hello.num_connections, 2);
-        assert_eq!(hello.connection_info.app_id, "A123");
+        assert_eq!(hello.num_connections, Some(2));
+        assert_eq!(hello.app_id(), Some("A123"));
         assert_eq!(
             hello.debug_info.unwrap().approximate_connection_time,
             Some(18060)
@@ -335,6 +364,21 @@ mod tests {
     fn hello_with_broken_debug_info_still_counts() {
         let frame = r#"{"type":"hello","connection_info":{"app_id":"A1"},"debug_info":7}"#;
         assert!(matches!(parse_inbound(frame), Ok(Inbound::Hello(h)) if h.debug_info.is_none()));
+    }
+
+    #[test]
+    fn a_bare_hello_is_accepted_without_inventing_a_count() {
+        let Inbound::Hello(hello) = parse_inbound(r#"{"type":"hello"}"#).unwrap() else {
+            panic!("not a hello")
+        };
+        assert_eq!(hello.num_connections, None);
+        assert_eq!(hello.app_id(), None);
+        let frame = r#"{"type":"hello","connection_info":{"app_id":"A1"}}"#;
+        let Inbound::Hello(hello) = parse_inbound(frame).unwrap() else {
+            panic!("not a hello")
+        };
+        assert_eq!(hello.num_connections, None);
+        assert_eq!(hello.app_id(), Some("A1"));
     }
 
     #[test]
@@ -398,20 +442,40 @@ mod tests {
                 ..
             })
         ));
-        assert!(matches!(
-            parse_inbound(r#"{"type":"slash_commands","envelope_id":"x"}"#),
-            Err(FrameError::MissingField {
-                field: "payload",
-                ..
-            })
-        ));
-        assert!(matches!(
-            parse_inbound(r#"{"type":"hello"}"#),
-            Err(FrameError::MissingField {
-                field: "connection_info",
-                ..
-            })
-        ));
+        for frame in [
+            r#"{"type":"events_api","envelope_id":"x"}"#,
+            r#"{"type":"slash_commands","envelope_id":"x","payload":null}"#,
+        ] {
+            assert!(
+                matches!(
+                    parse_inbound(frame),
+                    Err(FrameError::NoPayload { envelope_id, .. }) if envelope_id == "x"
+                ),
+                "{frame}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_field_of_the_wrong_type_is_named_not_called_bad_json() {
+        for (frame, field) in [
+            (
+                r#"{"type":"events_api","envelope_id":7,"payload":{}}"#,
+                "envelope_id",
+            ),
+            (
+                r#"{"type":"events_api","envelope_id":{"id":"e"},"payload":{}}"#,
+                "envelope_id",
+            ),
+            (r#"{"type":5}"#, "type"),
+        ] {
+            let error = parse_inbound(frame).unwrap_err();
+            assert!(
+                matches!(error, FrameError::NotAString { field: named } if named == field),
+                "{frame}: {error:?}"
+            );
+            assert_eq!(error.to_string(), format!("{field} must be a string"));
+        }
     }
 
     #[test]

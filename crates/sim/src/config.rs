@@ -31,6 +31,21 @@ pub struct SimConfig {
     /// Like `debug_reconnects`: at this age each socket gets `warning`, then
     /// `refresh_requested` once the warning grace has passed, then is closed.
     pub rotate_after: Option<Duration>,
+    /// What an admitted socket is told first.
+    pub hello: HelloStyle,
+}
+
+/// The first frame on an admitted socket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HelloStyle {
+    /// Slack's: `num_connections`, `connection_info.app_id` and `debug_info`.
+    #[default]
+    Full,
+    /// `{"type":"hello"}` alone, which Slack's SDKs accept too.
+    Bare,
+    /// Nothing: the socket is open and counts toward the app's sockets, but gets no hello
+    /// and no envelopes, as if Slack were slow to say hello.
+    Withheld,
 }
 
 /// One Slack app and the app-level tokens that may open connections for it.
@@ -68,6 +83,7 @@ impl Default for SimConfig {
             stale_socket_ttl: Duration::from_secs(30),
             approximate_connection_time: 18060,
             rotate_after: None,
+            hello: HelloStyle::Full,
         }
     }
 }

@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 pub use api::OpenResponse;
-pub use config::{DEFAULT_APP_ID, SimApp, SimConfig, fake_token};
+pub use config::{DEFAULT_APP_ID, HelloStyle, SimApp, SimConfig, fake_token};
 pub use load::{LoadMix, LoadSpec};
 pub use record::{
     CloseKind, Delivery, EnvelopeRecord, OpenCall, Record, SocketId, SocketRecord, WaitTimeout,

@@ -82,7 +82,8 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
     });
     let session = Session::new(shared, id, ws, commands);
     match admission {
-        Admission::Hello(hello) => session.run(hello).await,
+        Admission::Hello(hello) => session.run(Some(hello)).await,
+        Admission::Silent => session.run(None).await,
         Admission::TooManyWebsockets => session.refuse_too_many().await,
     }
 }

@@ -56,6 +56,9 @@ pub struct SocketRecord {
     pub close: Option<CloseKind>,
     /// When the client dropped TCP, if the sim saw it.
     pub tcp_closed_at: Option<Instant>,
+    /// The status code of the client's Close frame, 1005 (no status) for a Close without
+    /// one; `None` while no Close came.
+    pub client_close_code: Option<u16>,
     /// The first disconnect reason sent on this socket.
     pub disconnect_sent: Option<String>,
     pub client_pings: u64,
@@ -221,7 +224,10 @@ impl fmt::Display for Record {
                 write!(f, " refused with HTTP {status}")?;
             }
             if let Some(hello) = &s.hello {
-                write!(f, " hello(n={})", hello.num_connections)?;
+                match hello.num_connections {
+                    Some(n) => write!(f, " hello(n={n})")?,
+                    None => write!(f, " hello(no count)")?,
+                }
             }
             if let Some(reason) = &s.disconnect_sent {
                 write!(f, " disconnect={reason}")?;
@@ -233,6 +239,9 @@ impl fmt::Display for Record {
                 (Some(kind), Some(t)) => write!(f, " closed {} {kind:?}", at(t))?,
                 (None, Some(t)) => write!(f, " closed {}", at(t))?,
                 _ => write!(f, " open")?,
+            }
+            if let Some(code) = s.client_close_code {
+                write!(f, " client-close-code={code}")?;
             }
             if let Some(t) = s.tcp_closed_at {
                 write!(f, " tcp-dropped-by-client {}", at(t))?;

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, info};
 
-use super::config::SimConfig;
+use super::config::{HelloStyle, SimConfig};
 use super::record::{CloseKind, SocketId, SocketRecord};
 use super::state::Inner;
 use flowcoach_protocol::{ConnectionInfo, DebugInfo, Hello};
@@ -83,6 +83,8 @@ impl Registry {
 #[derive(Debug)]
 pub(super) enum Admission {
     Hello(Hello),
+    /// Open, but [`HelloStyle::Withheld`]: no hello is sent.
+    Silent,
     TooManyWebsockets,
 }
 
@@ -99,6 +101,7 @@ impl Inner {
             closed_at: None,
             close: None,
             tcp_closed_at: None,
+            client_close_code: None,
             disconnect_sent: None,
             client_pings: 0,
             stale: false,
@@ -147,34 +150,51 @@ impl Inner {
             );
             return Admission::TooManyWebsockets;
         }
+        let says_hello = config.hello != HelloStyle::Withheld;
         self.sockets.live.insert(
             id,
             LiveSocket {
                 app_id: app_id.to_owned(),
                 commands,
-                accepting: true,
+                accepting: says_hello,
                 stale: false,
             },
         );
         let open = already_open + 1;
-        let hello = Hello {
-            num_connections: u32::try_from(open).unwrap_or(u32::MAX),
-            connection_info: ConnectionInfo {
-                app_id: app_id.to_owned(),
+        self.record
+            .open_count_changes
+            .push((app_id.to_owned(), now, open));
+        let hello = match config.hello {
+            HelloStyle::Withheld => {
+                info!(
+                    socket = id,
+                    app = app_id,
+                    open,
+                    "websocket opened; hello withheld"
+                );
+                return Admission::Silent;
+            }
+            HelloStyle::Bare => Hello {
+                num_connections: None,
+                connection_info: None,
+                debug_info: None,
             },
-            debug_info: Some(DebugInfo {
-                host: Some(format!("applink-sim-{id}")),
-                build_number: Some(1),
-                approximate_connection_time: Some(config.approximate_connection_time),
-            }),
+            HelloStyle::Full => Hello {
+                num_connections: Some(u32::try_from(open).unwrap_or(u32::MAX)),
+                connection_info: Some(ConnectionInfo {
+                    app_id: app_id.to_owned(),
+                }),
+                debug_info: Some(DebugInfo {
+                    host: Some(format!("applink-sim-{id}")),
+                    build_number: Some(1),
+                    approximate_connection_time: Some(config.approximate_connection_time),
+                }),
+            },
         };
         if let Some(socket) = self.record.socket_mut(id) {
             socket.hello_at = Some(now);
             socket.hello = Some(hello.clone());
         }
-        self.record
-            .open_count_changes
-            .push((app_id.to_owned(), now, open));
         info!(socket = id, app = app_id, open, "websocket opened");
         self.deliver_waiting(app_id, now);
         Admission::Hello(hello)
@@ -285,9 +305,9 @@ mod tests {
             (id, inner.admit(id, "A1", tx, &config, now))
         };
         let (first, a) = admit(&mut inner);
-        assert!(matches!(a, Admission::Hello(h) if h.num_connections == 1));
+        assert!(matches!(a, Admission::Hello(h) if h.num_connections == Some(1)));
         let (_, b) = admit(&mut inner);
-        assert!(matches!(b, Admission::Hello(h) if h.num_connections == 2));
+        assert!(matches!(b, Admission::Hello(h) if h.num_connections == Some(2)));
         let (third, c) = admit(&mut inner);
         assert!(matches!(c, Admission::TooManyWebsockets));
         assert_eq!(

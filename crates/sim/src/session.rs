@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::{Instant, Interval, MissedTickBehavior, interval_at, sleep_until};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -80,15 +81,18 @@ impl Session {
         }
     }
 
-    /// Serves an admitted socket until the sim is done with its TCP stream.
-    pub(super) async fn run(mut self, hello: Hello) {
-        let frame = Tagged {
-            kind: "hello",
-            body: &hello,
-        };
-        let hello_sent = match serde_json::to_string(&frame) {
-            Ok(text) => self.write(Message::text(text)).await,
-            Err(_) => false,
+    /// Serves an admitted socket until the sim is done with its TCP stream; `hello` is
+    /// `None` when it is withheld.
+    pub(super) async fn run(mut self, hello: Option<Hello>) {
+        let hello_sent = match hello.map(|body| {
+            serde_json::to_string(&Tagged {
+                kind: "hello",
+                body: &body,
+            })
+        }) {
+            None => true,
+            Some(Ok(text)) => self.write(Message::text(text)).await,
+            Some(Err(_)) => false,
         };
         let ending = if hello_sent {
             self.serve_open().await
@@ -159,7 +163,10 @@ impl Session {
                     None => return Ending::Shutdown,
                 },
                 incoming = self.ws.next() => match incoming {
-                    Some(Ok(Message::Close(_))) => return Ending::ClientClosed,
+                    Some(Ok(Message::Close(frame))) => {
+                        self.client_sent_close(frame.as_ref());
+                        return Ending::ClientClosed;
+                    }
                     Some(Ok(message)) => self.receive(message),
                     None | Some(Err(_)) => return Ending::ClientDroppedTcp,
                 },
@@ -270,7 +277,11 @@ impl Session {
                 incoming = self.ws.next() => incoming,
             };
             match incoming {
-                Some(Ok(Message::Close(_))) | None => break,
+                Some(Ok(Message::Close(frame))) => {
+                    self.client_sent_close(frame.as_ref());
+                    break;
+                }
+                None => break,
                 Some(Ok(message)) => self.receive(message),
                 Some(Err(_)) => {
                     self.client_dropped_tcp();
@@ -311,6 +322,16 @@ impl Session {
         } else {
             Ending::ClientDroppedTcp
         }
+    }
+
+    fn client_sent_close(&self, frame: Option<&CloseFrame>) {
+        // RFC 6455 7.1.5: a Close without a status code is reported as 1005.
+        let code = frame.map_or(1005, |frame| u16::from(frame.code));
+        self.shared.update(|inner| {
+            if let Some(record) = inner.record.socket_mut(self.id) {
+                record.client_close_code.get_or_insert(code);
+            }
+        });
     }
 
     fn closed(&self, kind: CloseKind) {
