@@ -32,8 +32,9 @@ pub mod server;
 #[derive(Debug)]
 pub struct ControlContext {
     pub state: Arc<ServiceState>,
-    /// Where the token came from (`Config::token_source`), for status output.
-    pub token_source: String,
+    /// Where the current token came from (`Config::token_source`), for status output:
+    /// a reload that finds the token elsewhere sends the new place here.
+    pub token_source: tokio::sync::watch::Receiver<String>,
     /// When the daemon started, for `started_at` and uptime.
     pub started_at: SystemTime,
     /// `service.outage_budget`: how long an outage is degraded before it is unhealthy.

@@ -267,9 +267,10 @@ async fn serve(
     // Everything around the Slack side stops after the drain, so the drain is reported to
     // systemd, watched by its watchdog, and visible over the control socket.
     let after_drain = CancellationToken::new();
+    let (token_source, token_source_now) = watch::channel(service.config.token_source.to_string());
     let control = ControlContext {
         state: service.state.clone(),
-        token_source: service.config.token_source.to_string(),
+        token_source: token_source_now,
         started_at: service.started_at,
         outage_budget: service.config.settings.service.outage_budget,
         access: service.config.access.clone(),
@@ -297,6 +298,7 @@ async fn serve(
         service.config.settings.environment.clone(),
         live_tx,
         service.tokens.clone(),
+        token_source,
         log,
     );
     let reload_task = tokio::spawn(async move {
