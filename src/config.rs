@@ -16,6 +16,9 @@ use ranges::{CountIn, DurationIn, HOUR, MINUTE, ms, secs};
 /// packaging and outside checks rely on these names.
 pub mod env {
     pub const APP_TOKEN: &str = "SLACK_APP_TOKEN";
+    /// Set by flowcoach for a successor it starts: the number of an inherited pipe that
+    /// holds what `SLACK_APP_TOKEN` held, so that the token is never in its environment.
+    pub const APP_TOKEN_FD: &str = "FLOWCOACH_APP_TOKEN_FD";
     pub const API_URL: &str = "FLOWCOACH_SLACK_API_URL";
     pub const CONFIG: &str = "FLOWCOACH_CONFIG";
     pub const LOG: &str = "FLOWCOACH_LOG";
@@ -43,6 +46,7 @@ pub mod env {
 mod environments;
 mod ranges;
 mod token_source;
+pub mod token_variable;
 
 pub use environments::{EnvironmentSettings, mismatch_message, owner_of};
 pub use token_source::{CREDENTIAL_NAME, TokenSource};
@@ -363,6 +367,12 @@ pub struct ProcessEnv;
 
 impl EnvSource for ProcessEnv {
     fn var(&self, name: &str) -> Option<String> {
+        // Once taken out of the environment, the token is read from where it was put.
+        if name == env::APP_TOKEN {
+            if let Some(taken) = token_variable::taken() {
+                return taken;
+            }
+        }
         std::env::var(name).ok().filter(|v| !v.is_empty())
     }
 }
