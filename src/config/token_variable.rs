@@ -42,7 +42,7 @@ pub enum TakeError {
 
 /// Takes the token out of the environment: from the pipe a predecessor passed, else from
 /// `SLACK_APP_TOKEN`, whose bytes in the initial environment block are overwritten and
-/// which is then removed. From then on [`taken`] answers for the variable.
+/// which is then removed. From then on `ProcessEnv` gives the value kept here.
 ///
 /// # Safety
 ///

@@ -6,7 +6,8 @@
 //!
 //! 1. in `main`, before the runtime starts: [`server::from_systemd`] (socket activation);
 //! 2. otherwise, while holding the instance lock: [`server::bind`];
-//! 3. [`access::AccessPolicy::new`] with `control.group`, then a [`ControlContext`];
+//! 3. a [`ControlContext`] with the [`access::AccessPolicy`] that `Config::load` resolved
+//!    from `control.group`;
 //! 4. `tokio::spawn(`[`server::serve`]`(listener, ctx, shutdown))`.
 //!
 //! The client's side: [`discover`] finds the socket, [`client::request`] asks,
