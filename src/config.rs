@@ -8,12 +8,17 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
+use crate::control::access::{AccessError, AccessPolicy};
 use crate::token::{AppToken, TokenError};
+use ranges::{CountIn, DurationIn, HOUR, MINUTE, ms, secs};
 
 /// Environment variables the service and flowcoachctl read, all in this one place. Later
 /// packaging and outside checks rely on these names.
 pub mod env {
     pub const APP_TOKEN: &str = "SLACK_APP_TOKEN";
+    /// Set by flowcoach for a successor it starts: the number of an inherited pipe that
+    /// holds what `SLACK_APP_TOKEN` held, so that the token is never in its environment.
+    pub const APP_TOKEN_FD: &str = "FLOWCOACH_APP_TOKEN_FD";
     pub const API_URL: &str = "FLOWCOACH_SLACK_API_URL";
     pub const CONFIG: &str = "FLOWCOACH_CONFIG";
     pub const LOG: &str = "FLOWCOACH_LOG";
@@ -39,7 +44,9 @@ pub mod env {
 }
 
 mod environments;
+mod ranges;
 mod token_source;
+pub mod token_variable;
 
 pub use environments::{EnvironmentSettings, mismatch_message, owner_of};
 pub use token_source::{CREDENTIAL_NAME, TokenSource};
@@ -304,6 +311,9 @@ pub struct Config {
     pub pinned_app: Option<String>,
     /// The settings file, if one was read.
     pub path: Option<PathBuf>,
+    /// Who may use the control socket: `control.group` resolved at load, so that
+    /// `check-config` refuses an unknown group as `run` does.
+    pub access: AccessPolicy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -336,6 +346,8 @@ pub enum ConfigError {
     /// The token belongs to another app than the environment is pinned to.
     #[error("{0}")]
     AppMismatch(String),
+    #[error("control.group: {0}")]
+    ControlGroup(#[source] AccessError),
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -355,6 +367,12 @@ pub struct ProcessEnv;
 
 impl EnvSource for ProcessEnv {
     fn var(&self, name: &str) -> Option<String> {
+        // Once taken out of the environment, the token is read from where it was put.
+        if name == env::APP_TOKEN {
+            if let Some(taken) = token_variable::taken() {
+                return taken;
+            }
+        }
         std::env::var(name).ok().filter(|v| !v.is_empty())
     }
 }
@@ -415,6 +433,9 @@ impl Settings {
         let api_url = validate_api_url(&self.slack.api_url)?;
         self.connection.validate()?;
         self.dispatch.validate()?;
+        self.conflicts.validate()?;
+        self.service.validate()?;
+        self.handover.validate()?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(invalid("log.level", e.to_string()));
         }
@@ -452,64 +473,165 @@ pub fn is_loopback(url: &Url) -> bool {
 
 impl ConnectionSettings {
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive = [
-            ("connection.ping_interval", self.ping_interval),
-            ("connection.pong_timeout", self.pong_timeout),
-            ("connection.hello_timeout", self.hello_timeout),
-            ("connection.close_timeout", self.close_timeout),
-            ("connection.backoff_initial", self.backoff_initial),
-        ];
-        for (field, value) in positive {
-            if value.is_zero() {
-                return Err(invalid(field, "must be greater than zero"));
-            }
-        }
-        if self.close_timeout > Duration::from_secs(10) {
-            return Err(invalid(
-                "connection.close_timeout",
-                "must be at most 10s: Slack does not close TCP after the close handshake",
-            ));
-        }
-        if self.backoff_max < self.backoff_initial {
-            return Err(invalid(
-                "connection.backoff_max",
-                "must not be smaller than connection.backoff_initial",
-            ));
-        }
-        if self.max_message_bytes < 64 * 1024 {
-            return Err(invalid(
-                "connection.max_message_bytes",
-                "must be at least 65536: Slack's interactive payloads can be large",
-            ));
-        }
-        Ok(())
+        ranges::durations(&[
+            DurationIn {
+                field: "connection.ping_interval",
+                value: self.ping_interval,
+                min: ms(100),
+                max: 10 * MINUTE,
+                why: "",
+            },
+            DurationIn {
+                field: "connection.pong_timeout",
+                value: self.pong_timeout,
+                min: ms(100),
+                max: 10 * MINUTE,
+                why: "",
+            },
+            DurationIn {
+                field: "connection.hello_timeout",
+                value: self.hello_timeout,
+                min: ms(100),
+                max: 10 * MINUTE,
+                why: "",
+            },
+            DurationIn {
+                field: "connection.close_timeout",
+                value: self.close_timeout,
+                min: ms(1),
+                max: secs(10),
+                why: "Slack does not close TCP after the close handshake",
+            },
+            DurationIn {
+                field: "connection.backoff_initial",
+                value: self.backoff_initial,
+                min: ms(10),
+                max: 10 * MINUTE,
+                why: "",
+            },
+            DurationIn {
+                field: "connection.backoff_max",
+                value: self.backoff_max,
+                min: self.backoff_initial,
+                max: HOUR,
+                why: "not below connection.backoff_initial",
+            },
+            DurationIn {
+                field: "connection.stable_after",
+                value: self.stable_after,
+                min: secs(1),
+                max: HOUR,
+                why: "a connection up this long resets the backoff",
+            },
+            DurationIn {
+                field: "connection.too_many_websockets_backoff",
+                value: self.too_many_websockets_backoff,
+                min: ms(100),
+                max: HOUR,
+                why: "",
+            },
+        ])?;
+        ranges::counts(&[CountIn {
+            field: "connection.max_message_bytes",
+            value: ranges::count(self.max_message_bytes),
+            min: 64 * 1024,
+            max: 64 << 20,
+            why: "Slack's interactive payloads can be large",
+        }])
     }
 }
 
 impl DispatchSettings {
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.max_concurrent_handlers == 0 {
-            return Err(invalid(
-                "dispatch.max_concurrent_handlers",
-                "must be at least 1",
-            ));
-        }
-        if self.response_deadline.is_zero() || self.response_deadline >= Duration::from_secs(3) {
-            return Err(invalid(
-                "dispatch.response_deadline",
-                "must be above zero and below 3s, Slack's ack deadline",
-            ));
-        }
-        if self.dedup_ttl < Duration::from_secs(10 * 60) {
-            return Err(invalid(
-                "dispatch.dedup_ttl",
-                "must be at least 10m: Slack redelivers events for minutes",
-            ));
-        }
-        if self.dedup_capacity < 1000 {
-            return Err(invalid("dispatch.dedup_capacity", "must be at least 1000"));
-        }
-        Ok(())
+        ranges::durations(&[
+            DurationIn {
+                field: "dispatch.response_deadline",
+                value: self.response_deadline,
+                min: ms(1),
+                max: ms(2999),
+                why: "below 3s, Slack's ack deadline",
+            },
+            DurationIn {
+                field: "dispatch.dedup_ttl",
+                value: self.dedup_ttl,
+                min: 10 * MINUTE,
+                max: 24 * HOUR,
+                why: "Slack redelivers events for minutes",
+            },
+            DurationIn {
+                field: "dispatch.drain_timeout",
+                value: self.drain_timeout,
+                min: Duration::ZERO,
+                max: 10 * MINUTE,
+                why: "",
+            },
+        ])?;
+        ranges::counts(&[
+            CountIn {
+                field: "dispatch.max_concurrent_handlers",
+                value: ranges::count(self.max_concurrent_handlers),
+                min: 1,
+                max: 10_000,
+                why: "",
+            },
+            CountIn {
+                field: "dispatch.max_queued_handlers",
+                value: ranges::count(self.max_queued_handlers),
+                min: 0,
+                max: 1_000_000,
+                why: "",
+            },
+            CountIn {
+                field: "dispatch.dedup_capacity",
+                value: ranges::count(self.dedup_capacity),
+                min: 1000,
+                max: 5_000_000,
+                why: "about 20 bytes an entry",
+            },
+        ])
+    }
+}
+
+impl ConflictSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        ranges::durations(&[DurationIn {
+            field: "conflicts.own_socket_grace",
+            value: self.own_socket_grace,
+            min: Duration::ZERO,
+            max: HOUR,
+            why: "",
+        }])?;
+        ranges::counts(&[CountIn {
+            field: "conflicts.too_many_websockets_unhealthy_after",
+            value: ranges::count(self.too_many_websockets_unhealthy_after),
+            min: 1,
+            max: 1000,
+            why: "refusals in a row",
+        }])
+    }
+}
+
+impl ServiceSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        ranges::durations(&[DurationIn {
+            field: "service.outage_budget",
+            value: self.outage_budget,
+            min: secs(1),
+            max: 7 * 24 * HOUR,
+            why: "",
+        }])
+    }
+}
+
+impl HandoverSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        ranges::durations(&[DurationIn {
+            field: "handover.timeout",
+            value: self.timeout,
+            min: secs(1),
+            max: HOUR,
+            why: "",
+        }])
     }
 }
 
@@ -539,6 +661,8 @@ impl Config {
         )?;
         let api_url = settings.validate()?;
         environments::validate(&settings.environments)?;
+        let access =
+            AccessPolicy::new(&settings.control.group).map_err(ConfigError::ControlGroup)?;
         let chosen = settings
             .environments
             .get(&settings.environment)
@@ -563,6 +687,7 @@ impl Config {
             token_source,
             pinned_app: chosen.app_id,
             path,
+            access,
         })
     }
 

@@ -1,6 +1,10 @@
 //! Log output: the systemd journal, natively, when stderr is connected to it; otherwise
-//! human-readable text or JSON lines on stderr. The level can be changed at run time.
+//! human-readable text (coloured on a terminal only) or JSON lines on stderr. The level
+//! can be changed at run time; dependencies are held at `info` whatever it says.
 
+use std::io::IsTerminal;
+
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Layered, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
@@ -11,7 +15,7 @@ use crate::config::{LogFormat, LogSettings};
 /// The journal's `SYSLOG_IDENTIFIER` (`journalctl -t flowcoach`).
 const SYSLOG_IDENTIFIER: &str = "flowcoach";
 
-type Filtered = Layered<reload::Layer<EnvFilter, Registry>, Registry>;
+type Filtered = Layered<Targets, Layered<reload::Layer<EnvFilter, Registry>, Registry>>;
 type Output = Box<dyn Layer<Filtered> + Send + Sync>;
 
 /// Changes the log level of the installed subscriber (for SIGHUP).
@@ -45,9 +49,9 @@ pub fn init(settings: &LogSettings) -> LogHandle {
             .boxed(),
         Some(Err(error)) => {
             journal_error = Some(error);
-            stderr_output(settings.format, std::io::stderr)
+            stderr_output(settings.format, stderr_colours(), std::io::stderr)
         }
-        None => stderr_output(settings.format, std::io::stderr),
+        None => stderr_output(settings.format, stderr_colours(), std::io::stderr),
     };
     let (subscriber, handle) = subscriber(&settings.level, output);
     if let Err(error) = subscriber.try_init() {
@@ -62,16 +66,36 @@ pub fn init(settings: &LogSettings) -> LogHandle {
 fn subscriber(level: &str, output: Output) -> (impl tracing::Subscriber + Send + Sync, LogHandle) {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
-    let subscriber = Registry::default().with(filter).with(output);
+    let subscriber = Registry::default()
+        .with(filter)
+        .with(dependency_cap())
+        .with(output);
     (subscriber, LogHandle { filter: handle })
 }
 
-fn stderr_output<W>(format: LogFormat, writer: W) -> Output
+/// A limit no level setting lifts: at `debug` and `trace`, the websocket, HTTP and TLS
+/// crates log whole frames (envelope payloads: message text, user data) and the request
+/// line of the websocket handshake (the single-use connection URL). Only flowcoach's own
+/// events go below `info`.
+fn dependency_cap() -> Targets {
+    Targets::new()
+        .with_target(env!("CARGO_CRATE_NAME"), LevelFilter::TRACE)
+        .with_default(LevelFilter::INFO)
+}
+
+/// Colour only for a person watching (not in a file, a pipe or a log collector), and
+/// not when `NO_COLOR` asks for none.
+fn stderr_colours() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+fn stderr_output<W>(format: LogFormat, colours: bool, writer: W) -> Output
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(writer)
+        .with_ansi(colours)
         .with_target(false);
     match format {
         LogFormat::Json => layer.json().flatten_event(true).boxed(),
@@ -153,7 +177,7 @@ mod tests {
     fn the_level_can_be_changed_at_run_time() {
         let capture = Capture::default();
         let writer = capture.clone();
-        let output = stderr_output(LogFormat::Json, move || writer.clone());
+        let output = stderr_output(LogFormat::Json, false, move || writer.clone());
         let (subscriber, handle) = subscriber("info", output);
         tracing::subscriber::with_default(subscriber, || {
             tracing::debug!("hidden at info");
@@ -180,5 +204,24 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#""answer":42"#), "{text}");
+    }
+
+    #[test]
+    fn dependencies_stay_at_info_whatever_the_level() {
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let output = stderr_output(LogFormat::Json, false, move || writer.clone());
+        let (subscriber, _handle) = subscriber("trace", output);
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::trace!(target: "tungstenite::protocol", "frame payload");
+            tracing::debug!(target: "hyper_util::client", "connection details");
+            tracing::info!(target: "rustls::client", "shown at info");
+            tracing::trace!("our own trace");
+        });
+        let text = capture.text();
+        assert!(!text.contains("frame payload"), "{text}");
+        assert!(!text.contains("connection details"), "{text}");
+        assert!(text.contains("shown at info"), "{text}");
+        assert!(text.contains("our own trace"), "{text}");
     }
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use flowcoach::cli::{DaemonCli, DaemonCommand};
-use flowcoach::config::{Config, ProcessEnv};
+use flowcoach::config::{Config, ProcessEnv, token_variable};
 use flowcoach::control::server::from_systemd;
 use flowcoach::daemon::{self, Startup};
 use flowcoach::service::paths::{InstancePaths, runtime_dir};
@@ -29,7 +29,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// Takes the token out of the process environment (`SLACK_APP_TOKEN`, or the pipe of a
+/// predecessor), so that `/proc/PID/environ` and children do not show it.
+fn take_token_variable() -> Result<(), ExitCode> {
+    // SAFETY: called first in the daemon's commands, before the async runtime or any
+    // other thread exists: nothing reads the environment concurrently.
+    unsafe { token_variable::take_from_environment() }.map_err(|error| {
+        eprintln!("flowcoach: {error}");
+        exit::code(exit::FAILURE)
+    })
+}
+
 fn load_config(cli: &DaemonCli) -> Result<Config, ExitCode> {
+    take_token_variable()?;
     Config::load(
         cli.config.as_deref(),
         cli.environment.as_deref(),

@@ -6,7 +6,8 @@
 //!
 //! 1. in `main`, before the runtime starts: [`server::from_systemd`] (socket activation);
 //! 2. otherwise, while holding the instance lock: [`server::bind`];
-//! 3. [`access::AccessPolicy::new`] with `control.group`, then a [`ControlContext`];
+//! 3. a [`ControlContext`] with the [`access::AccessPolicy`] that `Config::load` resolved
+//!    from `control.group`;
 //! 4. `tokio::spawn(`[`server::serve`]`(listener, ctx, shutdown))`.
 //!
 //! The client's side: [`discover`] finds the socket, [`client::request`] asks,
@@ -32,8 +33,9 @@ pub mod server;
 #[derive(Debug)]
 pub struct ControlContext {
     pub state: Arc<ServiceState>,
-    /// Where the token came from (`Config::token_source`), for status output.
-    pub token_source: String,
+    /// Where the current token came from (`Config::token_source`), for status output:
+    /// a reload that finds the token elsewhere sends the new place here.
+    pub token_source: tokio::sync::watch::Receiver<String>,
     /// When the daemon started, for `started_at` and uptime.
     pub started_at: SystemTime,
     /// `service.outage_budget`: how long an outage is degraded before it is unhealthy.

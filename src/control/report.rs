@@ -41,7 +41,7 @@ impl StatusReport {
             last_disconnect: status.last_disconnect,
             handover: status.handover,
             counters,
-            token_source: ctx.token_source.clone(),
+            token_source: ctx.token_source.borrow().clone(),
             health,
         }
     }

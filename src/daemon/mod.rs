@@ -19,7 +19,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bot::FlowCoach;
 use crate::config::{Config, ProcessEnv, Settings};
-use crate::control::access::AccessPolicy;
 use crate::control::{ControlContext, server};
 use crate::dispatch::Dispatcher;
 use crate::exit;
@@ -46,8 +45,6 @@ pub enum DaemonError {
     AlreadyRunning(String),
     #[error("{0}")]
     Runtime(String),
-    #[error("{0}")]
-    Config(String),
     #[error("takeover failed: {0}")]
     Takeover(String),
 }
@@ -56,7 +53,6 @@ impl DaemonError {
     pub fn exit_code(&self) -> u8 {
         match self {
             DaemonError::Fatal(fatal) => fatal.exit_code(),
-            DaemonError::Config(_) => exit::CONFIG,
             DaemonError::AlreadyRunning(_) => exit::TEMPFAIL,
             DaemonError::Setup(_) | DaemonError::Runtime(_) | DaemonError::Takeover(_) => {
                 exit::FAILURE
@@ -263,8 +259,6 @@ async fn serve(
     live_tx: watch::Sender<Settings>,
     log: LogHandle,
 ) -> Result<(), DaemonError> {
-    let access = AccessPolicy::new(&service.config.settings.control.group)
-        .map_err(|e| DaemonError::Config(format!("control.group: {e}")))?;
     record_control_socket(&service, &lock, &listener);
     let handed = handovers::handed(&lock, &listener)
         .map_err(|e| DaemonError::Runtime(format!("preparing for handovers: {e}")))?;
@@ -273,12 +267,13 @@ async fn serve(
     // Everything around the Slack side stops after the drain, so the drain is reported to
     // systemd, watched by its watchdog, and visible over the control socket.
     let after_drain = CancellationToken::new();
+    let (token_source, token_source_now) = watch::channel(service.config.token_source.to_string());
     let control = ControlContext {
         state: service.state.clone(),
-        token_source: service.config.token_source.to_string(),
+        token_source: token_source_now,
         started_at: service.started_at,
         outage_budget: service.config.settings.service.outage_budget,
-        access,
+        access: service.config.access.clone(),
         handover: Some(calls_tx),
     };
     let control_task = tokio::spawn(server::serve(
@@ -303,6 +298,7 @@ async fn serve(
         service.config.settings.environment.clone(),
         live_tx,
         service.tokens.clone(),
+        token_source,
         log,
     );
     let reload_task = tokio::spawn(async move {

@@ -17,6 +17,8 @@ pub struct Reloader {
     environment: String,
     live: watch::Sender<Settings>,
     tokens: Arc<watch::Sender<AppToken>>,
+    /// Where the current token came from, for status answers.
+    token_source: watch::Sender<String>,
     log: LogHandle,
 }
 
@@ -26,6 +28,7 @@ impl Reloader {
         environment: String,
         live: watch::Sender<Settings>,
         tokens: Arc<watch::Sender<AppToken>>,
+        token_source: watch::Sender<String>,
         log: LogHandle,
     ) -> Self {
         Reloader {
@@ -33,6 +36,7 @@ impl Reloader {
             environment,
             live,
             tokens,
+            token_source,
             log,
         }
     }
@@ -60,6 +64,10 @@ impl Reloader {
             tracing::info!(token = %config.token, source = %config.token_source, "new app token");
             self.tokens.send_replace(config.token.clone());
         }
+        // The token may stay the same while its source changes (a token file now
+        // holds what the variable held): status answers name where it comes from now.
+        self.token_source
+            .send_replace(config.token_source.to_string());
         let new = config.settings;
         let old = self.live.borrow().clone();
         for field in restart_only_changes(&old, &new) {

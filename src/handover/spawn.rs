@@ -1,22 +1,27 @@
 //! Starting a successor from the binary on disk (`flowcoachctl handover`, `systemctl
 //! reload`), so that an upgraded package takes effect.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use tokio::process::{Child, Command};
+
+use crate::config::{env, token_variable};
 
 /// Variables that describe this process, not the child: the child must not take the
 /// systemd sockets (they come over SCM_RIGHTS) or another pid's watchdog for its own.
 const NOT_INHERITED: &[&str] = &["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_PID"];
 
 /// Starts `flowcoach run --takeover` with this process's configuration file, Slack
-/// environment name and process environment (the token stays in the process environment,
-/// never in argv). Its output goes where ours goes (the journal, under systemd).
+/// environment name and process environment. Its output goes where ours goes (the
+/// journal, under systemd). What `SLACK_APP_TOKEN` held (`token_variable`) goes through an
+/// inherited pipe, never in argv or the child's environment.
 pub fn successor(
     exe: &Path,
     config: Option<&PathBuf>,
     environment: &str,
+    token_variable: Option<&str>,
 ) -> std::io::Result<Child> {
     let mut command = Command::new(exe);
     if let Some(config) = config {
@@ -27,5 +32,26 @@ pub fn successor(
     for name in NOT_INHERITED {
         command.env_remove(name);
     }
+    command.env_remove(env::APP_TOKEN);
+    // Our copy of the read end is closed when this returns; the child has its own.
+    let _token_pipe = match token_variable {
+        Some(token) => {
+            let pipe = token_variable::pipe_for_child(token)?;
+            let fd = pipe.as_raw_fd();
+            command.env(env::APP_TOKEN_FD, fd.to_string());
+            // SAFETY: runs in the forked child before exec, where only async-signal-safe
+            // calls are allowed: fcntl is one. It lets this one descriptor survive exec.
+            unsafe {
+                command.pre_exec(move || {
+                    if nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            Some(pipe)
+        }
+        None => None,
+    };
     command.spawn()
 }

@@ -3,6 +3,8 @@
 use std::io::Write;
 use std::process::{Command, Output};
 
+use flowcoach_harness::{Daemon, simulator};
+
 const TOKEN: &str = "xapp-1-A0CLITEST1-42-cafe0123456789";
 
 fn flowcoach(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -114,4 +116,110 @@ fn usage_errors_exit_64_and_help_exits_0() {
         .unwrap();
     assert_eq!(version.status.code(), Some(0));
     assert!(text(&version).contains(env!("CARGO_PKG_VERSION")));
+}
+
+/// Values that parse but are out of range, each with the field the refusal must name:
+/// huge integers (a semaphore's limit, a sum that wraps), huge durations (a clock that
+/// overflows), zero where zero means nothing, a group that does not exist.
+const OUT_OF_RANGE: &[(&str, &str)] = &[
+    (
+        "[dispatch]\nmax_concurrent_handlers = 9223372036854775807\n",
+        "dispatch.max_concurrent_handlers",
+    ),
+    (
+        "[dispatch]\nmax_queued_handlers = 18446744073709551615\n",
+        "dispatch.max_queued_handlers",
+    ),
+    (
+        "[dispatch]\ndedup_capacity = 18446744073709551615\n",
+        "dispatch.dedup_capacity",
+    ),
+    (
+        "[connection]\nmax_message_bytes = 18446744073709551615\n",
+        "connection.max_message_bytes",
+    ),
+    (
+        "[connection]\nstable_after = \"500000000000y\"\n",
+        "connection.stable_after",
+    ),
+    (
+        "[connection]\nping_interval = \"500000000000y\"\n",
+        "connection.ping_interval",
+    ),
+    (
+        "[handover]\ntimeout = \"500000000000y\"\n",
+        "handover.timeout",
+    ),
+    (
+        "[conflicts]\nown_socket_grace = \"500000000000y\"\n",
+        "conflicts.own_socket_grace",
+    ),
+    (
+        "[connection]\nstable_after = \"0s\"\n",
+        "connection.stable_after",
+    ),
+    (
+        "[connection]\ntoo_many_websockets_backoff = \"0s\"\n",
+        "connection.too_many_websockets_backoff",
+    ),
+    (
+        "[service]\noutage_budget = \"0s\"\n",
+        "service.outage_budget",
+    ),
+    (
+        "[conflicts]\ntoo_many_websockets_unhealthy_after = 0\n",
+        "conflicts.too_many_websockets_unhealthy_after",
+    ),
+    (
+        "[control]\ngroup = \"no-such-group-flowcoach-test\"\n",
+        "control.group",
+    ),
+];
+
+#[test]
+fn check_config_refuses_values_out_of_range_naming_the_field_and_the_range() {
+    for (file_text, field) in OUT_OF_RANGE {
+        let file = config_file(file_text);
+        let output = flowcoach(
+            &["check-config", "--config", file.path().to_str().unwrap()],
+            &[("SLACK_APP_TOKEN", TOKEN)],
+        );
+        let out = text(&output);
+        assert_eq!(output.status.code(), Some(78), "{file_text}: {out}");
+        assert!(out.contains(field), "{file_text}: {out}");
+        let explained = out.contains("must be from") || out.contains("no group named");
+        assert!(explained, "{file_text}: {out}");
+    }
+}
+
+#[tokio::test]
+async fn run_refuses_values_out_of_range_before_connecting() {
+    let sim = simulator(|_| {}).await;
+    for (file_text, field) in OUT_OF_RANGE {
+        let mut daemon = Daemon::start_with(&sim, file_text, &[]);
+        let code = daemon.exit_code().await;
+        let said = daemon.stderr();
+        assert_eq!(code, 78, "{file_text}: {said}");
+        assert!(said.contains(field), "{file_text}: {said}");
+    }
+    assert!(
+        sim.record().open_calls.is_empty(),
+        "refused before connecting"
+    );
+}
+
+#[test]
+fn the_defaults_and_the_bounds_of_each_range_are_valid() {
+    let file = config_file(
+        "[connection]\nping_interval = \"10m\"\nstable_after = \"1s\"\nmax_message_bytes = 67108864\n\
+         [dispatch]\nmax_concurrent_handlers = 10000\nmax_queued_handlers = 0\n\
+         [handover]\ntimeout = \"1h\"\n",
+    );
+    let output = flowcoach(
+        &["check-config", "--config", file.path().to_str().unwrap()],
+        &[("SLACK_APP_TOKEN", TOKEN)],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    let defaults = flowcoach(&["check-config"], &[("SLACK_APP_TOKEN", TOKEN)]);
+    assert_eq!(defaults.status.code(), Some(0), "{}", text(&defaults));
 }

@@ -50,7 +50,7 @@ fn connected_state() -> Arc<ServiceState> {
 fn context(state: Arc<ServiceState>, access: AccessPolicy) -> Arc<ControlContext> {
     Arc::new(ControlContext {
         state,
-        token_source: "SLACK_APP_TOKEN".to_owned(),
+        token_source: tokio::sync::watch::channel("SLACK_APP_TOKEN".to_owned()).1,
         started_at: SystemTime::now() - Duration::from_secs(7200),
         outage_budget: Duration::from_secs(300),
         access,

@@ -349,3 +349,38 @@ async fn a_new_token_on_sighup_moves_the_connection_without_a_gap() {
     assert!(!daemon.stderr().contains("newsecret"));
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn after_a_sighup_rotation_status_names_where_the_token_comes_from_now() {
+    let rotated = "xapp-2-A0SIMAPP01-2-newsecret";
+    let sim = simulator(|c| c.apps[0].tokens.push(rotated.into())).await;
+    let dir = tempfile::tempdir().unwrap();
+    // The environment names a token file that does not exist yet: the variable is used.
+    let file = dir.path().join("prod.token");
+    let config = format!(
+        "{FAST_CONFIG}\n[environments.prod]\napp_id = \"{APP}\"\ntoken_file = {:?}\n",
+        file.display().to_string()
+    );
+    let mut daemon = Daemon::start_args(&sim, &config, &[], &["--env", "prod"]);
+    hellos(&sim, 1).await;
+    let before = text(&ctl(&["status"], &daemon.runtime_dir));
+    assert!(
+        before.contains("token:        from SLACK_APP_TOKEN"),
+        "{before}"
+    );
+    write_token(dir.path(), "prod.token", rotated, 0o600);
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_log("new app token", |_| true).await;
+    sim.wait_until(WAIT, |r| {
+        r.hellos() >= 2 && r.open_calls.last().and_then(|c| c.token.as_deref()) == Some(rotated)
+    })
+    .await
+    .expect("rotated to the token of the file");
+    let after = text(&ctl(&["status"], &daemon.runtime_dir));
+    assert!(
+        after.contains(&format!("token:        from file {}", file.display())),
+        "{after}"
+    );
+    assert!(!after.contains("newsecret"), "{after}");
+    daemon.stop().await;
+}

@@ -872,3 +872,42 @@ fn flood_child() {
         TERMINATED.load(Ordering::SeqCst)
     );
 }
+
+/// The environment the kernel shows for `pid` (`/proc/PID/environ`).
+fn environ_of(pid: u32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    String::from_utf8_lossy(&raw).replace('\0', "\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_from_the_environment_is_in_neither_process_environment_after_a_handover() {
+    let (sim, host, mut incumbent) = connected_incumbent(FAST_CONFIG).await;
+    let mut strays = Strays::default();
+    let secret = flowcoach_harness::token_secret();
+    let environ = environ_of(incumbent.pid() as u32);
+    assert!(
+        !environ.contains(&secret),
+        "the incumbent's environment shows the token:\n{environ}"
+    );
+    let output = host.ctl(&["handover"]).await;
+    assert!(
+        output.status.success(),
+        "{output:?}\n{}",
+        incumbent.stderr()
+    );
+    let successor = handed_to(&output);
+    strays.add(successor);
+    assert_eq!(exited(&mut incumbent).await, 0, "{}", incumbent.stderr());
+    // The successor got the token (it connected with it) through a pipe, not its
+    // environment.
+    let environ = environ_of(successor);
+    assert!(
+        !environ.contains(&secret) && !environ.contains("SLACK_APP_TOKEN="),
+        "the successor's environment shows the token:\n{environ}"
+    );
+    assert!(environ.contains("FLOWCOACH_APP_TOKEN_FD="), "{environ}");
+    serving_alone(&sim, &host, successor, "EvAfterSecretHandover").await;
+    kill(successor, Signal::SIGTERM);
+    strays.gone(successor).await;
+    incumbent.assert_token_never_printed();
+}

@@ -9,6 +9,7 @@ mod dispatch;
 mod environments;
 mod handover;
 mod instance_lock;
+mod logging;
 mod service;
 mod socket_mode;
 mod systemd_notify;
