@@ -132,15 +132,7 @@ struct Run {
 }
 
 async fn flowcoachctl(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_flowcoachctl"));
-    command.args(args).env_clear().kill_on_drop(true);
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    let output = timeout(WAIT, command.output())
-        .await
-        .expect("flowcoachctl hung")
-        .unwrap();
+    let output = flowcoach_harness::ctl::run(args, env).await;
     Run {
         code: output.status.code(),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -52,13 +52,9 @@ fn text(output: &Output) -> String {
     )
 }
 
-fn ctl(args: &[&str], runtime_dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flowcoachctl"))
-        .args(args)
-        .env_clear()
-        .env("FLOWCOACH_RUNTIME_DIR", runtime_dir)
-        .output()
-        .unwrap()
+async fn ctl(args: &[&str], runtime_dir: &Path) -> Output {
+    let dir = runtime_dir.display().to_string();
+    flowcoach_harness::ctl::run(args, &[("FLOWCOACH_RUNTIME_DIR", dir.as_str())]).await
 }
 
 async fn hellos(sim: &Simulator, count: usize) -> Record {
@@ -158,7 +154,7 @@ async fn token_sources_in_order_and_where_the_token_came_from() {
         &["--env", "prod"],
     );
     daemon.wait_log("connected to Slack", |_| true).await;
-    let status = ctl(&["status"], &daemon.runtime_dir);
+    let status = ctl(&["status"], &daemon.runtime_dir).await;
     let out = text(&status);
     assert!(
         out.contains(&format!(
@@ -225,14 +221,14 @@ async fn another_client_of_the_app_is_detected_within_one_hello() {
             |l| l["others"] == 1,
         )
         .await;
-    let health = ctl(&["health"], &second.runtime_dir);
+    let health = ctl(&["health"], &second.runtime_dir).await;
     assert_eq!(health.status.code(), Some(1));
     assert!(
         text(&health).contains("another client"),
         "{}",
         text(&health)
     );
-    let status = ctl(&["status", "--json"], &second.runtime_dir);
+    let status = ctl(&["status", "--json"], &second.runtime_dir).await;
     let report: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(report["num_connections"], 2);
     second.stop().await;
@@ -265,7 +261,7 @@ async fn our_own_recent_sockets_are_not_taken_for_other_clients() {
     daemon
         .wait_log("connected to Slack", |l| l["num_connections"] == 2)
         .await;
-    let health = ctl(&["health"], &daemon.runtime_dir);
+    let health = ctl(&["health"], &daemon.runtime_dir).await;
     assert_eq!(health.status.code(), Some(0), "{}", text(&health));
     daemon.stop().await;
 }
@@ -282,7 +278,7 @@ async fn repeated_too_many_websockets_make_health_unhealthy_with_a_diagnosis() {
     refused
         .wait_log_count("Slack refused the connection with too_many_websockets", 2)
         .await;
-    let health = ctl(&["health"], &refused.runtime_dir);
+    let health = ctl(&["health"], &refused.runtime_dir).await;
     assert_eq!(health.status.code(), Some(1));
     let said = text(&health);
     assert!(said.starts_with("unhealthy: Slack refused"), "{said}");
@@ -363,7 +359,7 @@ async fn after_a_sighup_rotation_status_names_where_the_token_comes_from_now() {
     );
     let mut daemon = Daemon::start_args(&sim, &config, &[], &["--env", "prod"]);
     hellos(&sim, 1).await;
-    let before = text(&ctl(&["status"], &daemon.runtime_dir));
+    let before = text(&ctl(&["status"], &daemon.runtime_dir).await);
     assert!(
         before.contains("token:        from SLACK_APP_TOKEN"),
         "{before}"
@@ -376,7 +372,7 @@ async fn after_a_sighup_rotation_status_names_where_the_token_comes_from_now() {
     })
     .await
     .expect("rotated to the token of the file");
-    let after = text(&ctl(&["status"], &daemon.runtime_dir));
+    let after = text(&ctl(&["status"], &daemon.runtime_dir).await);
     assert!(
         after.contains(&format!("token:        from file {}", file.display())),
         "{after}"

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use flowcoach_harness::{APP, Daemon, FAST_CONFIG, WAIT, acked, connected, event, simulator};
+use flowcoach_harness::logs::handled_events;
+use flowcoach_harness::process::{self, Strays};
+use flowcoach_harness::{APP, Daemon, FAST_CONFIG, WAIT, acked, connected, ctl, event, simulator};
 use flowcoach_protocol::EnvelopeKind;
 use flowcoach_sim::{CloseKind, LoadMix, LoadSpec, OpenResponse, Record, Simulator};
 use nix::sys::signal::Signal;
@@ -22,13 +24,19 @@ use tokio::time::Instant;
 struct Host {
     dir: tempfile::TempDir,
     dir_text: String,
+    socket_text: String,
 }
 
 impl Host {
     fn new() -> Host {
         let dir = tempfile::tempdir().unwrap();
         let dir_text = dir.path().display().to_string();
-        Host { dir, dir_text }
+        let socket_text = format!("{dir_text}/{APP}.test.sock");
+        Host {
+            dir,
+            dir_text,
+            socket_text,
+        }
     }
 
     fn env(&self) -> (&'static str, &str) {
@@ -59,32 +67,19 @@ impl Host {
         Daemon::start_args(sim, config, &all, &["--takeover"])
     }
 
-    fn ctl_command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_flowcoachctl"));
-        command
-            .arg("--socket")
-            .arg(self.socket())
-            .args(args)
-            .env_clear()
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        command
+    /// `flowcoachctl --socket <this host's socket> ARGS`.
+    fn ctl_args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        [&["--socket", self.socket_text.as_str()], args].concat()
     }
 
     /// Runs flowcoachctl to the end (asynchronously: the simulator runs on this runtime).
     async fn ctl(&self, args: &[&str]) -> Output {
-        let output = self.ctl_command(args).output();
-        tokio::time::timeout(WAIT + Duration::from_secs(10), output)
-            .await
-            .unwrap_or_else(|_| panic!("flowcoachctl {args:?} did not finish"))
-            .unwrap()
+        ctl::run(&self.ctl_args(args), &[]).await
     }
 
     /// Starts `flowcoachctl handover`; [`finished`] collects its answer.
     fn start_handover(&self) -> Child {
-        self.ctl_command(&["--timeout", "30s", "handover"])
+        ctl::command(&self.ctl_args(&["--timeout", "30s", "handover"]), &[])
             .spawn()
             .unwrap()
     }
@@ -148,68 +143,10 @@ async fn exited(daemon: &mut Daemon) -> i32 {
     status.code().unwrap_or(-1)
 }
 
-/// Whether a process that is not our child has ended (gone, or a zombie nobody reaped).
-fn gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => true,
-    }
-}
-
-async fn wait_gone(pid: u32) {
-    let deadline = Instant::now() + WAIT;
-    while !gone(pid) {
-        assert!(Instant::now() < deadline, "pid {pid} did not exit");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Successors started by the incumbents (not our children): killed when the test ends,
-/// however it ends, unless seen gone before (their pids may be reused by then, e.g. by
-/// another test's processes).
-#[derive(Default)]
-struct Strays(Vec<u32>);
-
-impl Strays {
-    fn add(&mut self, pid: u32) {
-        self.0.push(pid);
-    }
-
-    /// Waits until `pid` has exited; from then on it is not ours to kill.
-    async fn gone(&mut self, pid: u32) {
-        wait_gone(pid).await;
-        self.0.retain(|p| *p != pid);
-    }
-}
-
-impl Drop for Strays {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            if !gone(*pid) {
-                let pid = nix::unistd::Pid::from_raw(*pid as i32);
-                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-            }
-        }
-    }
-}
-
-fn kill(pid: u32, signal: Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
-}
-
 /// "event handled" log lines per event_id, over every process's log.
 fn handled(daemons: &[&Daemon]) -> HashMap<String, usize> {
-    let mut all: HashMap<String, usize> = HashMap::new();
-    for daemon in daemons {
-        for (event_id, n) in daemon.count_by("event handled", "event_id") {
-            if !event_id.is_empty() {
-                *all.entry(event_id).or_default() += n;
-            }
-        }
-    }
-    all
+    let lines: Vec<serde_json::Value> = daemons.iter().flat_map(|d| d.logs()).collect();
+    handled_events(&lines)
 }
 
 /// The event ids of the acked `events_api` envelopes.
@@ -424,7 +361,7 @@ async fn twenty_handovers_both_ways_under_load_lose_nothing_and_handle_nothing_t
             during_named_incumbent +=
                 usize::from(host.refusal_names(&sim, &config, incumbent_pid).await);
             successor.wait_log("took the app over", |_| true).await;
-            strays.gone(incumbent_pid).await;
+            strays.gone(incumbent_pid, WAIT).await.unwrap();
             daemons.push(successor);
             (incumbent_pid, Holder::Ours(daemons.len() - 1))
         };
@@ -702,8 +639,8 @@ async fn strict_mode_breaks_before_making_and_the_successor_acks_what_arrived_me
         hello - closed,
         caught.len()
     );
-    kill(successor, Signal::SIGTERM);
-    strays.gone(successor).await;
+    process::signal(successor, Signal::SIGTERM);
+    strays.gone(successor, WAIT).await.unwrap();
     handled_exactly_once(&record, &[&incumbent]).await;
 }
 
@@ -907,7 +844,7 @@ async fn the_token_from_the_environment_is_in_neither_process_environment_after_
     );
     assert!(environ.contains("FLOWCOACH_APP_TOKEN_FD="), "{environ}");
     serving_alone(&sim, &host, successor, "EvAfterSecretHandover").await;
-    kill(successor, Signal::SIGTERM);
-    strays.gone(successor).await;
+    process::signal(successor, Signal::SIGTERM);
+    strays.gone(successor, WAIT).await.unwrap();
     incumbent.assert_token_never_printed();
 }

@@ -23,15 +23,10 @@ fn start_in(sim: &Simulator, dir: &std::path::Path) -> Daemon {
     )
 }
 
-fn ctl(args: &[&str], socket: &std::path::Path) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_flowcoachctl"))
-        .args(args)
-        .arg("--socket")
-        .arg(socket)
-        .env_clear()
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+async fn ctl(args: &[&str], socket: &std::path::Path) -> std::process::Output {
+    let socket = socket.display().to_string();
+    let args = [args, &["--socket", socket.as_str()]].concat();
+    flowcoach_harness::ctl::run(&args, &[]).await
 }
 
 fn socket_path(dir: &std::path::Path) -> std::path::PathBuf {
@@ -118,7 +113,7 @@ async fn a_stale_lock_after_kill_9_does_not_block_the_next_start() {
         pid_file.lines().next(),
         Some(next.pid().to_string().as_str())
     );
-    let status = ctl(&["status"], &socket_path(dir.path()));
+    let status = ctl(&["status"], &socket_path(dir.path())).await;
     assert_eq!(status.status.code(), Some(0), "{status:?}");
     next.stop().await;
 }
@@ -129,18 +124,18 @@ async fn flowcoachctl_reports_on_the_running_daemon() {
     let mut daemon = Daemon::start_connected(&sim).await;
     daemon.wait_log("connected to Slack", |_| true).await;
     let socket = socket_path(&daemon.runtime_dir);
-    let status = ctl(&["status"], &socket);
+    let status = ctl(&["status"], &socket).await;
     let text = String::from_utf8_lossy(&status.stdout).to_string();
     assert_eq!(status.status.code(), Some(0), "{status:?}");
     assert!(text.contains(&format!("pid {}", daemon.pid())), "{text}");
     assert!(text.contains("connected"), "{text}");
     assert!(text.contains("SLACK_APP_TOKEN"), "{text}");
     assert!(!text.contains(&flowcoach_harness::token_secret()), "{text}");
-    let json = ctl(&["status", "--json"], &socket);
+    let json = ctl(&["status", "--json"], &socket).await;
     let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(report["app_id"], APP);
     assert_eq!(report["sockets_open"], 1);
-    let health = ctl(&["health"], &socket);
+    let health = ctl(&["health"], &socket).await;
     assert_eq!(health.status.code(), Some(0), "{health:?}");
     // Found without --socket: the only daemon in the runtime directory.
     let found = std::process::Command::new(env!("CARGO_BIN_EXE_flowcoachctl"))
@@ -151,7 +146,7 @@ async fn flowcoachctl_reports_on_the_running_daemon() {
         .unwrap();
     assert_eq!(found.status.code(), Some(0), "{found:?}");
     daemon.stop().await;
-    let gone = ctl(&["health"], &socket);
+    let gone = ctl(&["health"], &socket).await;
     assert_eq!(gone.status.code(), Some(2), "no daemon answers");
 }
 
@@ -243,12 +238,7 @@ async fn control_socket_from_systemd_socket_activation() {
     })
     .await
     .expect("socket bound");
-    let status = {
-        let socket = socket.clone();
-        tokio::task::spawn_blocking(move || ctl(&["status", "--json", "--timeout", "15s"], &socket))
-            .await
-            .unwrap()
-    };
+    let status = ctl(&["status", "--json", "--timeout", "15s"], &socket).await;
     assert!(status.status.success(), "{status:?}");
     let report: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert!(report["pid"].as_u64().is_some());

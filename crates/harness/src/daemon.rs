@@ -278,17 +278,12 @@ impl Daemon {
 
     /// `flowcoachctl status --json` for this daemon: its status report.
     pub async fn status_json(&self) -> Value {
-        let output = Command::new(crate::binaries::flowcoachctl())
-            .args(["status", "--json"])
-            .env_clear()
-            .env("FLOWCOACH_RUNTIME_DIR", &self.runtime_dir)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let output = tokio::time::timeout(WAIT, output)
-            .await
-            .expect("flowcoachctl answers")
-            .unwrap();
+        let dir = self.runtime_dir.display().to_string();
+        let output = crate::ctl::run(
+            &["status", "--json"],
+            &[("FLOWCOACH_RUNTIME_DIR", dir.as_str())],
+        )
+        .await;
         assert!(output.status.success(), "{output:?}");
         serde_json::from_slice(&output.stdout)
             .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {output:?}"))

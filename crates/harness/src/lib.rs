@@ -4,6 +4,7 @@
 
 pub mod binaries;
 pub mod cargo;
+pub mod ctl;
 mod daemon;
 pub mod logs;
 pub mod process;
