@@ -25,6 +25,10 @@ const WAIT: Duration = Duration::from_secs(30);
 pub struct BenchReport {
     pub envelopes: u64,
     pub window: usize,
+    /// Envelopes per second offered; `None`: as fast as the window allows.
+    pub rate: Option<f64>,
+    /// The stream started on a connection that replaced a dropped one.
+    pub after_reconnect: bool,
     pub seconds: f64,
     pub envelopes_per_second: f64,
     pub cpu_us_per_envelope: f64,
@@ -41,7 +45,7 @@ pub fn run(args: &BenchArgs) -> ExitCode {
     if let Some(handovers) = args.handovers {
         return run_handovers(args, handovers);
     }
-    report(bench(args.envelopes, args.window), args.json, print_table)
+    report(bench(args), args.json, print_table)
 }
 
 /// Runs one benchmark on the tools' runtime and prints its report as a table or JSON.
@@ -72,9 +76,18 @@ fn report<R: Serialize>(
 }
 
 fn print_table(r: &BenchReport) {
+    let rate = r
+        .rate
+        .map_or_else(|| "as fast as acked".to_owned(), |rate| format!("{rate} per second"));
     println!(
-        "flowcoach bench: {} envelopes, window {}",
-        r.envelopes, r.window
+        "flowcoach-dev bench: {} envelopes, window {}, {rate}{}",
+        r.envelopes,
+        r.window,
+        if r.after_reconnect {
+            ", after a reconnect"
+        } else {
+            ""
+        }
     );
     println!(
         "  throughput        {:>10.0} envelopes/s",
@@ -101,7 +114,8 @@ fn print_table(r: &BenchReport) {
     );
 }
 
-async fn bench(envelopes: u64, window: usize) -> Result<BenchReport, String> {
+async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
+    let (envelopes, window) = (args.envelopes, args.window);
     let config = SimConfig {
         // Under full load nothing should be redelivered: the figure is the steady state.
         ack_deadline: Duration::from_secs(60),
@@ -120,6 +134,15 @@ async fn bench(envelopes: u64, window: usize) -> Result<BenchReport, String> {
         .map_err(|e| format!("flowcoach did not connect: {e:?}"))?;
     // Let start-up allocations settle before reading the idle figure.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    if args.after_reconnect {
+        // A socket that replaced a dropped one: how an ack travels then is what matters
+        // (without TCP_NODELAY it waited for the server's delayed ACK).
+        let first = sim.open_sockets(DEFAULT_APP_ID)[0];
+        sim.drop_socket(first);
+        sim.wait_until(WAIT, |r| r.hellos() >= 2)
+            .await
+            .map_err(|e| format!("flowcoach did not reconnect: {e:?}"))?;
+    }
     let idle = process::usage(pid)?;
 
     let started = Instant::now();
@@ -127,7 +150,7 @@ async fn bench(envelopes: u64, window: usize) -> Result<BenchReport, String> {
         DEFAULT_APP_ID,
         LoadSpec {
             count: envelopes,
-            rate_per_sec: None,
+            rate_per_sec: args.rate,
             max_outstanding: Some(window),
             mix: LoadMix::EventsOnly,
         },
@@ -172,6 +195,8 @@ async fn bench(envelopes: u64, window: usize) -> Result<BenchReport, String> {
     Ok(BenchReport {
         envelopes,
         window,
+        rate: args.rate,
+        after_reconnect: args.after_reconnect,
         seconds: elapsed.as_secs_f64(),
         envelopes_per_second: envelopes as f64 / elapsed.as_secs_f64(),
         cpu_us_per_envelope: cpu.as_secs_f64() * 1e6 / envelopes as f64,
@@ -236,7 +261,7 @@ impl Spread {
 
 fn run_handovers(args: &BenchArgs, handovers: u32) -> ExitCode {
     report(
-        bench_handovers(handovers, args.strict, args.rate),
+        bench_handovers(handovers, args.strict, args.rate.unwrap_or(200.0)),
         args.json,
         print_handover_table,
     )
@@ -244,7 +269,7 @@ fn run_handovers(args: &BenchArgs, handovers: u32) -> ExitCode {
 
 fn print_handover_table(r: &HandoverBenchReport) {
     println!(
-        "flowcoach bench: {} handovers ({}), {:.0} events/s",
+        "flowcoach-dev bench: {} handovers ({}), {:.0} events/s",
         r.handovers,
         if r.strict {
             "strict: break before make"

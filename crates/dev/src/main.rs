@@ -41,6 +41,14 @@ pub struct BenchArgs {
     /// Envelopes in flight (sent, not yet acked) at most.
     #[arg(long, default_value_t = 64)]
     pub window: usize,
+    /// Envelopes per second; without it, as fast as flowcoach acks them (within the
+    /// window). Ack latency is best read at a steady rate (10, 100 per second). With
+    /// --handovers: the rate of the stream, 200 per second by default.
+    #[arg(long, value_name = "PER_SECOND")]
+    pub rate: Option<f64>,
+    /// Drop the first connection and start the stream on its replacement.
+    #[arg(long, conflicts_with = "handovers")]
+    pub after_reconnect: bool,
     /// Measure handovers instead: this many `flowcoachctl handover`s in a row under a
     /// steady event stream (time to complete, time with no socket open, envelopes lost or
     /// handled twice).
@@ -49,9 +57,6 @@ pub struct BenchArgs {
     /// With --handovers: break before make (`[handover] strict = true`).
     #[arg(long, requires = "handovers")]
     pub strict: bool,
-    /// With --handovers: events per second in the stream.
-    #[arg(long, default_value_t = 200.0, value_name = "PER_SECOND")]
-    pub rate: f64,
     /// Print the figures as JSON.
     #[arg(long)]
     pub json: bool,
