@@ -31,6 +31,9 @@ pub struct SimConfig {
     /// Like `debug_reconnects`: at this age each socket gets `warning`, then
     /// `refresh_requested` once the warning grace has passed, then is closed.
     pub rotate_after: Option<Duration>,
+    /// Answers every `hello` at once with a disconnect of this reason (`warning`,
+    /// `refresh_requested`, anything): a server that never lets a connection settle.
+    pub disconnect_after_hello: Option<String>,
 }
 
 /// One Slack app and the app-level tokens that may open connections for it.
@@ -68,6 +71,7 @@ impl Default for SimConfig {
             stale_socket_ttl: Duration::from_secs(30),
             approximate_connection_time: 18060,
             rotate_after: None,
+            disconnect_after_hello: None,
         }
     }
 }
