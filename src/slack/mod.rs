@@ -1,10 +1,11 @@
 //! Everything that speaks to Slack: wire types, the Web API call, one websocket connection
-//! and the supervisor that keeps one alive.
+//! and the supervisor that keeps them alive.
 
 pub mod api;
 pub mod backoff;
 pub mod connection;
 pub mod supervisor;
+pub mod throttle;
 pub mod wire;
 
 /// A deadline that never comes, for `select!` arms that are switched off.
