@@ -186,6 +186,9 @@ pub struct ConnectionSettings {
     pub too_many_websockets_backoff: Duration,
     /// Inbound messages larger than this end the connection (a resync is not possible).
     pub max_message_bytes: usize,
+    /// Sockets kept open at once: with more than one, losing a socket costs nothing while
+    /// it is replaced, since the others keep taking envelopes. Read at start.
+    pub sockets: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -263,6 +266,7 @@ impl Default for ConnectionSettings {
             stable_after: Duration::from_secs(30),
             too_many_websockets_backoff: Duration::from_secs(10),
             max_message_bytes: 4 << 20,
+            sockets: 1,
         }
     }
 }
@@ -450,6 +454,10 @@ pub fn is_loopback(url: &Url) -> bool {
     }
 }
 
+/// The most sockets `connection.sockets` may ask for: twice that (rotation overlap) plus as
+/// many again for a successor during a handover stays within Slack's 10 per app.
+pub const MAX_SOCKETS: usize = 3;
+
 impl ConnectionSettings {
     fn validate(&self) -> Result<(), ConfigError> {
         let positive = [
@@ -474,6 +482,15 @@ impl ConnectionSettings {
             return Err(invalid(
                 "connection.backoff_max",
                 "must not be smaller than connection.backoff_initial",
+            ));
+        }
+        if !(1..=MAX_SOCKETS).contains(&self.sockets) {
+            return Err(invalid(
+                "connection.sockets",
+                format!(
+                    "must be between 1 and {MAX_SOCKETS}: each socket overlaps with its replacement during a rotation, \
+                     and a handover doubles them for a moment, all within Slack's limit of 10 sockets per app"
+                ),
             ));
         }
         if self.max_message_bytes < 64 * 1024 {
@@ -646,6 +663,13 @@ mod tests {
         assert!(error_for("environment = \"a b\"\n").contains("environment"));
         assert!(error_for("[log]\nlevel = \"=(\"\n").contains("log.level"));
         assert!(error_for("[connection]\nbackoff_max = \"1ms\"\n").contains("backoff_max"));
+        for sockets in ["0", "4"] {
+            let error = error_for(&format!("[connection]\nsockets = {sockets}\n"));
+            assert!(
+                error.contains("connection.sockets") && error.contains("10 sockets per app"),
+                "{error}"
+            );
+        }
     }
 
     #[test]

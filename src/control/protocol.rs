@@ -130,6 +130,9 @@ pub struct StatusReport {
     pub reconnects: u64,
     pub rotations: u64,
     pub last_disconnect: Option<String>,
+    /// Why new connections are paced: Slack keeps ending them before they stay up.
+    #[serde(default)]
+    pub pacing: Option<String>,
     /// The step of a handover in progress.
     #[serde(default)]
     pub handover: Option<String>,
@@ -197,6 +200,7 @@ mod tests {
             reconnects: 4,
             rotations: 5,
             last_disconnect: None,
+            pacing: Some("paced".into()),
             handover: None,
             counters: CounterSnapshot {
                 envelopes_received: 9,

@@ -60,6 +60,9 @@ pub fn status(report: &StatusReport, now: u64) -> String {
         "reconnects",
         format!("{}{last}, rotations {}", r.reconnects, r.rotations),
     );
+    if let Some(pacing) = &r.pacing {
+        line("pacing", pacing.clone());
+    }
     line(
         "envelopes",
         format!(
@@ -154,6 +157,7 @@ mod tests {
             reconnects: 2,
             rotations: 5,
             last_disconnect: Some("refresh_requested".into()),
+            pacing: None,
             handover: None,
             counters: CounterSnapshot {
                 envelopes_received: 120,
@@ -178,6 +182,15 @@ token:        from SLACK_APP_TOKEN
 health:       healthy
 ";
         assert_eq!(text, expected);
+        let paced = StatusReport {
+            pacing: Some("Slack ended 4 connections of socket 1 in a row".into()),
+            ..report
+        };
+        let text = status(&paced, 1_796_026_213);
+        assert!(
+            text.contains("\npacing:       Slack ended 4 connections of socket 1 in a row\n"),
+            "{text}"
+        );
         assert_eq!(
             health(&Health::Degraded("reconnecting".into())),
             "degraded: reconnecting"

@@ -59,6 +59,26 @@ too_many_websockets_backoff = "500ms"
 max_message_bytes = 65536
 "#;
 
+/// [`FAST_CONFIG`] with these `[connection]` settings (TOML values) in place of its own.
+pub fn fast_config_with(connection: &[(&str, &str)]) -> String {
+    let overridden = |line: &str| {
+        connection
+            .iter()
+            .any(|(key, _)| line.starts_with(&format!("{key} =")))
+    };
+    let mut config = String::new();
+    for line in FAST_CONFIG.lines().filter(|line| !overridden(line)) {
+        config.push_str(line);
+        config.push('\n');
+        if line == "[connection]" {
+            for (key, value) in connection {
+                config.push_str(&format!("{key} = {value}\n"));
+            }
+        }
+    }
+    config
+}
+
 impl Daemon {
     /// Starts flowcoach against `sim` with [`FAST_CONFIG`] plus `extra` TOML.
     pub fn start(sim: &Simulator, extra: &str) -> Daemon {
@@ -239,6 +259,24 @@ impl Daemon {
         // Let the log reader catch the last lines.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.logs.wait_for(|_| false)).await;
         status.code().unwrap_or(-1)
+    }
+
+    /// `flowcoachctl status --json` for this daemon: its status report.
+    pub async fn status_json(&self) -> Value {
+        let output = Command::new(env!("CARGO_BIN_EXE_flowcoachctl"))
+            .args(["status", "--json"])
+            .env_clear()
+            .env("FLOWCOACH_RUNTIME_DIR", &self.runtime_dir)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(WAIT, output)
+            .await
+            .expect("flowcoachctl answers")
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {output:?}"))
     }
 
     /// The token must never appear in what flowcoach prints.
