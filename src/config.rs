@@ -193,6 +193,9 @@ pub struct ConnectionSettings {
     pub too_many_websockets_backoff: Duration,
     /// Inbound messages larger than this end the connection (a resync is not possible).
     pub max_message_bytes: usize,
+    /// Sockets kept open at once: with more than one, losing a socket costs nothing while
+    /// it is replaced, since the others keep taking envelopes. Read at start.
+    pub sockets: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -270,6 +273,7 @@ impl Default for ConnectionSettings {
             stable_after: Duration::from_secs(30),
             too_many_websockets_backoff: Duration::from_secs(10),
             max_message_bytes: 4 << 20,
+            sockets: 1,
         }
     }
 }
@@ -471,6 +475,10 @@ pub fn is_loopback(url: &Url) -> bool {
     }
 }
 
+/// The most sockets `connection.sockets` may ask for: twice that (rotation overlap) plus as
+/// many again for a successor during a handover stays within Slack's 10 per app.
+pub const MAX_SOCKETS: usize = 3;
+
 impl ConnectionSettings {
     fn validate(&self) -> Result<(), ConfigError> {
         ranges::durations(&[
@@ -531,13 +539,22 @@ impl ConnectionSettings {
                 why: "",
             },
         ])?;
-        ranges::counts(&[CountIn {
-            field: "connection.max_message_bytes",
-            value: ranges::count(self.max_message_bytes),
-            min: 64 * 1024,
-            max: 64 << 20,
-            why: "Slack's interactive payloads can be large",
-        }])
+        ranges::counts(&[
+            CountIn {
+                field: "connection.max_message_bytes",
+                value: ranges::count(self.max_message_bytes),
+                min: 64 * 1024,
+                max: 64 << 20,
+                why: "Slack's interactive payloads can be large",
+            },
+            CountIn {
+                field: "connection.sockets",
+                value: ranges::count(self.sockets),
+                min: 1,
+                max: ranges::count(MAX_SOCKETS),
+                why: "each socket overlaps with its replacement during a rotation, and a handover doubles them for a moment, all within Slack's limit of 10 sockets per app",
+            },
+        ])
     }
 }
 
@@ -771,6 +788,13 @@ mod tests {
         assert!(error_for("environment = \"a b\"\n").contains("environment"));
         assert!(error_for("[log]\nlevel = \"=(\"\n").contains("log.level"));
         assert!(error_for("[connection]\nbackoff_max = \"1ms\"\n").contains("backoff_max"));
+        for sockets in ["0", "4"] {
+            let error = error_for(&format!("[connection]\nsockets = {sockets}\n"));
+            assert!(
+                error.contains("connection.sockets") && error.contains("10 sockets per app"),
+                "{error}"
+            );
+        }
     }
 
     #[test]

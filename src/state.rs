@@ -67,6 +67,9 @@ pub struct ConnectionStatus {
     pub too_many_in_a_row: u32,
     /// A diagnosed conflict with other clients of the app (health: unhealthy).
     pub conflict: Option<String>,
+    /// Why new connections are paced rather than opened at once: Slack keeps ending them
+    /// before they stay up (a rotation or reconnect storm). Cleared once they stay up.
+    pub pacing: Option<String>,
     /// The step of a handover in progress, in words (`handing over to pid 4243: waiting
     /// for its hello`).
     pub handover: Option<String>,
@@ -85,6 +88,7 @@ impl Default for ConnectionStatus {
             down_since: None,
             too_many_in_a_row: 0,
             conflict: None,
+            pacing: None,
             handover: None,
         }
     }

@@ -71,6 +71,10 @@ pub enum Response {
     TakeoverAccepted {
         strict: bool,
         timeout_ms: u64,
+        /// The incumbent's open sockets, which Slack counts in the successor's hellos
+        /// until the incumbent has closed them (one, from releases that did not say).
+        #[serde(default = "one_socket")]
+        sockets: u32,
     },
     Error {
         message: String,
@@ -79,6 +83,10 @@ pub enum Response {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         protocol: Option<u32>,
     },
+}
+
+fn one_socket() -> u32 {
+    1
 }
 
 impl Response {
@@ -130,6 +138,9 @@ pub struct StatusReport {
     pub reconnects: u64,
     pub rotations: u64,
     pub last_disconnect: Option<String>,
+    /// Why new connections are paced: Slack keeps ending them before they stay up.
+    #[serde(default)]
+    pub pacing: Option<String>,
     /// The step of a handover in progress.
     #[serde(default)]
     pub handover: Option<String>,
@@ -197,6 +208,7 @@ mod tests {
             reconnects: 4,
             rotations: 5,
             last_disconnect: None,
+            pacing: Some("paced".into()),
             handover: None,
             counters: CounterSnapshot {
                 envelopes_received: 9,
@@ -220,6 +232,20 @@ mod tests {
             let back: Response = serde_json::from_str(&text).unwrap();
             assert_eq!(back, response, "{text}");
         }
+    }
+
+    #[test]
+    fn an_incumbent_that_does_not_count_its_sockets_has_one() {
+        let older = r#"{"response":"takeover_accepted","strict":false,"timeout_ms":30000}"#;
+        let parsed: Response = serde_json::from_str(older).unwrap();
+        assert_eq!(
+            parsed,
+            Response::TakeoverAccepted {
+                strict: false,
+                timeout_ms: 30000,
+                sockets: 1
+            }
+        );
     }
 
     #[test]

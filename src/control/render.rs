@@ -61,6 +61,9 @@ pub fn status(report: &StatusReport, now: u64) -> String {
         "reconnects",
         format!("{}{last}, rotations {}", r.reconnects, r.rotations),
     );
+    if let Some(pacing) = &r.pacing {
+        line("pacing", pacing.clone());
+    }
     line(
         "envelopes",
         format!(
@@ -155,6 +158,7 @@ mod tests {
             reconnects: 2,
             rotations: 5,
             last_disconnect: Some("refresh_requested".into()),
+            pacing: None,
             handover: None,
             counters: CounterSnapshot {
                 envelopes_received: 120,
@@ -181,11 +185,20 @@ health:       healthy
         assert_eq!(text, expected);
         let bare_hello = StatusReport {
             num_connections: None,
-            ..report
+            ..report.clone()
         };
         assert!(
             status(&bare_hello, 1_796_026_213)
                 .contains("sockets:      1 ours, Slack's hello gave no count\n")
+        );
+        let paced = StatusReport {
+            pacing: Some("Slack ended 4 connections of socket 1 in a row".into()),
+            ..report
+        };
+        let text = status(&paced, 1_796_026_213);
+        assert!(
+            text.contains("\npacing:       Slack ended 4 connections of socket 1 in a row\n"),
+            "{text}"
         );
         assert_eq!(
             health(&Health::Degraded("reconnecting".into())),

@@ -39,6 +39,7 @@ impl StatusReport {
             reconnects: counters.reconnects,
             rotations: counters.rotations,
             last_disconnect: status.last_disconnect,
+            pacing: status.pacing,
             handover: status.handover,
             counters,
             token_source: ctx.token_source.borrow().clone(),

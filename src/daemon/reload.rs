@@ -109,6 +109,10 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
             "dispatch.dedup_capacity",
             old.dispatch.dedup_capacity != new.dispatch.dedup_capacity,
         ),
+        (
+            "connection.sockets",
+            old.connection.sockets != new.connection.sockets,
+        ),
         ("service", old.service != new.service),
         ("environments", old.environments != new.environments),
         ("control", old.control != new.control),

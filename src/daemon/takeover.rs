@@ -43,11 +43,11 @@ pub async fn take_over(
     );
     let mut serving = None;
     let ready = if !takeover.strict {
-        // Slack's count in our hello includes the incumbent's socket.
-        service
-            .state
-            .predecessor_sockets
-            .store(1, std::sync::atomic::Ordering::Relaxed);
+        // Slack's count in our hellos includes the incumbent's sockets.
+        service.state.predecessor_sockets.store(
+            takeover.incumbent_sockets,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let mut running = service.start_serving()?;
         let connected = tokio::select! {
             () = shutdown.cancelled() => Err(DaemonError::Takeover("stopped by a signal".to_owned())),

@@ -75,6 +75,7 @@ pub async fn run(
             .send(&Response::TakeoverAccepted {
                 strict: terms.strict,
                 timeout_ms: terms.timeout.as_millis() as u64,
+                sockets: state.status().sockets_open,
             })
             .await?;
         step(if terms.strict {

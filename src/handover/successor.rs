@@ -21,6 +21,8 @@ pub struct Takeover {
     pub strict: bool,
     /// How long the incumbent waits for us to be ready.
     pub timeout: Duration,
+    /// The incumbent's open sockets: Slack counts them in our hellos until it closes them.
+    pub incumbent_sockets: u32,
 }
 
 /// What the incumbent handed on.
@@ -50,10 +52,15 @@ impl Takeover {
             )
             .await?
         {
-            Response::TakeoverAccepted { strict, timeout_ms } => Ok(Takeover {
+            Response::TakeoverAccepted {
+                strict,
+                timeout_ms,
+                sockets,
+            } => Ok(Takeover {
                 session,
                 strict,
                 timeout: Duration::from_millis(timeout_ms),
+                incumbent_sockets: sockets,
             }),
             Response::Error { message, .. } => Err(HandoverError::Refused(message)),
             other => Err(HandoverError::Unexpected {

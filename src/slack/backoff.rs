@@ -4,6 +4,11 @@ use std::time::Duration;
 
 use rand::Rng;
 
+/// The most a replacement waits after a connection that followed stable ones ended: one
+/// loss is not overload, but many clients losing a shared path at once should not redial
+/// in the same millisecond.
+pub const IMMEDIATE_JITTER: Duration = Duration::from_millis(50);
+
 /// Delays grow as `initial * 2^attempt` up to `max`; each delay is drawn uniformly between
 /// `initial` and that ceiling. Jitter spreads the reconnects of many clients (a fleet
 /// restarted at once must not hit `apps.connections.open` in step), and the floor of
@@ -13,6 +18,8 @@ pub struct Backoff {
     initial: Duration,
     max: Duration,
     attempt: u32,
+    /// The one immediate replacement allowed since the last reset has been used.
+    immediate_spent: bool,
 }
 
 impl Backoff {
@@ -21,6 +28,7 @@ impl Backoff {
             initial,
             max: max.max(initial),
             attempt: 0,
+            immediate_spent: false,
         }
     }
 
@@ -40,6 +48,18 @@ impl Backoff {
         rng.random_range(self.initial..=ceiling)
     }
 
+    /// The wait before replacing a connection that ended or was asked to rotate: next to
+    /// nothing (at most [`IMMEDIATE_JITTER`]) when nothing has gone wrong since the last
+    /// reset, else the next backoff delay, so a server that keeps ending connections
+    /// cannot drive a tight loop.
+    pub fn after_loss(&mut self, rng: &mut impl Rng) -> Duration {
+        if self.attempt == 0 && !self.immediate_spent {
+            self.immediate_spent = true;
+            return rng.random_range(Duration::ZERO..=IMMEDIATE_JITTER);
+        }
+        self.next_delay(rng)
+    }
+
     /// Applies new bounds (after a configuration reload); the attempt count is kept.
     pub fn set_bounds(&mut self, initial: Duration, max: Duration) {
         self.initial = initial;
@@ -51,9 +71,15 @@ impl Backoff {
         self.attempt
     }
 
+    /// Nothing has gone wrong since the last reset.
+    pub fn is_fresh(&self) -> bool {
+        self.attempt == 0 && !self.immediate_spent
+    }
+
     /// Called once a connection has proved stable.
     pub fn reset(&mut self) {
         self.attempt = 0;
+        self.immediate_spent = false;
     }
 }
 
@@ -107,6 +133,29 @@ mod tests {
         assert_eq!(backoff.attempts(), 5);
         backoff.reset();
         assert_eq!(backoff.ceiling(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn one_loss_after_a_reset_is_replaced_at_once_and_the_next_ones_back_off() {
+        let initial = Duration::from_millis(100);
+        let mut backoff = Backoff::new(initial, Duration::from_secs(10));
+        let mut rng = StdRng::seed_from_u64(3);
+        assert!(backoff.after_loss(&mut rng) <= IMMEDIATE_JITTER);
+        assert_eq!(backoff.attempts(), 0);
+        assert_eq!(backoff.after_loss(&mut rng), initial);
+        let third = backoff.after_loss(&mut rng);
+        assert!(third >= initial && third <= initial * 2, "{third:?}");
+        backoff.reset();
+        assert!(backoff.after_loss(&mut rng) <= IMMEDIATE_JITTER);
+    }
+
+    #[test]
+    fn a_loss_after_failed_attempts_backs_off() {
+        let initial = Duration::from_millis(100);
+        let mut backoff = Backoff::new(initial, Duration::from_secs(10));
+        let mut rng = StdRng::seed_from_u64(5);
+        backoff.next_delay(&mut rng);
+        assert!(backoff.after_loss(&mut rng) >= initial);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Keeps one Socket Mode connection alive: fresh URL per connect, backoff between
-//! failures, zero-gap rotation, and each disconnect reason handled on its own terms.
+//! Keeps `connection.sockets` Socket Mode connections alive: a fresh URL per connect,
+//! backoff between failures, zero-gap rotation, each disconnect reason handled on its own
+//! terms, and new connections paced whenever Slack keeps ending them before they stay up.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use tokio::sync::{mpsc, watch};
-use tokio::time::{Instant, sleep, sleep_until};
+use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
@@ -19,9 +20,15 @@ use crate::dispatch::Dispatcher;
 use crate::slack::api::{OpenError, SlackApi};
 use crate::slack::backoff::Backoff;
 use crate::slack::connection::{self, ConnEvent, ConnectError, ConnectionHandle, EndCause};
+use crate::slack::throttle::LogThrottle;
 use crate::state::{Counters, Phase, ServiceState};
 use crate::token::AppToken;
 use flowcoach_protocol::{DisconnectReason, Hello};
+
+/// Failed attempts logged at once before the throttle holds lines back; then one per
+/// [`LOG_EVERY`]: a long outage is a few lines a minute.
+const LOG_BURST: u32 = 3;
+const LOG_EVERY: Duration = Duration::from_secs(20);
 
 /// Errors that stop the service: retrying cannot fix them (exit 78).
 #[derive(Debug, thiserror::Error)]
@@ -53,14 +60,42 @@ impl FatalError {
     }
 }
 
+/// Why a connect attempt failed, when trying again may help.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error(transparent)]
+    Socket(#[from] ConnectError),
+}
+
 /// Why a connect attempt failed, and what to do about it.
 enum Failure {
     Fatal(FatalError),
     Retry {
         /// Wait at least this long (Retry-After, the too_many_websockets floor).
         at_least: Duration,
-        cause: String,
+        error: AttemptError,
     },
+}
+
+/// One of the sockets the supervisor keeps open. Each has its own history: a slot whose
+/// connections keep ending early backs off while the others serve on.
+struct Slot {
+    /// 1-based, for logs and diagnoses.
+    number: usize,
+    conn: Option<ConnectionHandle>,
+    /// The connection the slot opens next: a reconnect when `conn` is gone, a rotation
+    /// when `conn` still serves until its replacement has said hello.
+    next: Option<Planned>,
+    /// When the current connection counts as stable (and resets the backoff).
+    stable_at: Option<Instant>,
+    backoff: Backoff,
+}
+
+struct Planned {
+    at: Instant,
+    cause: String,
 }
 
 /// Owns the connection lifecycle for one app.
@@ -83,12 +118,15 @@ pub struct Supervisor {
     state: Arc<ServiceState>,
     events_tx: mpsc::UnboundedSender<ConnEvent>,
     events: mpsc::UnboundedReceiver<ConnEvent>,
-    backoff: Backoff,
     rng: SmallRng,
     next_conn_id: u64,
-    active: Option<ConnectionHandle>,
+    slots: Vec<Slot>,
     /// Replaced connections finishing their acks before they close.
     retiring: Vec<ConnectionHandle>,
+    /// Failed connect attempts: every one is worth a line, but not thousands of them.
+    failure_log: LogThrottle,
+    /// The pacing diagnosis, likewise.
+    pacing_log: LogThrottle,
 }
 
 impl Supervisor {
@@ -101,6 +139,19 @@ impl Supervisor {
         let settings = live.borrow().connection.clone();
         let api = SlackApi::new(&config.api_url, config.settings.slack.debug_reconnects)?;
         let (events_tx, events) = mpsc::unbounded_channel();
+        let now = Instant::now();
+        let slots = (1..=settings.sockets)
+            .map(|number| Slot {
+                number,
+                conn: None,
+                next: Some(Planned {
+                    at: now,
+                    cause: "start".to_owned(),
+                }),
+                stable_at: None,
+                backoff: Backoff::new(settings.backoff_initial, settings.backoff_max),
+            })
+            .collect();
         Ok(Supervisor {
             api,
             token: config.token.clone(),
@@ -110,7 +161,6 @@ impl Supervisor {
             environments: config.settings.environments.clone(),
             minimal_hello_said: false,
             recently_closed: VecDeque::new(),
-            backoff: Backoff::new(settings.backoff_initial, settings.backoff_max),
             live,
             dispatcher,
             state,
@@ -118,8 +168,10 @@ impl Supervisor {
             events,
             rng: SmallRng::from_os_rng(),
             next_conn_id: 1,
-            active: None,
+            slots,
             retiring: Vec::new(),
+            failure_log: LogThrottle::new(LOG_BURST, LOG_EVERY),
+            pacing_log: LogThrottle::new(LOG_BURST, LOG_EVERY),
         })
     }
 
@@ -138,112 +190,202 @@ impl Supervisor {
     }
 
     async fn serve(&mut self, shutdown: &CancellationToken) -> Result<(), FatalError> {
-        let mut wait_before_connect: Option<(Duration, String)> = None;
-        let mut stable_at: Option<Instant> = None;
         loop {
-            if self.active.is_none() {
-                if let Some((delay, cause)) = wait_before_connect.take() {
-                    self.state.set_phase(Phase::Reconnecting { delay, cause });
-                    tokio::select! {
-                        () = shutdown.cancelled() => return Ok(()),
-                        () = sleep(delay) => {}
-                    }
-                }
-                self.state.set_phase(Phase::Connecting);
-                let attempt = tokio::select! {
+            let now = Instant::now();
+            let due = self
+                .slots
+                .iter()
+                .position(|slot| slot.next.as_ref().is_some_and(|next| next.at <= now));
+            if let Some(index) = due {
+                tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),
-                    attempt = self.connect() => attempt,
-                };
-                match attempt {
-                    Ok((handle, hello)) => {
-                        self.active = Some(handle);
-                        self.on_hello(&hello)?;
-                        stable_at = Some(Instant::now() + self.settings().stable_after);
-                    }
-                    Err(Failure::Fatal(error)) => return Err(error),
-                    Err(Failure::Retry { at_least, cause }) => {
-                        wait_before_connect = Some((self.next_delay(at_least), cause));
-                    }
+                    opened = self.open(index) => opened?,
                 }
                 continue;
             }
-
-            let stable_deadline = stable_at.unwrap_or_else(far_future);
+            let next_due = self
+                .slots
+                .iter()
+                .filter_map(|s| s.next.as_ref())
+                .map(|n| n.at)
+                .min();
+            let next_stable = self.slots.iter().filter_map(|s| s.stable_at).min();
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                () = sleep_until(stable_deadline), if stable_at.is_some() => {
-                    // A connection that stayed up proves the path works: start over.
-                    self.backoff.reset();
-                    stable_at = None;
+                () = sleep_until(next_due.unwrap_or_else(far_future)), if next_due.is_some() => {}
+                () = sleep_until(next_stable.unwrap_or_else(far_future)), if next_stable.is_some() => {
+                    self.on_stable();
                 }
-                Some(event) = self.events.recv() => {
-                    if let Some(next) = self.on_event(event, shutdown).await? {
-                        stable_at = None;
-                        wait_before_connect = Some(next);
+                Some(event) = self.events.recv() => self.on_event(event).await?,
+                token = next_token(&mut self.tokens) => {
+                    tracing::info!(token = %token, "the app token changed; rotating to connections with the new one");
+                    self.token = token;
+                    for index in 0..self.slots.len() {
+                        if self.slots[index].next.is_none() {
+                            self.plan(index, Duration::ZERO, "the app token changed".to_owned());
+                        }
                     }
                 }
-                token = next_token(&mut self.tokens) => {
-                    tracing::info!(token = %token, "the app token changed; rotating to a connection with the new one");
-                    self.token = token;
-                    self.rotate(shutdown).await?;
-                }
             }
         }
     }
 
-    /// Reacts to one connection event; returns the wait before reconnecting when the
-    /// active connection is gone.
-    async fn on_event(
-        &mut self,
-        event: ConnEvent,
-        shutdown: &CancellationToken,
-    ) -> Result<Option<(Duration, String)>, FatalError> {
-        let active_id = self.active.as_ref().map(|c| c.id);
-        match event {
-            ConnEvent::Ended { conn, cause } if Some(conn) == active_id => {
-                self.recently_closed.push_back(Instant::now());
-                self.active = None;
-                self.sync_socket_count();
-                self.mark_down(&cause.to_string());
-                Counters::bump(&self.state.counters.reconnects);
-                tracing::warn!(conn, %cause, "connection ended; reconnecting");
-                let delay = self.next_delay(Duration::ZERO);
-                Ok(Some((delay, cause.to_string())))
+    /// Opens the slot's planned connection: the first, a reconnect, or the replacement of
+    /// a rotating one, which says hello before the old socket (once its pending acks are
+    /// written) is closed, so at every instant a socket can take envelopes.
+    async fn open(&mut self, index: usize) -> Result<(), FatalError> {
+        self.slots[index].next = None;
+        if !self.any_connected() {
+            self.state.set_phase(Phase::Connecting);
+        }
+        match self.connect().await {
+            Ok((handle, hello)) => {
+                let stable_after = self.settings().stable_after;
+                let budget = self.retire_budget();
+                let slot = &mut self.slots[index];
+                slot.stable_at = Some(Instant::now() + stable_after);
+                let new = handle.id;
+                if let Some(old) = slot.conn.replace(handle) {
+                    Counters::bump(&self.state.counters.rotations);
+                    tracing::info!(
+                        socket = slot.number,
+                        old = old.id,
+                        new,
+                        "rotated to a new connection"
+                    );
+                    old.retire(budget);
+                    self.retiring.push(old);
+                }
+                self.on_hello(&hello)
             }
+            Err(Failure::Fatal(error)) => Err(error),
+            Err(Failure::Retry { at_least, error }) => {
+                self.set_backoff_bounds(index);
+                let delay = self.slots[index]
+                    .backoff
+                    .next_delay(&mut self.rng)
+                    .max(at_least);
+                self.log_failure(index, &error, delay);
+                self.plan(index, delay, error.to_string());
+                Ok(())
+            }
+        }
+    }
+
+    /// Every failed attempt, with its cause and the wait before the next one; throttled.
+    fn log_failure(&mut self, index: usize, error: &AttemptError, delay: Duration) {
+        // Diagnosed on its own, at error level (see `diagnose_too_many_websockets`).
+        if matches!(
+            error,
+            AttemptError::Socket(ConnectError::Disconnected(
+                DisconnectReason::TooManyWebsockets
+            ))
+        ) {
+            return;
+        }
+        let Some(suppressed) = self.failure_log.admit(Instant::now()) else {
+            return;
+        };
+        let slot = &self.slots[index];
+        let held_back = if suppressed > 0 {
+            format!(" ({suppressed} more failed attempts not logged since the last line)")
+        } else {
+            String::new()
+        };
+        let serving = if slot.conn.is_some() {
+            "; the current connection serves meanwhile"
+        } else {
+            ""
+        };
+        tracing::warn!(
+            socket = slot.number,
+            cause = %error,
+            delay_ms = delay.as_millis() as u64,
+            attempt = slot.backoff.attempts(),
+            suppressed,
+            "could not connect to Slack: {error}; next attempt in {:.1}s{serving}{held_back}",
+            delay.as_secs_f64()
+        );
+    }
+
+    /// Reacts to one connection event.
+    async fn on_event(&mut self, event: ConnEvent) -> Result<(), FatalError> {
+        match event {
             ConnEvent::Ended { conn, cause } => {
                 self.recently_closed.push_back(Instant::now());
-                self.retired(conn, &cause).await;
-                Ok(None)
+                match self.slot_of(conn) {
+                    Some(index) => self.on_lost(index, conn, &cause),
+                    None => self.retired(conn, &cause).await,
+                }
+                Ok(())
             }
-            ConnEvent::Disconnect { conn, reason } if Some(conn) == active_id => {
+            ConnEvent::Disconnect { conn, reason } => {
+                // A retiring socket's disconnect needs nothing: it is closing anyway.
+                let Some(index) = self.slot_of(conn) else {
+                    return Ok(());
+                };
                 self.state
                     .update(|s| s.last_disconnect = Some(reason.as_str().to_owned()));
-                self.on_disconnect(reason, shutdown).await
+                self.on_disconnect(index, reason)
             }
-            // A retiring socket's disconnect needs nothing: it is closing anyway.
-            ConnEvent::Disconnect { .. } => Ok(None),
         }
     }
 
-    async fn on_disconnect(
-        &mut self,
-        reason: DisconnectReason,
-        shutdown: &CancellationToken,
-    ) -> Result<Option<(Duration, String)>, FatalError> {
+    /// A slot's connection ended without being replaced first.
+    fn on_lost(&mut self, index: usize, conn: u64, cause: &EndCause) {
+        let slot = &mut self.slots[index];
+        slot.conn = None;
+        slot.stable_at = None;
+        self.sync_socket_count();
+        Counters::bump(&self.state.counters.reconnects);
+        if !self.any_connected() {
+            self.mark_down(&cause.to_string());
+        }
+        let delay = match &self.slots[index].next {
+            // A paced rotation was waiting: its replacement keeps its time.
+            Some(next) => next.at.saturating_duration_since(Instant::now()),
+            None => {
+                let delay = self.pace(index, &cause.to_string());
+                self.plan(index, delay, cause.to_string());
+                delay
+            }
+        };
+        tracing::warn!(
+            socket = self.slots[index].number,
+            conn,
+            %cause,
+            delay_ms = delay.as_millis() as u64,
+            "connection ended; reconnecting"
+        );
+        self.show_waiting();
+    }
+
+    fn on_disconnect(&mut self, index: usize, reason: DisconnectReason) -> Result<(), FatalError> {
         match reason {
             DisconnectReason::LinkDisabled => Err(FatalError::LinkDisabled),
             DisconnectReason::TooManyWebsockets => {
-                if let Some(active) = self.active.take() {
-                    active.close();
-                    self.retiring.push(active);
+                let slot = &mut self.slots[index];
+                slot.stable_at = None;
+                if let Some(conn) = slot.conn.take() {
+                    conn.close();
+                    self.retiring.push(conn);
                 }
                 self.sync_socket_count();
-                self.mark_down("too_many_websockets");
+                if !self.any_connected() {
+                    self.mark_down("too_many_websockets");
+                }
                 Counters::bump(&self.state.counters.reconnects);
-                let delay = self.next_delay(self.settings().too_many_websockets_backoff);
+                self.set_backoff_bounds(index);
+                let floor = self.settings().too_many_websockets_backoff;
+                let delay = self.slots[index]
+                    .backoff
+                    .next_delay(&mut self.rng)
+                    .max(floor);
                 self.diagnose_too_many_websockets(delay);
                 self.count_too_many_websockets();
-                Ok(Some((delay, "too_many_websockets".to_owned())))
+                self.plan(index, delay, "too_many_websockets".to_owned());
+                self.show_waiting();
+                Ok(())
             }
             DisconnectReason::Warning
             | DisconnectReason::RefreshRequested
@@ -251,44 +393,116 @@ impl Supervisor {
                 if let DisconnectReason::Other(reason) = &reason {
                     tracing::warn!(reason, "unknown disconnect reason; rotating the connection");
                 }
-                self.rotate(shutdown).await
+                // `refresh_requested` after `warning`: the replacement is planned already.
+                if self.slots[index].next.is_none() {
+                    self.slots[index].stable_at = None;
+                    let cause = format!("disconnect {}", reason.as_str());
+                    let delay = self.pace(index, &cause);
+                    self.plan(index, delay, cause);
+                }
+                Ok(())
             }
         }
     }
 
-    /// Zero-gap rotation: the replacement says hello before the old socket closes, so
-    /// at every instant one socket can take envelopes.
-    async fn rotate(
-        &mut self,
-        shutdown: &CancellationToken,
-    ) -> Result<Option<(Duration, String)>, FatalError> {
-        let attempt = tokio::select! {
-            () = shutdown.cancelled() => return Ok(None),
-            attempt = self.connect() => attempt,
+    /// The wait before a slot replaces a connection that ended or must rotate: at once
+    /// after stable ones, growing while Slack keeps ending them early. Paced waits are
+    /// diagnosed in the log (throttled) and in the status.
+    fn pace(&mut self, index: usize, cause: &str) -> Duration {
+        self.set_backoff_bounds(index);
+        let stable_after = self.settings().stable_after;
+        let slot = &mut self.slots[index];
+        let delay = slot.backoff.after_loss(&mut self.rng);
+        let in_a_row = slot.backoff.attempts();
+        if in_a_row == 0 {
+            return delay;
+        }
+        let serving = if slot.conn.is_some() {
+            ", while the current one serves until Slack closes it"
+        } else {
+            ""
         };
-        match attempt {
-            Ok((replacement, hello)) => {
-                Counters::bump(&self.state.counters.rotations);
-                if let Some(old) = self.active.replace(replacement) {
+        let text = format!(
+            "Slack ended {} connections of socket {} in a row before they stayed up {} (last: {cause}): \
+             new connections are paced to keep from a reconnect loop; the next one opens in {:.1}s{serving}",
+            in_a_row + 1,
+            slot.number,
+            humantime::format_duration(stable_after),
+            delay.as_secs_f64(),
+        );
+        if let Some(suppressed) = self.pacing_log.admit(Instant::now()) {
+            tracing::warn!(
+                socket = slot.number,
+                cause,
+                delay_ms = delay.as_millis() as u64,
+                in_a_row = in_a_row + 1,
+                suppressed,
+                "reconnects paced: {text}"
+            );
+        }
+        self.state.update(|s| s.pacing = Some(text));
+        delay
+    }
+
+    /// Connections that stayed up `stable_after` prove the path works: their slots start
+    /// over.
+    fn on_stable(&mut self) {
+        let now = Instant::now();
+        for slot in &mut self.slots {
+            if slot.stable_at.is_some_and(|at| at <= now) {
+                slot.stable_at = None;
+                if !slot.backoff.is_fresh() {
                     tracing::info!(
-                        old = old.id,
-                        new = self.active.as_ref().map(|c| c.id),
-                        "rotated to a new connection"
+                        socket = slot.number,
+                        "connection stable; the next loss reconnects at once"
                     );
-                    old.retire(self.retire_budget());
-                    self.retiring.push(old);
                 }
-                self.on_hello(&hello)?;
-                Ok(None)
-            }
-            Err(Failure::Fatal(error)) => Err(error),
-            // The old socket still serves until Slack closes it; its end then goes
-            // through the normal reconnect path.
-            Err(Failure::Retry { cause, .. }) => {
-                tracing::warn!(%cause, "could not open a replacement connection; keeping the current one while it lasts");
-                Ok(None)
+                slot.backoff.reset();
             }
         }
+        if self.slots.iter().all(|s| s.backoff.attempts() == 0) {
+            self.failure_log.reset();
+            self.pacing_log.reset();
+            self.state.update(|s| s.pacing = None);
+        }
+    }
+
+    /// Plans the slot's next connection `delay` from now.
+    fn plan(&mut self, index: usize, delay: Duration, cause: String) {
+        self.slots[index].next = Some(Planned {
+            at: Instant::now() + delay,
+            cause,
+        });
+        self.show_waiting();
+    }
+
+    /// With no connection left, the phase shows the soonest planned one.
+    fn show_waiting(&self) {
+        if self.any_connected() {
+            return;
+        }
+        let now = Instant::now();
+        if let Some(next) = self
+            .slots
+            .iter()
+            .filter_map(|s| s.next.as_ref())
+            .min_by_key(|n| n.at)
+        {
+            self.state.set_phase(Phase::Reconnecting {
+                delay: next.at.saturating_duration_since(now),
+                cause: next.cause.clone(),
+            });
+        }
+    }
+
+    fn any_connected(&self) -> bool {
+        self.slots.iter().any(|s| s.conn.is_some())
+    }
+
+    fn slot_of(&self, conn: u64) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|s| s.conn.as_ref().is_some_and(|c| c.id == conn))
     }
 
     async fn retired(&mut self, conn: u64, cause: &EndCause) {
@@ -311,14 +525,11 @@ impl Supervisor {
                 OpenError::Permanent { .. } => Failure::Fatal(FatalError::Auth(error)),
                 OpenError::RateLimited { retry_after } => Failure::Retry {
                     at_least: retry_after,
-                    cause: format!(
-                        "rate limited by apps.connections.open (Retry-After {}s)",
-                        retry_after.as_secs()
-                    ),
+                    error: error.into(),
                 },
-                OpenError::Transient(why) => Failure::Retry {
+                OpenError::Transient(_) => Failure::Retry {
                     at_least: Duration::ZERO,
-                    cause: why,
+                    error: error.into(),
                 },
             })?;
         let settings = self.settings();
@@ -342,18 +553,18 @@ impl Supervisor {
             ConnectError::Disconnected(DisconnectReason::LinkDisabled) => {
                 Failure::Fatal(FatalError::LinkDisabled)
             }
-            ConnectError::Disconnected(DisconnectReason::TooManyWebsockets) => {
+            error @ ConnectError::Disconnected(DisconnectReason::TooManyWebsockets) => {
                 let floor = self.settings().too_many_websockets_backoff;
                 self.diagnose_too_many_websockets(floor);
                 self.count_too_many_websockets();
                 Failure::Retry {
                     at_least: floor,
-                    cause: "too_many_websockets".to_owned(),
+                    error: error.into(),
                 }
             }
             other => Failure::Retry {
                 at_least: Duration::ZERO,
-                cause: other.to_string(),
+                error: other.into(),
             },
         }
     }
@@ -397,11 +608,12 @@ impl Supervisor {
         });
     }
 
-    fn next_delay(&mut self, at_least: Duration) -> Duration {
+    /// Reloaded bounds apply from the next delay on.
+    fn set_backoff_bounds(&mut self, index: usize) {
         let settings = self.settings();
-        self.backoff
+        self.slots[index]
+            .backoff
             .set_bounds(settings.backoff_initial, settings.backoff_max);
-        self.backoff.next_delay(&mut self.rng).max(at_least)
     }
 
     fn settings(&self) -> ConnectionSettings {
@@ -533,9 +745,11 @@ impl Supervisor {
                 "drain budget spent with handlers still running"
             );
         }
-        if let Some(active) = self.active.take() {
-            active.retire(Duration::from_secs(1));
-            self.retiring.push(active);
+        for slot in &mut self.slots {
+            if let Some(conn) = slot.conn.take() {
+                conn.retire(Duration::from_secs(1));
+                self.retiring.push(conn);
+            }
         }
         for connection in self.retiring.drain(..) {
             connection.finished().await;
@@ -557,7 +771,8 @@ impl Supervisor {
     }
 
     fn sync_socket_count(&self) {
-        let open = u32::from(self.active.is_some()) + self.retiring.len() as u32;
+        let open = self.slots.iter().filter(|s| s.conn.is_some()).count() + self.retiring.len();
+        let open = u32::try_from(open).unwrap_or(u32::MAX);
         self.state.update(|s| s.sockets_open = open);
     }
 }

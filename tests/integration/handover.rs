@@ -848,3 +848,40 @@ async fn the_token_from_the_environment_is_in_neither_process_environment_after_
     strays.gone(successor, WAIT).await.unwrap();
     incumbent.assert_token_never_printed();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_sockets_a_takeover_counts_all_of_the_incumbents_sockets_and_leaves_no_gap() {
+    let config = flowcoach_harness::fast_config_with(&[("sockets", "2")]);
+    let sim = simulator(|_| {}).await;
+    let host = Host::new();
+    let mut incumbent = host.start(&sim, &config);
+    sim.wait_until(WAIT, |r| r.open_sockets(APP) == 2)
+        .await
+        .expect("the incumbent opens two sockets");
+    let load = stream(&sim, 50.0, 60);
+    acks_beyond(&sim, 0, 10).await;
+    let mut successor = host.takeover(&sim, &config);
+    successor.wait_log("took the app over", |_| true).await;
+    assert_eq!(exited(&mut incumbent).await, 0, "{}", incumbent.stderr());
+    let record = sim
+        .wait_until(WAIT, |r| r.hellos() >= 4 && r.open_sockets(APP) == 2)
+        .await
+        .expect("the successor holds two sockets");
+    acks_beyond(&sim, acked_count(&record), 20).await;
+    load.abort();
+    let record = all_acked(&sim).await;
+    assert_eq!(record.zero_open_stretches(APP), 0, "{record}");
+    // Slack counted the incumbent's two sockets in the successor's hellos: not another
+    // client's.
+    let first_hello = successor.wait_log("connected to Slack", |_| true).await;
+    assert_eq!(first_hello["num_connections"], 3, "{first_hello}");
+    assert!(
+        !successor.stderr().contains("belong to another client"),
+        "{}",
+        successor.stderr()
+    );
+    let status = successor.status_json().await;
+    assert_eq!(status["sockets_open"], 2, "{status}");
+    successor.stop().await;
+    handled_exactly_once(&record, &[&incumbent, &successor]).await;
+}

@@ -7,7 +7,7 @@ use flowcoach_harness::{
     APP, Daemon, WAIT, acked, connected, event, fast_config_with, first_socket_closed_cleanly,
     simulator, slash, wait_hellos,
 };
-use flowcoach_sim::{CloseKind, HelloStyle, OpenResponse, Record};
+use flowcoach_sim::{CloseKind, HelloStyle, LoadMix, LoadSpec, OpenResponse, Record};
 
 #[tokio::test]
 async fn connects_acks_events_and_stops_cleanly() {
@@ -341,13 +341,210 @@ async fn unannounced_drops_reconnect_through_the_backoff() {
     );
     assert_eq!(record.open_calls.len(), record.sockets.len());
     let opens: Vec<_> = record.sockets.iter().map(|s| s.opened_at).collect();
-    for (pair, dropped) in opens.windows(2).zip(&record.sockets) {
+    // The first drop is replaced at once; the next ones, with no stable connection in
+    // between (stable_after is 30s), back off from backoff_initial (200ms in FAST_CONFIG).
+    for (pair, dropped) in opens.windows(2).zip(&record.sockets).skip(1) {
         let gap = pair[1] - dropped.closed_at.unwrap_or(pair[0]);
-        // backoff_initial is 200ms in FAST_CONFIG: the floor of every delay.
         assert!(
             gap >= Duration::from_millis(200),
             "reconnected after {gap:?}"
         );
     }
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_drop_after_a_stable_connection_reconnects_at_once() {
+    let sim = simulator(|_| {}).await;
+    let config = fast_config_with(&[
+        ("backoff_initial", "\"10s\""),
+        ("backoff_max", "\"20s\""),
+        ("stable_after", "\"300ms\""),
+    ]);
+    let mut daemon = Daemon::start_with(&sim, &config, &[]);
+    connected(&sim).await;
+    // Well below backoff_initial: a reconnect within it did not wait for the backoff.
+    let bound = Duration::from_secs(5);
+    sim.drop_socket(sim.open_sockets(APP)[0]);
+    sim.wait_until(bound, |r| r.hellos() >= 2 && r.open_sockets(APP) == 1)
+        .await
+        .expect("the first drop is replaced at once");
+    // Once the replacement has proved stable, the next drop is replaced at once too.
+    daemon
+        .wait_log(
+            "connection stable; the next loss reconnects at once",
+            |_| true,
+        )
+        .await;
+    sim.drop_socket(sim.open_sockets(APP)[0]);
+    sim.wait_until(bound, |r| r.hellos() >= 3 && r.open_sockets(APP) == 1)
+        .await
+        .expect("a drop after a stable connection is replaced at once");
+    daemon.stop().await;
+}
+
+/// Slack answers every hello with a disconnect of `reason`: flowcoach paces its rotations
+/// instead of calling `apps.connections.open` in a tight loop, and says so.
+async fn a_disconnect_after_every_hello_is_paced(reason: &str) {
+    let sim = simulator(|c| {
+        c.disconnect_after_hello = Some(reason.to_owned());
+        c.warning_grace = Duration::from_secs(1);
+    })
+    .await;
+    let config = fast_config_with(&[("backoff_initial", "\"500ms\""), ("backoff_max", "\"5s\"")]);
+    let mut daemon = Daemon::start_with(&sim, &config, &[]);
+    let paced = daemon.wait_log("reconnects paced", |_| true).await;
+    let text = paced["message"].as_str().unwrap();
+    assert!(
+        text.contains(reason) && text.contains("in a row"),
+        "{paced}"
+    );
+    // At most one replacement per 500ms (backoff_initial) after the first, immediate one:
+    // about 10 calls in these 4 seconds, where an unpaced client makes thousands.
+    let window = Duration::from_secs(4);
+    if let Ok(record) = sim.wait_until(window, |r| r.open_calls.len() > 12).await {
+        panic!("apps.connections.open called more than 12 times within 4s:\n{record}");
+    }
+    let status = daemon.status_json().await;
+    let pacing = status["pacing"].as_str().unwrap_or_default();
+    assert!(pacing.contains("in a row"), "{status}");
+    assert!(
+        daemon
+            .count_by("reconnects paced", "socket")
+            .values()
+            .sum::<usize>()
+            <= 4,
+        "the diagnosis is rate-limited"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_refresh_requested_after_every_hello_is_paced() {
+    a_disconnect_after_every_hello_is_paced("refresh_requested").await;
+}
+
+#[tokio::test]
+async fn a_warning_after_every_hello_is_paced() {
+    a_disconnect_after_every_hello_is_paced("warning").await;
+}
+
+#[tokio::test]
+async fn an_unknown_disconnect_after_every_hello_is_paced() {
+    a_disconnect_after_every_hello_is_paced("something_new").await;
+}
+
+#[tokio::test]
+async fn with_two_sockets_losing_one_leaves_no_gap() {
+    let sim = simulator(|c| c.refresh_grace = Duration::from_millis(500)).await;
+    let config = fast_config_with(&[("sockets", "2")]);
+    let mut daemon = Daemon::start_with(&sim, &config, &[]);
+    sim.wait_until(WAIT, |r| r.open_sockets(APP) == 2)
+        .await
+        .expect("two sockets");
+    let load = sim.start_load(
+        APP,
+        LoadSpec {
+            count: 200,
+            rate_per_sec: Some(50.0),
+            max_outstanding: None,
+            mix: LoadMix::EventsOnly,
+        },
+    );
+    sim.wait_until(WAIT, |r| {
+        r.envelopes.iter().filter(|e| e.acked_at.is_some()).count() >= 20
+    })
+    .await
+    .expect("envelopes acked");
+    // One socket lost, then the other asked to rotate: each is replaced on its own.
+    sim.drop_socket(sim.open_sockets(APP)[0]);
+    sim.wait_until(WAIT, |r| r.hellos() >= 3 && r.open_sockets(APP) == 2)
+        .await
+        .expect("the lost socket is replaced");
+    sim.disconnect(sim.open_sockets(APP)[0], "refresh_requested");
+    sim.wait_until(WAIT, |r| r.hellos() >= 4 && r.open_sockets(APP) == 2)
+        .await
+        .expect("the rotated socket is replaced");
+    tokio::time::timeout(WAIT, load).await.unwrap().unwrap();
+    let record = sim
+        .wait_until(WAIT, |r| r.envelopes.len() == 200 && r.all_acked())
+        .await
+        .expect("every envelope acked");
+    assert_eq!(
+        record.zero_open_stretches(APP),
+        0,
+        "no instant without an open socket:\n{record}"
+    );
+    // Slack's count is all ours: no other client is diagnosed.
+    daemon
+        .wait_log("connected to Slack", |l| {
+            l["ours"] == 2 && l["num_connections"] == 2
+        })
+        .await;
+    assert!(
+        !daemon.stderr().contains("belong to another client"),
+        "{}",
+        daemon.stderr()
+    );
+    let status = daemon.status_json().await;
+    assert_eq!(status["sockets_open"], 2, "{status}");
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn failed_attempts_are_logged_with_their_cause_and_delay_and_rate_limited() {
+    let sim = simulator(|_| {}).await;
+    sim.push_open_response(OpenResponse::Error("fatal_error".into()));
+    sim.push_open_response(OpenResponse::HttpStatus(500));
+    sim.push_open_response(OpenResponse::RateLimited {
+        retry_after_secs: 1,
+    });
+    sim.set_open_response(Some(OpenResponse::HttpStatus(503)));
+    let config = fast_config_with(&[("backoff_max", "\"1s\""), ("stable_after", "\"1s\"")]);
+    let mut daemon = Daemon::start_with(&sim, &config, &[]);
+    let failure = "could not connect to Slack";
+    for (cause, at_least_ms) in [
+        ("fatal_error", 200),
+        ("HTTP 500", 200),
+        ("rate limited", 1000),
+    ] {
+        daemon
+            .wait_log(failure, |l| {
+                l["cause"].as_str().is_some_and(|c| c.contains(cause))
+                    && l["delay_ms"].as_u64().is_some_and(|d| d >= at_least_ms)
+            })
+            .await;
+    }
+    // An outage goes on: the first lines came at once, the next ones are held back.
+    sim.wait_until(WAIT, |r| r.open_calls.len() >= 8)
+        .await
+        .expect("attempts go on");
+    assert_eq!(
+        daemon.count_by(failure, "cause").values().sum::<usize>(),
+        3,
+        "{}",
+        daemon.stderr()
+    );
+    sim.set_open_response(None);
+    connected(&sim).await;
+    daemon
+        .wait_log(
+            "connection stable; the next loss reconnects at once",
+            |_| true,
+        )
+        .await;
+    // A refused websocket URL, logged at once after the outage was over, with the count of
+    // the lines held back.
+    sim.set_handshake_status(Some(409));
+    sim.drop_socket(sim.open_sockets(APP)[0]);
+    daemon
+        .wait_log(failure, |l| {
+            l["cause"].as_str().is_some_and(|c| c.contains("409"))
+                && l["delay_ms"].is_u64()
+                && l["suppressed"].as_u64().is_some_and(|n| n >= 4)
+        })
+        .await;
+    sim.set_handshake_status(None);
+    wait_hellos(&sim, 2).await;
     daemon.stop().await;
 }

@@ -76,9 +76,10 @@ fn report<R: Serialize>(
 }
 
 fn print_table(r: &BenchReport) {
-    let rate = r
-        .rate
-        .map_or_else(|| "as fast as acked".to_owned(), |rate| format!("{rate} per second"));
+    let rate = r.rate.map_or_else(
+        || "as fast as acked".to_owned(),
+        |rate| format!("{rate} per second"),
+    );
     println!(
         "flowcoach-dev bench: {} envelopes, window {}, {rate}{}",
         r.envelopes,

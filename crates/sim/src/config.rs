@@ -33,6 +33,9 @@ pub struct SimConfig {
     pub rotate_after: Option<Duration>,
     /// What an admitted socket is told first.
     pub hello: HelloStyle,
+    /// Answers every `hello` at once with a disconnect of this reason (`warning`,
+    /// `refresh_requested`, anything): a server that never lets a connection settle.
+    pub disconnect_after_hello: Option<String>,
 }
 
 /// The first frame on an admitted socket.
@@ -84,6 +87,7 @@ impl Default for SimConfig {
             approximate_connection_time: 18060,
             rotate_after: None,
             hello: HelloStyle::Full,
+            disconnect_after_hello: None,
         }
     }
 }

@@ -142,6 +142,18 @@ impl Session {
         });
         let mut rotate_at = config.rotate_after.map(|age| opened + age);
         let mut planned_close: Option<PlannedClose> = None;
+        if let Some(reason) = config.disconnect_after_hello.clone() {
+            let accepted = self
+                .shared
+                .update(|inner| inner.note_disconnect(self.id, &reason));
+            if accepted
+                && !self
+                    .send_disconnect(&reason, &mut planned_close, false)
+                    .await
+            {
+                return self.lost();
+            }
+        }
         let shutdown = self.shared.shutdown.clone();
         loop {
             tokio::select! {

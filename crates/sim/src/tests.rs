@@ -454,3 +454,30 @@ async fn pings_both_ways_and_abrupt_drops() {
     assert_eq!(record.sockets[1].close, Some(CloseKind::ServerDropped));
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn every_hello_can_be_answered_with_a_disconnect() {
+    let sim = Simulator::start(SimConfig {
+        disconnect_after_hello: Some("something_new".to_owned()),
+        ..quick_config()
+    })
+    .await
+    .unwrap();
+    for socket in 0..2 {
+        let (mut ws, _) = connect(&sim).await;
+        let frame: Value = serde_json::from_str(&next_text(&mut ws).await).unwrap();
+        assert_eq!(
+            (frame["type"].as_str(), frame["reason"].as_str()),
+            (Some("disconnect"), Some("something_new"))
+        );
+        let record = sim
+            .wait_until(STEP, |r| r.sockets[socket].close.is_some())
+            .await
+            .unwrap();
+        assert_eq!(
+            record.sockets[socket].close,
+            Some(CloseKind::ServerClosed("something_new".into()))
+        );
+    }
+    sim.shutdown().await;
+}
