@@ -359,7 +359,7 @@ async fn a_drop_after_a_stable_connection_reconnects_at_once() {
     let config = fast_config_with(&[
         ("backoff_initial", "\"10s\""),
         ("backoff_max", "\"20s\""),
-        ("stable_after", "\"300ms\""),
+        ("stable_after", "\"1s\""),
     ]);
     let mut daemon = Daemon::start_with(&sim, &config, &[]);
     connected(&sim).await;
