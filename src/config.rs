@@ -48,7 +48,7 @@ mod ranges;
 mod token_source;
 pub mod token_variable;
 
-pub use environments::{EnvironmentSettings, mismatch_message, owner_of};
+pub use environments::{AppMismatch, AppPin, EnvironmentSettings, Whose};
 pub use token_source::{CREDENTIAL_NAME, TokenSource};
 
 pub const DEFAULT_API_URL: &str = "https://slack.com/api";
@@ -348,8 +348,8 @@ pub enum ConfigError {
     #[error("token file {path}: {reason}")]
     TokenFile { path: PathBuf, reason: String },
     /// The token belongs to another app than the environment is pinned to.
-    #[error("{0}")]
-    AppMismatch(String),
+    #[error(transparent)]
+    AppMismatch(#[from] AppMismatch),
     #[error("control.group: {0}")]
     ControlGroup(#[source] AccessError),
 }
@@ -686,16 +686,13 @@ impl Config {
             .cloned()
             .unwrap_or_default();
         let (token, token_source) = token_source::read_token(env, chosen.token_file.as_deref())?;
-        if let (Some(pinned), Some(hint)) = (&chosen.app_id, token.app_id_hint()) {
-            if pinned != hint {
-                return Err(ConfigError::AppMismatch(mismatch_message(
-                    &settings.environment,
-                    pinned,
-                    hint,
-                    "this token belongs to",
-                    &settings.environments,
-                )));
-            }
+        if let Some(hint) = token.app_id_hint() {
+            AppPin::new(
+                &settings.environment,
+                chosen.app_id.as_deref(),
+                &settings.environments,
+            )
+            .check(hint, Whose::Token)?;
         }
         Ok(Config {
             settings,
@@ -709,10 +706,16 @@ impl Config {
     }
 
     /// The app this instance must talk to: the pinned one, else the token's hint.
-    pub fn expected_app(&self) -> Option<&str> {
-        self.pinned_app
+    pub fn app_pin(&self) -> AppPin {
+        let expected = self
+            .pinned_app
             .as_deref()
-            .or_else(|| self.token.app_id_hint())
+            .or_else(|| self.token.app_id_hint());
+        AppPin::new(
+            &self.settings.environment,
+            expected,
+            &self.settings.environments,
+        )
     }
 }
 

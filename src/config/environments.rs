@@ -66,30 +66,85 @@ pub fn validate(defined: &BTreeMap<String, EnvironmentSettings>) -> Result<(), C
     Ok(())
 }
 
-/// The environment that pins `app`, if any.
-pub fn owner_of<'a>(
-    defined: &'a BTreeMap<String, EnvironmentSettings>,
-    app: &str,
-) -> Option<&'a str> {
-    defined
-        .iter()
-        .find(|(_, environment)| environment.app_id.as_deref() == Some(app))
-        .map(|(name, _)| name.as_str())
+/// Who names the app an instance turned out to talk to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whose {
+    /// The app-level token's app ID hint, before connecting.
+    Token,
+    /// Slack's `hello`, after connecting.
+    Hello,
 }
 
-/// The sentence for an app that is not the one `environment` is pinned to, e.g. "env dev
-/// is pinned to A0DEV…, but this token belongs to A08FU15EA2Y, the app of env prod".
-pub fn mismatch_message(
-    environment: &str,
-    pinned: &str,
-    actual: &str,
-    whose: &str,
-    defined: &BTreeMap<String, EnvironmentSettings>,
-) -> String {
-    let owner = owner_of(defined, actual)
-        .map(|other| format!(", the app of env {other}"))
-        .unwrap_or_default();
-    format!("env {environment} is pinned to {pinned}, but {whose} {actual}{owner}")
+impl std::fmt::Display for Whose {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Whose::Token => "this token belongs to",
+            Whose::Hello => "Slack's hello says this token belongs to",
+        })
+    }
+}
+
+/// The app is not the one the environment must talk to, e.g. "env dev is pinned to
+/// A0DEV…, but this token belongs to A08FU15EA2Y, the app of env prod".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "env {environment} is pinned to {pinned}, but {whose} {actual}{}",
+    owner.as_ref().map(|other| format!(", the app of env {other}")).unwrap_or_default()
+)]
+pub struct AppMismatch {
+    pub environment: String,
+    pub pinned: String,
+    pub actual: String,
+    pub whose: Whose,
+    /// The environment that pins `actual`, if any.
+    pub owner: Option<String>,
+}
+
+/// The app an instance must talk to, with what a refusal needs to name the environments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppPin {
+    environment: String,
+    expected: Option<String>,
+    /// Each pinned app and the environment pinning it.
+    owners: BTreeMap<String, String>,
+}
+
+impl AppPin {
+    /// `expected`: the app `environment` must talk to; `None` accepts any.
+    pub fn new(
+        environment: &str,
+        expected: Option<&str>,
+        defined: &BTreeMap<String, EnvironmentSettings>,
+    ) -> Self {
+        let owners = defined
+            .iter()
+            .filter_map(|(name, settings)| Some((settings.app_id.clone()?, name.clone())))
+            .collect();
+        AppPin {
+            environment: environment.to_owned(),
+            expected: expected.map(str::to_owned),
+            owners,
+        }
+    }
+
+    /// The app this instance must talk to, if it is known.
+    pub fn expected(&self) -> Option<&str> {
+        self.expected.as_deref()
+    }
+
+    /// Refuses `actual` when it is not the expected app; `whose` says who named it.
+    pub fn check(&self, actual: &str, whose: Whose) -> Result<(), AppMismatch> {
+        match &self.expected {
+            Some(pinned) if pinned != actual => Err(AppMismatch {
+                environment: self.environment.clone(),
+                pinned: pinned.clone(),
+                actual: actual.to_owned(),
+                whose,
+                owner: self.owners.get(actual).cloned(),
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -142,25 +197,22 @@ mod tests {
 
     #[test]
     fn the_mismatch_names_both_apps_and_the_other_environment() {
-        let message = mismatch_message(
-            "dev",
-            "A0DEV00001",
-            "A08FU15EA2Y",
-            "this token belongs to",
-            &two(),
-        );
+        let pin = AppPin::new("dev", Some("A0DEV00001"), &two());
+        assert_eq!(pin.check("A0DEV00001", Whose::Token), Ok(()));
+        let message = pin.check("A08FU15EA2Y", Whose::Token).unwrap_err();
         assert_eq!(
-            message,
+            message.to_string(),
             "env dev is pinned to A0DEV00001, but this token belongs to A08FU15EA2Y, the app of env prod"
         );
-        let stranger = mismatch_message(
-            "dev",
-            "A0DEV00001",
-            "A0ELSE",
-            "this token belongs to",
-            &two(),
+        let stranger = pin.check("A0ELSE", Whose::Hello).unwrap_err().to_string();
+        assert!(
+            stranger.ends_with("Slack's hello says this token belongs to A0ELSE"),
+            "{stranger}"
         );
-        assert!(stranger.ends_with("belongs to A0ELSE"));
+        assert_eq!(
+            AppPin::new("dev", None, &two()).check("A0ELSE", Whose::Hello),
+            Ok(())
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::logging::LogHandle;
 use crate::service::lock::{HolderInfo, InstanceLock, LockError};
 use crate::service::paths::{InstancePaths, UNKNOWN_APP, ensure_dir, runtime_dir};
 use crate::service::systemd::{self, Systemd};
-use crate::slack::api::OpenError;
+use crate::slack::api::{OpenError, SlackApi};
 use crate::slack::supervisor::{FatalError, Supervisor};
 use crate::state::{InstanceInfo, ServiceState};
 use crate::token::AppToken;
@@ -96,12 +96,18 @@ struct Service {
 
 impl Service {
     fn start_serving(&self) -> Result<Serving, DaemonError> {
+        let api = SlackApi::new(
+            &self.config.api_url,
+            self.config.settings.slack.debug_reconnects,
+        )?;
         let supervisor = Supervisor::new(
-            &self.config,
+            api,
+            self.tokens.borrow().clone(),
+            self.config.app_pin(),
             self.live.clone(),
             self.dispatcher.clone(),
             self.state.clone(),
-        )?
+        )
         .follow_tokens(self.tokens.subscribe());
         let stop = CancellationToken::new();
         Ok(Serving {

@@ -2,7 +2,7 @@
 //! backoff between failures, zero-gap rotation, each disconnect reason handled on its own
 //! terms, and new connections paced whenever Slack keeps ending them before they stay up.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -12,9 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{
-    Config, ConnectionSettings, EnvironmentSettings, OtherClientsPolicy, Settings, mismatch_message,
-};
+use crate::config::{AppMismatch, AppPin, ConnectionSettings, OtherClientsPolicy, Settings, Whose};
 use crate::deadline::far_future;
 use crate::dispatch::Dispatcher;
 use crate::slack::api::{OpenError, SlackApi};
@@ -41,8 +39,8 @@ pub enum FatalError {
     LinkDisabled,
     /// Slack's hello names another app than the environment is pinned to (or than the
     /// token's hint, which names the lock).
-    #[error("{0}")]
-    AppMismatch(String),
+    #[error(transparent)]
+    AppMismatch(#[from] AppMismatch),
     /// Other clients are connected to the app and the policy says exit.
     #[error("{0}")]
     OtherClients(String),
@@ -104,10 +102,8 @@ pub struct Supervisor {
     token: AppToken,
     /// New tokens (SIGHUP after the token file changed): each one rotates the connection.
     tokens: Option<watch::Receiver<AppToken>>,
-    /// The app hello must name, and the environments for the message when it does not.
-    expected_app: Option<String>,
-    environment: String,
-    environments: BTreeMap<String, EnvironmentSettings>,
+    /// The app hello must name.
+    pin: AppPin,
     /// A hello without the socket count or the app has been reported.
     minimal_hello_said: bool,
     /// When our own sockets closed: Slack counts them for a while yet.
@@ -130,14 +126,16 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
+    /// A supervisor that connects with `token` through `api` to the app `pin` names.
     pub fn new(
-        config: &Config,
+        api: SlackApi,
+        token: AppToken,
+        pin: AppPin,
         live: watch::Receiver<Settings>,
         dispatcher: Arc<Dispatcher>,
         state: Arc<ServiceState>,
-    ) -> Result<Self, OpenError> {
+    ) -> Self {
         let settings = live.borrow().connection.clone();
-        let api = SlackApi::new(&config.api_url, config.settings.slack.debug_reconnects)?;
         let (events_tx, events) = mpsc::unbounded_channel();
         let now = Instant::now();
         let slots = (1..=settings.sockets)
@@ -152,13 +150,11 @@ impl Supervisor {
                 backoff: Backoff::new(settings.backoff_initial, settings.backoff_max),
             })
             .collect();
-        Ok(Supervisor {
+        Supervisor {
             api,
-            token: config.token.clone(),
+            token,
             tokens: None,
-            expected_app: config.expected_app().map(str::to_owned),
-            environment: config.settings.environment.clone(),
-            environments: config.settings.environments.clone(),
+            pin,
             minimal_hello_said: false,
             recently_closed: VecDeque::new(),
             live,
@@ -172,7 +168,7 @@ impl Supervisor {
             retiring: Vec::new(),
             failure_log: LogThrottle::new(LOG_BURST, LOG_EVERY),
             pacing_log: LogThrottle::new(LOG_BURST, LOG_EVERY),
-        })
+        }
     }
 
     /// Follows token changes: each new token rotates the connection with no gap.
@@ -592,10 +588,7 @@ impl Supervisor {
             .borrow()
             .conflicts
             .too_many_websockets_unhealthy_after;
-        let app = self
-            .expected_app
-            .clone()
-            .unwrap_or_else(|| "this app".to_owned());
+        let app = self.pin.expected().unwrap_or("this app").to_owned();
         self.state.update(|s| {
             s.too_many_in_a_row += 1;
             if limit > 0 && s.too_many_in_a_row >= limit {
@@ -628,16 +621,8 @@ impl Supervisor {
 
     fn on_hello(&mut self, hello: &Hello) -> Result<(), FatalError> {
         self.note_minimal_hello(hello);
-        if let (Some(expected), Some(actual)) = (&self.expected_app, hello.app_id()) {
-            if expected != actual {
-                return Err(FatalError::AppMismatch(mismatch_message(
-                    &self.environment,
-                    expected,
-                    actual,
-                    "Slack's hello says this token belongs to",
-                    &self.environments,
-                )));
-            }
+        if let Some(actual) = hello.app_id() {
+            self.pin.check(actual, Whose::Hello)?;
         }
         self.sync_socket_count();
         let ours = self.state.status().sockets_open;
@@ -645,10 +630,7 @@ impl Supervisor {
             .num_connections
             .map(|counted| self.other_connections(counted, ours));
         // Without Slack's word, the app is the one the token (or the pin) names.
-        let app_id = hello
-            .app_id()
-            .or(self.expected_app.as_deref())
-            .map(str::to_owned);
+        let app_id = hello.app_id().or(self.pin.expected()).map(str::to_owned);
         self.state.update(|s| {
             s.phase = Phase::Connected;
             s.app_id.clone_from(&app_id);

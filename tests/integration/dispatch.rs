@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use flowcoach::config::{Config, env};
 use flowcoach::dispatch::{Dispatcher, Handler, HandlerFuture, Incoming};
+use flowcoach::slack::api::SlackApi;
 use flowcoach::slack::supervisor::Supervisor;
 use flowcoach::state::{InstanceInfo, ServiceState};
 use flowcoach_harness::{APP, WAIT, event, simulator, slash, token};
@@ -125,7 +126,15 @@ async fn run(sim: &Simulator, dispatch_settings: &str) -> Running {
         live.clone(),
         state.clone(),
     ));
-    let supervisor = Supervisor::new(&config, live, dispatcher, state.clone()).unwrap();
+    let api = SlackApi::new(&config.api_url, false).unwrap();
+    let supervisor = Supervisor::new(
+        api,
+        config.token.clone(),
+        config.app_pin(),
+        live,
+        dispatcher,
+        state.clone(),
+    );
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     let task = tokio::spawn(async move {
