@@ -17,6 +17,7 @@ use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use self::conflict::AlreadyRunning;
 use crate::bot::FlowCoach;
 use crate::config::{Config, ProcessEnv, Settings};
 use crate::control::{ControlContext, server};
@@ -34,6 +35,7 @@ use crate::token::AppToken;
 /// How often `EXTEND_TIMEOUT_USEC` is renewed while draining.
 const EXTEND_STEP: Duration = Duration::from_secs(5);
 
+/// Why the daemon stopped other than by a stop signal or a handover.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(transparent)]
@@ -41,12 +43,21 @@ pub enum DaemonError {
     #[error("cannot set up the Slack client: {0}")]
     Setup(#[from] OpenError),
     /// Another instance holds this app on this host.
+    #[error(transparent)]
+    AlreadyRunning(#[from] AlreadyRunning),
+    /// The lock file could not be locked at all.
+    #[error(transparent)]
+    Lock(LockError),
     #[error("{0}")]
-    AlreadyRunning(String),
-    #[error("{0}")]
-    Runtime(String),
+    RuntimeDirectory(#[source] std::io::Error),
+    #[error("cannot install the signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("control socket: {0}")]
+    ControlSocket(#[source] std::io::Error),
+    #[error("cannot copy the lock and the control socket for handovers: {0}")]
+    HandoverDescriptors(#[source] std::io::Error),
     #[error("takeover failed: {0}")]
-    Takeover(String),
+    Takeover(#[from] takeover::TakeoverError),
 }
 
 impl DaemonError {
@@ -54,9 +65,13 @@ impl DaemonError {
         match self {
             DaemonError::Fatal(fatal) => fatal.exit_code(),
             DaemonError::AlreadyRunning(_) => exit::TEMPFAIL,
-            DaemonError::Setup(_) | DaemonError::Runtime(_) | DaemonError::Takeover(_) => {
-                exit::FAILURE
-            }
+            DaemonError::Setup(_)
+            | DaemonError::Lock(_)
+            | DaemonError::RuntimeDirectory(_)
+            | DaemonError::Signals(_)
+            | DaemonError::ControlSocket(_)
+            | DaemonError::HandoverDescriptors(_)
+            | DaemonError::Takeover(_) => exit::FAILURE,
         }
     }
 }
@@ -71,6 +86,13 @@ pub struct Startup {
     pub exe: PathBuf,
     /// `--takeover`: ask a running instance to hand the app over.
     pub takeover: bool,
+}
+
+/// What an instance holds once the app is its own.
+struct Held {
+    lock: InstanceLock,
+    listener: UnixListener,
+    serving: Serving,
 }
 
 /// A running Slack supervisor and the token that stops it.
@@ -88,6 +110,8 @@ struct Service {
     live: watch::Receiver<Settings>,
     /// The current token; a reload that finds a new one sends it here.
     tokens: Arc<watch::Sender<AppToken>>,
+    /// Where the current token came from, for status answers; follows reloads too.
+    token_source: watch::Sender<String>,
     dispatcher: Arc<Dispatcher>,
     systemd: Systemd,
     started_at: SystemTime,
@@ -133,7 +157,7 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
         config.token.app_id_hint(),
         &environment,
     );
-    ensure_dir(&paths.dir).map_err(|e| DaemonError::Runtime(e.to_string()))?;
+    ensure_dir(&paths.dir).map_err(DaemonError::RuntimeDirectory)?;
     let holder = HolderInfo::new(
         environment.clone(),
         config.token.app_id_hint().unwrap_or(UNKNOWN_APP),
@@ -165,6 +189,15 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
         "flowcoach starting"
     );
     let tokens = Arc::new(watch::Sender::new(config.token.clone()));
+    let token_source = watch::Sender::new(config.token_source.to_string());
+    let reloader = reload::Reloader::new(
+        config.path.clone(),
+        config.settings.environment.clone(),
+        live_tx,
+        tokens.clone(),
+        token_source.clone(),
+        log,
+    );
     let service = Service {
         config,
         paths,
@@ -172,52 +205,31 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
         state,
         live,
         tokens,
+        token_source,
         dispatcher,
         systemd: Systemd::from_env(),
         started_at: SystemTime::now(),
         exe,
     };
     let shutdown = CancellationToken::new();
-    let reloads = signals::watch(shutdown.clone())
-        .map_err(|e| DaemonError::Runtime(format!("signals: {e}")))?;
-
-    let (lock, listener, serving) = match lock {
-        Some(lock) => {
-            let listener = listen(control_listener, &service.paths.socket)?;
-            (lock, listener, service.start_serving()?)
-        }
-        None => match takeover::take_over(&service, &shutdown).await? {
-            takeover::Taken::App {
-                lock,
-                listener,
-                serving,
-            } => (lock, listener, serving),
-            // The incumbent went away before handing on: the app is free; take the lock
-            // as a first start would.
-            takeover::Taken::Nothing => {
-                let lock = InstanceLock::acquire(&service.paths.lock, &service.holder);
-                let lock = match lock {
-                    Ok(lock) => lock,
-                    Err(error) => return Err(lock_failure(error).await),
-                };
-                service.dispatcher.release(None);
-                let listener = listen(control_listener, &service.paths.socket)?;
-                (lock, listener, service.start_serving()?)
-            }
+    let reloads = signals::watch(shutdown.clone()).map_err(DaemonError::Signals)?;
+    let held = match lock {
+        Some(lock) => Held {
+            listener: listen(control_listener, &service.paths.socket)?,
+            serving: service.start_serving()?,
+            lock,
         },
+        None => takeover::take_over(&service, control_listener, &shutdown).await?,
     };
-    serve(
-        service, lock, listener, serving, shutdown, reloads, live_tx, log,
-    )
-    .await
+    serve(service, held, shutdown, reloads, reloader).await
 }
 
 /// Why the lock could not be taken: another instance holds the app (75, naming it), or the
 /// file could not be locked at all.
 async fn lock_failure(error: LockError) -> DaemonError {
     match error {
-        LockError::Held { .. } => DaemonError::AlreadyRunning(conflict::describe(&error).await),
-        error => DaemonError::Runtime(error.to_string()),
+        LockError::Held { .. } => conflict::already_running(error).await.into(),
+        error => DaemonError::Lock(error),
     }
 }
 
@@ -231,7 +243,7 @@ fn listen(
         Some(listener) => UnixListener::from_std(listener),
         None => server::bind(path),
     }
-    .map_err(|e| DaemonError::Runtime(format!("control socket: {e}")))
+    .map_err(DaemonError::ControlSocket)
 }
 
 /// The PID file names the control socket for a second start's message: with socket
@@ -254,29 +266,28 @@ fn record_control_socket(service: &Service, lock: &InstanceLock, listener: &Unix
 }
 
 /// Holds the app: the control server, systemd, reloads, handovers, until a stop.
-#[allow(clippy::too_many_arguments)]
 async fn serve(
     service: Service,
-    lock: InstanceLock,
-    listener: UnixListener,
-    serving: Serving,
+    held: Held,
     shutdown: CancellationToken,
     mut reloads: mpsc::Receiver<()>,
-    live_tx: watch::Sender<Settings>,
-    log: LogHandle,
+    reloader: reload::Reloader,
 ) -> Result<(), DaemonError> {
+    let Held {
+        lock,
+        listener,
+        serving,
+    } = held;
     record_control_socket(&service, &lock, &listener);
-    let handed = handovers::handed(&lock, &listener)
-        .map_err(|e| DaemonError::Runtime(format!("preparing for handovers: {e}")))?;
+    let handed = handovers::handed(&lock, &listener).map_err(DaemonError::HandoverDescriptors)?;
     // One call at a time: a second one is refused by the control server at once.
     let (calls_tx, calls) = mpsc::channel(1);
     // Everything around the Slack side stops after the drain, so the drain is reported to
     // systemd, watched by its watchdog, and visible over the control socket.
     let after_drain = CancellationToken::new();
-    let (token_source, token_source_now) = watch::channel(service.config.token_source.to_string());
     let control = ControlContext {
         state: service.state.clone(),
-        token_source: token_source_now,
+        token_source: service.token_source.subscribe(),
         started_at: service.started_at,
         outage_budget: service.config.settings.service.outage_budget,
         access: service.config.access.clone(),
@@ -299,14 +310,6 @@ async fn serve(
             after_drain.clone(),
         )
     });
-    let reloader = reload::Reloader::new(
-        service.config.path.clone(),
-        service.config.settings.environment.clone(),
-        live_tx,
-        service.tokens.clone(),
-        token_source,
-        log,
-    );
     let reload_task = tokio::spawn(async move {
         while reloads.recv().await.is_some() {
             reloader.reload(&ProcessEnv);

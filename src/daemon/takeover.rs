@@ -1,30 +1,48 @@
-//! The successor's path: take the app over from the running instance.
+//! The successor's path: take the app over from the running instance, or take it alone
+//! when none runs (any more).
+
+use std::os::unix::net::UnixListener as StdUnixListener;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use tokio::net::UnixListener;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{DaemonError, Service, Serving};
+use super::{DaemonError, Held, Service, Serving, listen, lock_failure};
 use crate::handover::HandoverError;
 use crate::handover::successor::{Received, Takeover};
 use crate::service::lock::{InstanceLock, read_holder};
-use crate::state::ConnectionStatus;
+use crate::slack::supervisor::FatalError;
 
-pub enum Taken {
-    /// We hold the app: the incumbent's lock and listener, and our running connection.
-    App {
-        lock: InstanceLock,
-        listener: UnixListener,
-        serving: Serving,
-    },
-    /// No incumbent answered: start as a first instance would.
-    Nothing,
+/// Why a takeover failed (besides a fatal Slack error, which ends it as it ends a start).
+#[derive(Debug, thiserror::Error)]
+pub enum TakeoverError {
+    #[error(transparent)]
+    Handover(#[from] HandoverError),
+    #[error("stopped by a signal")]
+    Stopped,
+    #[error("our connection to Slack stopped")]
+    ConnectionStopped,
+    #[error("no hello from Slack within {0:?}")]
+    NoHello(Duration),
 }
 
+/// How the session with the incumbent ended for us.
+enum Outcome {
+    /// It handed on its lock, listener and state.
+    Received(Received),
+    /// It went away before: the app is free, as for a first start.
+    Vanished,
+}
+
+/// Takes the app over from the instance that holds it on this host; takes it alone when
+/// that instance goes away first. `from_systemd` is the control listener systemd passed, if
+/// any: the app alone is taken as a first start takes it.
 pub async fn take_over(
     service: &Service,
+    from_systemd: Option<StdUnixListener>,
     shutdown: &CancellationToken,
-) -> Result<Taken, DaemonError> {
+) -> Result<Held, DaemonError> {
     let socket = read_holder(&service.paths.lock)
         .map(|holder| holder.control_socket)
         .filter(|socket| !socket.as_os_str().is_empty())
@@ -33,147 +51,157 @@ pub async fn take_over(
         Ok(takeover) => takeover,
         Err(HandoverError::Disconnected(why)) => {
             tracing::warn!(%why, "no running instance answers; starting as the only one");
-            return Ok(Taken::Nothing);
+            return alone(service, from_systemd, None).await;
         }
-        Err(error) => return Err(DaemonError::Takeover(error.to_string())),
+        Err(error) => return Err(TakeoverError::from(error).into()),
     };
     tracing::info!(
         strict = takeover.strict,
         "the running instance accepted the takeover"
     );
     let mut serving = None;
-    let ready = if !takeover.strict {
-        // Slack's count in our hellos includes the incumbent's sockets.
-        service.state.predecessor_sockets.store(
-            takeover.incumbent_sockets,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        let mut running = service.start_serving()?;
-        let connected = tokio::select! {
-            () = shutdown.cancelled() => Err(DaemonError::Takeover("stopped by a signal".to_owned())),
-            hello = wait_for_hello(service.state.subscribe(), takeover.timeout) => hello.map_err(DaemonError::Takeover),
-            ended = &mut running.run => Err(match ended {
-                Ok(()) => DaemonError::Takeover("the connection stopped".to_owned()),
-                // A bad token or the wrong app: exit as a first start would (78).
-                Err(error) => DaemonError::Fatal(error),
-            }),
-        };
-        let ready = match connected {
-            Ok(app_id) => takeover.ready(Some(app_id)).await,
-            Err(error) => {
-                takeover.fail(&reason(&error)).await;
-                return Err(error);
-            }
-        };
-        serving = Some(running);
-        ready
-    } else {
-        takeover.ready(None).await
-    };
-    let received = match ready {
-        // The incumbent died before we said ready: handled below, as when it dies later.
-        Err(error @ HandoverError::Disconnected(_)) => Err(error),
-        Err(error) => return Err(DaemonError::Takeover(error.to_string())),
-        Ok(()) => match &mut serving {
-            // Our connection keeps running (holding envelopes) while the incumbent drains.
-            Some(running) => tokio::select! {
-                received = takeover.receive(&service.paths.lock, &service.holder) => received,
-                ended = &mut running.run => Err(HandoverError::Local(format!("our connection ended: {ended:?}"))),
-            },
-            None => takeover.receive(&service.paths.lock, &service.holder).await,
-        },
+    let outcome = with_incumbent(service, &mut takeover, &mut serving, shutdown).await;
+    // From here on Slack's count holds our sockets alone.
+    service
+        .state
+        .predecessor_sockets
+        .store(0, Ordering::Relaxed);
+    let received = match outcome {
+        Ok(Outcome::Received(received)) => received,
+        Ok(Outcome::Vanished) => {
+            tracing::warn!(
+                "the running instance went away during the handover; taking the app alone"
+            );
+            return alone(service, from_systemd, serving).await;
+        }
+        Err(error) => {
+            takeover.fail(&error.to_string()).await;
+            return Err(error);
+        }
     };
     let Received {
         lock,
         listener,
         dedup,
-    } = match received {
-        Ok(received) => received,
-        Err(HandoverError::Disconnected(why)) => {
-            // The incumbent died mid-handover: the app is ours if its lock is free.
-            tracing::warn!(%why, "the running instance went away during the handover; taking the app alone");
-            let lock = InstanceLock::acquire(&service.paths.lock, &service.holder)
-                .map_err(|e| DaemonError::Takeover(e.to_string()))?;
-            let listener = super::listen(None, &service.paths.socket)?;
-            service.dispatcher.release(None);
-            service
-                .state
-                .predecessor_sockets
-                .store(0, std::sync::atomic::Ordering::Relaxed);
-            let serving = match serving {
-                Some(serving) => serving,
-                None => service.start_serving()?,
-            };
-            tracing::info!("took the app over alone");
-            return Ok(Taken::App {
-                lock,
-                listener,
-                serving,
-            });
-        }
-        Err(error) => {
-            takeover.fail(&error.to_string()).await;
-            return Err(DaemonError::Takeover(error.to_string()));
-        }
-    };
+    } = received;
     service.dispatcher.release(Some(dedup));
-    service
-        .state
-        .predecessor_sockets
-        .store(0, std::sync::atomic::Ordering::Relaxed);
     if let Err(error) = takeover.adopted().await {
         // We hold the app now; the incumbent cannot roll back without its session.
         tracing::warn!(%error, "could not confirm the takeover to the previous instance");
     }
-    let listener = UnixListener::from_std(listener)
-        .map_err(|e| DaemonError::Runtime(format!("control socket: {e}")))?;
+    let listener = UnixListener::from_std(listener).map_err(DaemonError::ControlSocket)?;
     let serving = match serving {
         Some(serving) => serving,
-        None => {
-            let mut running = service.start_serving()?;
-            let hello = tokio::select! {
-                hello = wait_for_hello(service.state.subscribe(), takeover.timeout) => hello.map_err(DaemonError::Takeover),
-                ended = &mut running.run => Err(match ended {
-                    Ok(()) => DaemonError::Takeover("the connection stopped".to_owned()),
-                    Err(error) => DaemonError::Fatal(error),
-                }),
-            };
-            match hello {
-                Ok(_) => {
-                    let _ = takeover.serving().await;
-                }
-                Err(error) => {
-                    takeover.fail(&reason(&error)).await;
-                    return Err(error);
-                }
+        // Strict: we connect only now that the incumbent has closed.
+        None => match connected(service, shutdown, takeover.timeout).await {
+            Ok((serving, _)) => {
+                let _ = takeover.serving().await;
+                serving
             }
-            running
-        }
+            Err(error) => {
+                takeover.fail(&error.to_string()).await;
+                return Err(error);
+            }
+        },
     };
     tracing::info!("took the app over");
-    Ok(Taken::App {
+    Ok(Held {
         lock,
         listener,
         serving,
     })
 }
 
-/// Why we give up, for the incumbent's log and its caller.
-fn reason(error: &DaemonError) -> String {
-    match error {
-        DaemonError::Takeover(reason) => reason.clone(),
-        other => other.to_string(),
+/// The session up to the incumbent's hand-on: in overlap mode our connection says hello
+/// first (into `serving`) and keeps running, holding envelopes, while the incumbent drains.
+async fn with_incumbent(
+    service: &Service,
+    takeover: &mut Takeover,
+    serving: &mut Option<Serving>,
+    shutdown: &CancellationToken,
+) -> Result<Outcome, DaemonError> {
+    let app_id = if takeover.strict {
+        None
+    } else {
+        // Slack's count in our hellos includes the incumbent's sockets.
+        service
+            .state
+            .predecessor_sockets
+            .store(takeover.incumbent_sockets, Ordering::Relaxed);
+        let (running, app_id) = connected(service, shutdown, takeover.timeout).await?;
+        *serving = Some(running);
+        Some(app_id)
+    };
+    let received = match takeover.ready(app_id).await {
+        // The incumbent died before we said ready: as when it dies later.
+        Err(HandoverError::Disconnected(_)) => return Ok(Outcome::Vanished),
+        Err(error) => return Err(TakeoverError::from(error).into()),
+        Ok(()) => match serving {
+            Some(running) => tokio::select! {
+                received = takeover.receive(&service.paths.lock, &service.holder) => received,
+                ended = &mut running.run => return Err(connection_ended(ended)),
+            },
+            None => takeover.receive(&service.paths.lock, &service.holder).await,
+        },
+    };
+    match received {
+        Ok(received) => Ok(Outcome::Received(received)),
+        Err(HandoverError::Disconnected(_)) => Ok(Outcome::Vanished),
+        Err(error) => Err(TakeoverError::from(error).into()),
     }
 }
 
-/// Resolves with the app ID once a connection has said hello.
-async fn wait_for_hello(
-    mut status: watch::Receiver<ConnectionStatus>,
-    bound: std::time::Duration,
-) -> Result<String, String> {
-    let hello = tokio::time::timeout(bound, status.wait_for(|s| s.app_id.is_some()))
-        .await
-        .map_err(|_| format!("no hello from Slack within {bound:?}"))?
-        .map_err(|_| "the service stopped".to_owned())?;
-    Ok(hello.app_id.clone().unwrap_or_default())
+/// Takes the app as a first start does: the lock (exit 75 naming whoever was faster),
+/// the control listener (systemd's, if it passed one), the envelopes held so far released
+/// with no predecessor's state, and a connection (`serving`, if one runs already).
+pub(super) async fn alone(
+    service: &Service,
+    from_systemd: Option<StdUnixListener>,
+    serving: Option<Serving>,
+) -> Result<Held, DaemonError> {
+    let lock = match InstanceLock::acquire(&service.paths.lock, &service.holder) {
+        Ok(lock) => lock,
+        Err(error) => return Err(lock_failure(error).await),
+    };
+    let listener = listen(from_systemd, &service.paths.socket)?;
+    service.dispatcher.release(None);
+    let serving = match serving {
+        Some(serving) => serving,
+        None => service.start_serving()?,
+    };
+    Ok(Held {
+        lock,
+        listener,
+        serving,
+    })
+}
+
+/// Starts serving and waits, at most `bound`, for a hello; the app ID it names.
+async fn connected(
+    service: &Service,
+    shutdown: &CancellationToken,
+    bound: Duration,
+) -> Result<(Serving, String), DaemonError> {
+    let mut running = service.start_serving()?;
+    let mut status = service.state.subscribe();
+    let hello = tokio::select! {
+        () = shutdown.cancelled() => return Err(TakeoverError::Stopped.into()),
+        hello = tokio::time::timeout(bound, status.wait_for(|s| s.app_id.is_some())) => hello,
+        ended = &mut running.run => return Err(connection_ended(ended)),
+    };
+    let app_id = match hello {
+        Ok(Ok(status)) => status.app_id.clone().unwrap_or_default(),
+        Ok(Err(_)) => return Err(TakeoverError::ConnectionStopped.into()),
+        Err(_) => return Err(TakeoverError::NoHello(bound).into()),
+    };
+    Ok((running, app_id))
+}
+
+/// Our connection ended while the takeover needed it: a bad token or the wrong app ends
+/// the takeover as it ends a first start (78).
+fn connection_ended(ended: Result<(), FatalError>) -> DaemonError {
+    match ended {
+        Ok(()) => TakeoverError::ConnectionStopped.into(),
+        Err(fatal) => DaemonError::Fatal(fatal),
+    }
 }

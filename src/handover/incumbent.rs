@@ -95,10 +95,8 @@ pub async fn run(
         daemon
             .send(Request::StopServing(reply))
             .await
-            .map_err(|_| HandoverError::Local("the daemon is stopping".into()))?;
-        let snapshot = snapshot
-            .await
-            .map_err(|_| HandoverError::Local("the daemon is stopping".into()))?;
+            .map_err(|_| HandoverError::DaemonStopping)?;
+        let snapshot = snapshot.await.map_err(|_| HandoverError::DaemonStopping)?;
         stopped_serving = true;
         step("passing on the deduplication state, the lock and the control socket");
         dedup_state::send(&mut session, snapshot).await?;
@@ -167,9 +165,10 @@ pub async fn run(
 
 fn check_app(ours: Option<&str>, theirs: Option<&str>) -> Result<(), HandoverError> {
     match (ours, theirs) {
-        (Some(ours), Some(theirs)) if ours != theirs => Err(HandoverError::Refused(format!(
-            "the successor is connected to app {theirs}, this instance serves {ours}"
-        ))),
+        (Some(ours), Some(theirs)) if ours != theirs => Err(HandoverError::OtherApp {
+            ours: ours.to_owned(),
+            theirs: theirs.to_owned(),
+        }),
         _ => Ok(()),
     }
 }

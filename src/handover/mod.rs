@@ -81,8 +81,21 @@ pub enum HandoverError {
     Unexpected { got: String, waiting: &'static str },
     #[error("a handover line is longer than {limit} bytes")]
     TooLong { limit: usize },
+    /// The incumbent refused the takeover; its words.
     #[error("{0}")]
     Refused(String),
-    #[error("{0}")]
-    Local(String),
+    #[error("the successor is connected to app {theirs}, this instance serves {ours}")]
+    OtherApp { ours: String, theirs: String },
+    #[error("the daemon is stopping")]
+    DaemonStopping,
+    #[error("cannot encode a step: {0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("protocol error: data before the descriptors")]
+    DataBeforeDescriptors,
+    #[error("the incumbent sent {got} descriptors instead of the lock and the listener")]
+    MissingDescriptors { got: usize },
+    #[error("taking over the lock: {0}")]
+    AdoptLock(#[source] crate::service::lock::LockError),
+    #[error("taking over the control socket: {0}")]
+    AdoptListener(#[source] std::io::Error),
 }

@@ -50,8 +50,7 @@ impl Session {
 
     /// Writes one message as a JSON line of at most [`MAX_LINE_BYTES`].
     pub async fn send<T: Serialize>(&mut self, message: &T) -> Result<(), HandoverError> {
-        let mut line = serde_json::to_vec(message)
-            .map_err(|e| HandoverError::Local(format!("cannot encode a step: {e}")))?;
+        let mut line = serde_json::to_vec(message).map_err(HandoverError::Encode)?;
         line.push(b'\n');
         if line.len() > MAX_LINE_BYTES {
             return Err(HandoverError::TooLong {
@@ -159,9 +158,7 @@ impl Session {
     /// Receives the byte sent by [`Session::send_fds`] and the descriptors it carries.
     pub async fn receive_fds(&mut self, bound: Duration) -> Result<Vec<OwnedFd>, HandoverError> {
         if !self.pending.is_empty() {
-            return Err(HandoverError::Local(
-                "protocol error: data before the descriptors".into(),
-            ));
+            return Err(HandoverError::DataBeforeDescriptors);
         }
         tokio::time::timeout(bound, self.read_fds())
             .await

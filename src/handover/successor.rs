@@ -88,18 +88,18 @@ impl Takeover {
         )
         .await?;
         self.session.send(&Step::SendFds).await?;
-        let mut fds = self.session.receive_fds(STEP_TIMEOUT).await?.into_iter();
+        let fds = self.session.receive_fds(STEP_TIMEOUT).await?;
+        let got = fds.len();
+        let mut fds = fds.into_iter();
         let (Some(lock_fd), Some(listener_fd)) = (fds.next(), fds.next()) else {
-            return Err(HandoverError::Local(
-                "the incumbent sent fewer descriptors than the lock and the listener".into(),
-            ));
+            return Err(HandoverError::MissingDescriptors { got });
         };
-        let lock = InstanceLock::adopt(lock_fd, lock_path, holder)
-            .map_err(|e| HandoverError::Local(format!("taking over the lock: {e}")))?;
+        let lock =
+            InstanceLock::adopt(lock_fd, lock_path, holder).map_err(HandoverError::AdoptLock)?;
         let listener = StdUnixListener::from(listener_fd);
         listener
             .set_nonblocking(true)
-            .map_err(|e| HandoverError::Local(format!("taking over the control socket: {e}")))?;
+            .map_err(HandoverError::AdoptListener)?;
         Ok(Received {
             lock,
             listener,

@@ -42,8 +42,21 @@ pub enum FatalError {
     #[error(transparent)]
     AppMismatch(#[from] AppMismatch),
     /// Other clients are connected to the app and the policy says exit.
-    #[error("{0}")]
-    OtherClients(String),
+    #[error("{0}; conflicts.other_clients = \"exit\", so this instance stops")]
+    OtherClients(OtherClients),
+}
+
+/// Slack counts sockets of the app that are not this instance's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "Slack counts {counted} open sockets for app {app_id} but this instance holds {ours}: {others} belong to another client \
+     (another host, a laptop with the same token, or a hung process), which takes a share of this app's events"
+)]
+pub struct OtherClients {
+    pub app_id: String,
+    pub counted: u32,
+    pub ours: u32,
+    pub others: u32,
 }
 
 impl FatalError {
@@ -656,15 +669,21 @@ impl Supervisor {
         if let (Some(counted), Some(others)) = (hello.num_connections, others)
             && others > 0
         {
-            let message = format!(
-                "Slack counts {counted} open sockets for app {app_id} but this instance holds {ours}: {others} belong to another client \
-                 (another host, a laptop with the same token, or a hung process), which takes a share of this app's events",
+            let conflict = OtherClients {
+                app_id: app_id.to_owned(),
+                counted,
+                ours,
+                others,
+            };
+            tracing::warn!(
+                app_id,
+                num_connections = counted,
+                ours,
+                others,
+                "{conflict}"
             );
-            tracing::warn!(app_id, num_connections = counted, ours, others, "{message}");
             if self.live.borrow().conflicts.other_clients == OtherClientsPolicy::Exit {
-                return Err(FatalError::OtherClients(format!(
-                    "{message}; conflicts.other_clients = \"exit\", so this instance stops"
-                )));
+                return Err(FatalError::OtherClients(conflict));
             }
         }
         Ok(())
