@@ -44,7 +44,7 @@ pub enum DaemonError {
     Setup(#[from] OpenError),
     /// Another instance holds this app on this host.
     #[error(transparent)]
-    AlreadyRunning(#[from] AlreadyRunning),
+    AlreadyRunning(#[from] Box<AlreadyRunning>),
     /// The lock file could not be locked at all.
     #[error(transparent)]
     Lock(LockError),
@@ -228,7 +228,7 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
 /// file could not be locked at all.
 async fn lock_failure(error: LockError) -> DaemonError {
     match error {
-        LockError::Held { .. } => conflict::already_running(error).await.into(),
+        LockError::Held { .. } => Box::new(conflict::already_running(error).await).into(),
         error => DaemonError::Lock(error),
     }
 }
