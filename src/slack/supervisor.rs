@@ -179,6 +179,7 @@ impl Supervisor {
                         wait_before_connect = Some(next);
                     }
                 }
+                () = self.dispatcher.orphaned(), if self.active.is_some() => self.adopt_orphans(),
                 token = next_token(&mut self.tokens) => {
                     tracing::info!(token = %token, "the app token changed; rotating to a connection with the new one");
                     self.token = token;
@@ -285,6 +286,21 @@ impl Supervisor {
                 tracing::warn!(%cause, "could not open a replacement connection; keeping the current one while it lasts");
                 Ok(None)
             }
+        }
+    }
+
+    /// Acks on the active socket the envelopes that arrived on a closing one after its
+    /// Close (or that a predecessor handed on): Slack matches acks by envelope id on any
+    /// socket of the app, so none waits for a redelivery and no command is lost.
+    fn adopt_orphans(&self) {
+        let Some(active) = &self.active else { return };
+        for envelope in self.dispatcher.take_orphans() {
+            tracing::info!(
+                conn = active.id,
+                envelope_id = %envelope.envelope_id,
+                "handling an envelope that arrived on a closing socket"
+            );
+            self.dispatcher.accept(envelope, active.acks());
         }
     }
 
@@ -493,7 +509,8 @@ impl Supervisor {
     }
 
     /// Shutdown: stop taking envelopes, let handlers finish and ack within the drain
-    /// budget, then close every socket cleanly.
+    /// budget, then close every socket cleanly. Envelopes that arrive after a socket's
+    /// Close wait in the dispatcher ([`Dispatcher::take_orphans`]) for a successor.
     async fn close_all(&mut self) {
         self.state.set_phase(Phase::Draining);
         self.dispatcher.stop_accepting();

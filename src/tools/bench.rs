@@ -468,9 +468,7 @@ async fn bench_handovers(
         acked_late: settled
             .envelopes
             .iter()
-            .filter(|e| {
-                matches!((e.acked_at, e.deliveries.first()), (Some(acked), Some(first)) if acked - first.at > ack_deadline)
-            })
+            .filter(|e| e.ack_delay().is_some_and(|delay| delay > ack_deadline))
             .count(),
         lost: settled
             .envelopes
