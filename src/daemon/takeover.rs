@@ -87,6 +87,7 @@ pub async fn take_over(
         lock,
         listener,
         dedup,
+        late,
     } = match received {
         Ok(received) => received,
         Err(HandoverError::Disconnected(why)) => {
@@ -117,6 +118,11 @@ pub async fn take_over(
         }
     };
     service.dispatcher.release(Some(dedup));
+    // Acked on our socket once we have one (at once in overlap mode), deduplicated
+    // against the incumbent's state like everything else.
+    for envelope in late {
+        service.dispatcher.orphan(envelope);
+    }
     service
         .state
         .predecessor_sockets

@@ -10,6 +10,7 @@ use super::{HandoverError, Session, Step};
 use crate::control::protocol::{Command, Request, Response};
 use crate::dispatch::DedupSnapshot;
 use crate::service::lock::{HolderInfo, InstanceLock};
+use crate::slack::wire::{Envelope, Inbound, parse_inbound};
 
 /// Bound on the steps that only wait for the incumbent's drain and close.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -28,6 +29,8 @@ pub struct Received {
     pub lock: InstanceLock,
     pub listener: StdUnixListener,
     pub dedup: DedupSnapshot,
+    /// Envelopes that reached the incumbent after its Close: ours to handle and ack.
+    pub late: Vec<Envelope>,
 }
 
 impl Takeover {
@@ -65,7 +68,12 @@ impl Takeover {
 
     /// Tells the incumbent we are ready: connected to `app_id` (overlap), or able to start.
     pub async fn ready(&mut self, app_id: Option<String>) -> Result<(), HandoverError> {
-        self.session.send(&Step::Ready { app_id }).await
+        self.session
+            .send(&Step::Ready {
+                app_id,
+                takes_envelopes: true,
+            })
+            .await
     }
 
     /// Waits for the incumbent's state, then takes its lock and listener.
@@ -74,17 +82,25 @@ impl Takeover {
         lock_path: &Path,
         holder: &HolderInfo,
     ) -> Result<Received, HandoverError> {
-        let dedup = match self
-            .session
-            .step(STEP_TIMEOUT, "waiting for the incumbent's state")
-            .await?
-        {
-            Step::State { dedup } => dedup,
-            other => {
-                return Err(HandoverError::Unexpected {
-                    got: format!("{other:?}"),
-                    waiting: "waiting for the incumbent's state",
-                });
+        let mut late = Vec::new();
+        let dedup = loop {
+            match self
+                .session
+                .step(STEP_TIMEOUT, "waiting for the incumbent's state")
+                .await?
+            {
+                Step::State { dedup } => break dedup,
+                Step::Envelope { frame } => match parse_inbound(&frame) {
+                    Ok(Inbound::Envelope(envelope)) => late.push(envelope),
+                    // Not ours to crash on: Slack redelivers an event we cannot read.
+                    _ => tracing::warn!("ignored an unreadable envelope from the incumbent"),
+                },
+                other => {
+                    return Err(HandoverError::Unexpected {
+                        got: format!("{other:?}"),
+                        waiting: "waiting for the incumbent's state",
+                    });
+                }
             }
         };
         self.session.send(&Step::SendFds).await?;
@@ -104,6 +120,7 @@ impl Takeover {
             lock,
             listener,
             dedup,
+            late,
         })
     }
 
