@@ -13,7 +13,9 @@ use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use common::{APP, Daemon, FAST_CONFIG, WAIT, acked, connected, event, simulator};
+use common::{
+    APP, Daemon, FAST_CONFIG, WAIT, acked, all_acked_in_time, connected, event, simulator,
+};
 use flowcoach::sim::{CloseKind, LoadMix, LoadSpec, OpenResponse, Record, Simulator};
 use flowcoach::slack::wire::EnvelopeKind;
 use nix::sys::signal::Signal;
@@ -748,27 +750,7 @@ async fn handovers_under_a_mixed_stream(strict: bool, rounds: usize) {
         acks = acks_beyond(&sim, acks, 20).await;
     }
     load.abort();
-    let record = sim
-        .wait_until(WAIT, |r| {
-            r.envelopes
-                .iter()
-                .all(|e| e.acked_at.is_some() || e.gave_up)
-        })
-        .await
-        .unwrap_or_else(|e| panic!("envelopes neither acked nor given up: {e}"));
-    let deadline = sim.config().ack_deadline;
-    let late: Vec<_> = record
-        .envelopes
-        .iter()
-        .filter(|e| e.ack_delay().is_none_or(|delay| delay > deadline))
-        .map(|e| (e.kind, e.deliveries.len(), e.gave_up))
-        .collect();
-    assert!(
-        late.is_empty(),
-        "{} of {} envelopes acked past the deadline or never (kind, deliveries, given up): {late:?}",
-        late.len(),
-        record.envelopes.len()
-    );
+    let record = all_acked_in_time(&sim).await;
     let redelivered = record
         .envelopes
         .iter()
