@@ -95,6 +95,7 @@ impl<'a> Coordinator<'a> {
                         self.service.systemd.stopping();
                         serving.stop.cancel();
                         systemd::extend_while(&self.service.systemd, &mut serving.run, EXTEND_STEP).await?;
+                        self.report_unanswerable();
                     }
                     return Ok(Ending::Stopped);
                 }
@@ -108,7 +109,10 @@ impl<'a> Coordinator<'a> {
                         }
                         active = false;
                     }
-                    let _ = reply.send(self.service.dispatcher.dedup_snapshot());
+                    let _ = reply.send(incumbent::Stopped {
+                        dedup: self.service.dispatcher.dedup_snapshot(),
+                        late: self.service.dispatcher.take_orphans(),
+                    });
                 }
                 () = sleep_until(spawn_deadline) => {
                     let reason = format!("the successor did not ask for the app within {:?}", self.terms().timeout);
@@ -127,6 +131,22 @@ impl<'a> Coordinator<'a> {
                     },
                 },
             }
+        }
+    }
+
+    /// On a stop, what arrived after the last Close has no socket left to be acked on
+    /// (nothing may follow a Close, and no client can keep Slack from sending until it has
+    /// read it): Slack redelivers the events, to the next instance; slash commands and
+    /// interactions among them are not redelivered.
+    fn report_unanswerable(&self) {
+        let left = self.service.dispatcher.take_orphans();
+        let answers_due = left.iter().filter(|e| e.accepts_response_payload).count();
+        if !left.is_empty() {
+            tracing::warn!(
+                count = left.len(),
+                answers_due,
+                "envelopes arrived after the last Close, with no socket left to ack them: Slack redelivers the events among them, not slash commands or interactions"
+            );
         }
     }
 

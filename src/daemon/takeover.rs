@@ -83,8 +83,14 @@ pub async fn take_over(
         lock,
         listener,
         dedup,
+        late,
     } = received;
     service.dispatcher.release(Some(dedup));
+    // Acked on our socket once we have one (at once in overlap mode), deduplicated
+    // against the incumbent's state like everything else.
+    for envelope in late {
+        service.dispatcher.orphan(envelope);
+    }
     if let Err(error) = takeover.adopted().await {
         // We hold the app now; the incumbent cannot roll back without its session.
         tracing::warn!(%error, "could not confirm the takeover to the previous instance");

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
@@ -51,6 +51,11 @@ pub struct Dispatcher {
     /// wait here, unacked, so that none is handled twice and, if the handover fails,
     /// none is lost (Slack redelivers them).
     held: std::sync::Mutex<Option<Vec<(Envelope, PendingAck)>>>,
+    /// Envelopes that reached this process on a socket that can no longer ack them (they
+    /// arrived after our Close), or that a predecessor handed on for the same reason: they
+    /// wait here for another socket of this process, or for a successor.
+    orphans: std::sync::Mutex<Vec<Envelope>>,
+    orphan_added: Notify,
 }
 
 impl Dispatcher {
@@ -73,6 +78,8 @@ impl Dispatcher {
             tracker: TaskTracker::new(),
             accepting: AtomicBool::new(true),
             held: std::sync::Mutex::new(None),
+            orphans: std::sync::Mutex::new(Vec::new()),
+            orphan_added: Notify::new(),
         }
     }
 
@@ -197,6 +204,43 @@ impl Dispatcher {
             job.run(Incoming { envelope, summary }, pending).await;
         });
         Accepted::Dispatched
+    }
+
+    /// Keeps an envelope that its socket can no longer ack, for another socket (Slack
+    /// matches acks by envelope id, on any socket of the app) or a successor. Bounded like
+    /// the handler queue: beyond that it is left for Slack to redeliver.
+    pub fn orphan(&self, envelope: Envelope) {
+        let room = self.live.borrow().dispatch.max_queued_handlers;
+        let mut orphans = self.orphans.lock().expect("orphans lock poisoned");
+        if orphans.len() >= room {
+            drop(orphans);
+            self.defer(&envelope, "too many envelopes wait for another socket");
+            return;
+        }
+        orphans.push(envelope);
+        drop(orphans);
+        self.orphan_added.notify_waiters();
+    }
+
+    /// The envelopes waiting for another socket, in arrival order.
+    pub fn take_orphans(&self) -> Vec<Envelope> {
+        std::mem::take(&mut *self.orphans.lock().expect("orphans lock poisoned"))
+    }
+
+    /// Resolves once an envelope waits for another socket.
+    pub async fn orphaned(&self) {
+        loop {
+            let added = self.orphan_added.notified();
+            if !self
+                .orphans
+                .lock()
+                .expect("orphans lock poisoned")
+                .is_empty()
+            {
+                return;
+            }
+            added.await;
+        }
     }
 
     fn defer(&self, envelope: &Envelope, why: &str) -> Accepted {

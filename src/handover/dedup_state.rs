@@ -29,11 +29,13 @@ pub async fn send(session: &mut Session, snapshot: DedupSnapshot) -> Result<(), 
     Ok(())
 }
 
-/// Receives what [`send`] sends, all within `bound`.
+/// Receives what [`send`] sends, all within `bound`. Steps before or between the parts
+/// go to `other`, which hands back those it does not take (the session is out of step).
 pub async fn receive(
     session: &mut Session,
     bound: Duration,
     waiting: &'static str,
+    mut other: impl FnMut(Step) -> Result<(), Step>,
 ) -> Result<DedupSnapshot, HandoverError> {
     let deadline = tokio::time::Instant::now() + bound;
     let mut snapshot: Option<DedupSnapshot> = None;
@@ -42,12 +44,15 @@ pub async fn receive(
         let (part, last) = match session.step(left, waiting).await? {
             Step::StatePart { dedup } => (dedup, false),
             Step::State { dedup } => (dedup, true),
-            other => {
-                return Err(HandoverError::Unexpected {
-                    got: format!("{other:?}"),
-                    waiting,
-                });
-            }
+            step => match other(step) {
+                Ok(()) => continue,
+                Err(step) => {
+                    return Err(HandoverError::Unexpected {
+                        got: format!("{step:?}"),
+                        waiting,
+                    });
+                }
+            },
         };
         let whole = match snapshot.take() {
             None => part,
@@ -100,7 +105,7 @@ mod tests {
         let (mut incumbent, mut successor) = (Session::new(ours), Session::new(theirs));
         let sent = snapshot.clone();
         let sending = tokio::spawn(async move { send(&mut incumbent, sent).await });
-        let received = receive(&mut successor, WAIT, "receiving the state")
+        let received = receive(&mut successor, WAIT, "receiving the state", Err)
             .await
             .unwrap();
         sending.await.unwrap().unwrap();

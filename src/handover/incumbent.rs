@@ -11,13 +11,27 @@ use super::{HandoverError, Session, Step, dedup_state};
 use crate::control::protocol::Response;
 use crate::dispatch::DedupSnapshot;
 use crate::state::ServiceState;
+use flowcoach_protocol::Envelope;
+
+/// Envelopes handed on are one session line each, kept well below the session's line
+/// limit (Slack's envelopes are a few KiB); a larger one is left for Slack to redeliver.
+const MAX_HANDED_ON_FRAME: usize = 48 * 1024;
 
 /// What the session needs from the daemon, and tells it.
 #[derive(Debug)]
 pub enum Request {
-    /// Stop serving Slack (stop taking envelopes, drain, ack, close) and answer with the
-    /// final deduplication state.
-    StopServing(oneshot::Sender<DedupSnapshot>),
+    /// Stop serving Slack (stop taking envelopes, drain, ack, close) and answer with what
+    /// the successor needs.
+    StopServing(oneshot::Sender<Stopped>),
+}
+
+/// What an instance that stopped serving hands on.
+#[derive(Debug)]
+pub struct Stopped {
+    /// The final deduplication state.
+    pub dedup: DedupSnapshot,
+    /// Envelopes that arrived after its Close, unacked.
+    pub late: Vec<Envelope>,
 }
 
 /// How a session ended.
@@ -83,23 +97,30 @@ pub async fn run(
         } else {
             "waiting for its hello"
         });
-        match session
+        let takes_envelopes = match session
             .step(terms.timeout, "waiting for the successor to be ready")
             .await?
         {
-            Step::Ready { app_id: theirs } => check_app(app_id.as_deref(), theirs.as_deref())?,
+            Step::Ready {
+                app_id: theirs,
+                takes_envelopes,
+            } => {
+                check_app(app_id.as_deref(), theirs.as_deref())?;
+                takes_envelopes
+            }
             other => return Err(unexpected(other, "waiting for the successor to be ready")),
-        }
+        };
         step("draining and closing this instance's connection");
         let (reply, snapshot) = oneshot::channel();
         daemon
             .send(Request::StopServing(reply))
             .await
             .map_err(|_| HandoverError::DaemonStopping)?;
-        let snapshot = snapshot.await.map_err(|_| HandoverError::DaemonStopping)?;
+        let stopped = snapshot.await.map_err(|_| HandoverError::DaemonStopping)?;
         stopped_serving = true;
+        hand_on_late(&mut session, stopped.late, takes_envelopes).await?;
         step("passing on the deduplication state, the lock and the control socket");
-        dedup_state::send(&mut session, snapshot).await?;
+        dedup_state::send(&mut session, stopped.dedup).await?;
         match session
             .step(terms.step_timeout, "waiting for send_fds")
             .await?
@@ -161,6 +182,42 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Sends the successor, one line each, the envelopes that arrived after our Close: it acks
+/// them on its socket. An older successor cannot take them: Slack redelivers the events.
+async fn hand_on_late(
+    session: &mut Session,
+    late: Vec<Envelope>,
+    takes_envelopes: bool,
+) -> Result<(), HandoverError> {
+    if late.is_empty() {
+        return Ok(());
+    }
+    if !takes_envelopes {
+        tracing::warn!(
+            count = late.len(),
+            "the successor cannot take the envelopes that arrived after our Close; Slack redelivers the events among them"
+        );
+        return Ok(());
+    }
+    tracing::info!(
+        count = late.len(),
+        "handing on the envelopes that arrived after our Close"
+    );
+    for envelope in late {
+        let frame = serde_json::to_string(&envelope).map_err(HandoverError::Encode)?;
+        if frame.len() > MAX_HANDED_ON_FRAME {
+            tracing::warn!(
+                envelope_id = %envelope.envelope_id,
+                bytes = frame.len(),
+                "an envelope too large to hand on is left for Slack to redeliver"
+            );
+            continue;
+        }
+        session.send(&Step::Envelope { frame }).await?;
+    }
+    Ok(())
 }
 
 fn check_app(ours: Option<&str>, theirs: Option<&str>) -> Result<(), HandoverError> {

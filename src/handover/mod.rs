@@ -13,14 +13,18 @@
 //!                                       ←    {"response":"takeover_accepted","strict":false,…}
 //! (overlap: connects, waits for hello,
 //!  holds envelopes unacked)
-//! {"step":"ready","app_id":"A…"}        →
+//! {"step":"ready","app_id":"A…",
+//!  "takes_envelopes":true}              →
 //!                                            stops taking envelopes, drains, acks, closes
+//!                                       ←    {"step":"envelope","frame":"…"} (each
+//!                                            envelope that came after its Close)
 //!                                       ←    {"step":"state_part","dedup":{…}} (0 or more)
 //!                                       ←    {"step":"state","dedup":{…}}
 //! {"step":"send_fds"}                   →
 //!                                       ←    one byte + SCM_RIGHTS [lock, control listener]
 //! (adopts both, takes over the dedup
-//!  state, releases held envelopes)
+//!  state, releases held envelopes, handles
+//!  and acks the handed-on ones)
 //! {"step":"adopted"}                    →
 //! (strict: only now connects;
 //!  {"step":"serving"} once hello came)  →
@@ -53,7 +57,17 @@ pub use session::Session;
 #[serde(tag = "step", rename_all = "snake_case")]
 pub enum Step {
     /// Successor: connected and greeted by Slack (overlap), or ready to start (strict).
-    Ready { app_id: Option<String> },
+    /// `takes_envelopes`: it accepts `envelope` steps (an older successor does not say so,
+    /// and gets none).
+    Ready {
+        app_id: Option<String>,
+        #[serde(default)]
+        takes_envelopes: bool,
+    },
+    /// Incumbent, before its state, one line each: an envelope that arrived after its
+    /// Close, which it could not ack; the successor handles it and acks it on its own
+    /// socket (Slack matches acks by envelope id). The frame as Slack sent it.
+    Envelope { frame: String },
     /// Incumbent: drained and closed; a part of its deduplication state, more to follow.
     StatePart { dedup: DedupSnapshot },
     /// Incumbent: drained and closed; the last part of its deduplication state.
@@ -98,4 +112,23 @@ pub enum HandoverError {
     AdoptLock(#[source] crate::service::lock::LockError),
     #[error("taking over the control socket: {0}")]
     AdoptListener(#[source] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A successor of an earlier release does not say it takes envelopes: it gets none,
+    /// since it would not expect them before the state.
+    #[test]
+    fn a_ready_step_without_takes_envelopes_takes_none() {
+        let step: Step = serde_json::from_str(r#"{"step":"ready","app_id":"A1"}"#).unwrap();
+        assert_eq!(
+            step,
+            Step::Ready {
+                app_id: Some("A1".into()),
+                takes_envelopes: false
+            }
+        );
+    }
 }

@@ -10,6 +10,7 @@ use super::{HandoverError, Session, Step, dedup_state};
 use crate::control::protocol::{Command, Request, Response};
 use crate::dispatch::DedupSnapshot;
 use crate::service::lock::{HolderInfo, InstanceLock};
+use flowcoach_protocol::{Envelope, Inbound, parse_inbound};
 
 /// Bound on the steps that only wait for the incumbent's drain and close.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -30,6 +31,8 @@ pub struct Received {
     pub lock: InstanceLock,
     pub listener: StdUnixListener,
     pub dedup: DedupSnapshot,
+    /// Envelopes that reached the incumbent after its Close: ours to handle and ack.
+    pub late: Vec<Envelope>,
 }
 
 impl Takeover {
@@ -72,7 +75,12 @@ impl Takeover {
 
     /// Tells the incumbent we are ready: connected to `app_id` (overlap), or able to start.
     pub async fn ready(&mut self, app_id: Option<String>) -> Result<(), HandoverError> {
-        self.session.send(&Step::Ready { app_id }).await
+        self.session
+            .send(&Step::Ready {
+                app_id,
+                takes_envelopes: true,
+            })
+            .await
     }
 
     /// Waits for the incumbent's state, then takes its lock and listener.
@@ -81,10 +89,22 @@ impl Takeover {
         lock_path: &Path,
         holder: &HolderInfo,
     ) -> Result<Received, HandoverError> {
+        let mut late = Vec::new();
         let dedup = dedup_state::receive(
             &mut self.session,
             STEP_TIMEOUT,
             "waiting for the incumbent's state",
+            |step| match step {
+                Step::Envelope { frame } => {
+                    match parse_inbound(&frame) {
+                        Ok(Inbound::Envelope(envelope)) => late.push(envelope),
+                        // Not ours to crash on: Slack redelivers an event we cannot read.
+                        _ => tracing::warn!("ignored an unreadable envelope from the incumbent"),
+                    }
+                    Ok(())
+                }
+                other => Err(other),
+            },
         )
         .await?;
         self.session.send(&Step::SendFds).await?;
@@ -104,6 +124,7 @@ impl Takeover {
             lock,
             listener,
             dedup,
+            late,
         })
     }
 

@@ -21,7 +21,7 @@ use crate::config::ConnectionSettings;
 use crate::deadline::far_future;
 use crate::dispatch::{AckSink, Dispatcher, PendingAcks};
 use crate::state::{Counters, ServiceState};
-use flowcoach_protocol::{DisconnectReason, FrameError, Hello, Inbound, parse_inbound};
+use flowcoach_protocol::{DisconnectReason, Envelope, FrameError, Hello, Inbound, parse_inbound};
 
 type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -86,6 +86,8 @@ enum Control {
 /// The supervisor's grip on a running connection.
 pub struct ConnectionHandle {
     pub id: u64,
+    /// Acks for envelopes that arrived on another socket after that one's Close.
+    acks: AckSink,
     control: mpsc::UnboundedSender<Control>,
     task: JoinHandle<()>,
 }
@@ -100,6 +102,11 @@ impl ConnectionHandle {
 
     pub fn close(&self) {
         let _ = self.control.send(Control::Close);
+    }
+
+    /// The way to ack, on this socket, an envelope that came on another one.
+    pub fn acks(&self) -> &AckSink {
+        &self.acks
     }
 
     /// Waits for the task to finish (it always does, within its close bound).
@@ -187,24 +194,28 @@ impl WebSocket {
 
     /// Sends Close, then waits at most `bound` for Slack's reply; the caller drops the
     /// socket after this, since Slack does not close TCP after the close handshake.
-    async fn close(&mut self, bound: Duration) {
+    /// Returns the envelopes that arrived after our Close: Slack sent them before it read
+    /// our Close, and over RFC 6455 nothing, acks included, may follow our Close on this
+    /// socket. No client can prevent this race (nothing tells Slack to stop sending short
+    /// of the Close itself), so the caller acks them on another socket of the app.
+    async fn close(&mut self, bound: Duration) -> Vec<Envelope> {
         let ws = &mut self.ws;
+        let mut late = Vec::new();
         let handshake = async {
             if ws.close(Some(normal_close())).await.is_err() {
                 return;
             }
-            // Over RFC 6455 nothing may follow our Close: envelopes read now are not
-            // accepted (Slack redelivers them) and queued acks are not sent.
             // Slack does not close TCP after its Close reply: the reply ends the wait.
             while let Some(Ok(message)) = ws.next().await {
                 match message {
                     Message::Close(_) => break,
                     Message::Text(text) => {
                         if let Ok(Inbound::Envelope(envelope)) = parse_inbound(&text) {
-                            tracing::warn!(
+                            tracing::info!(
                                 envelope_id = %envelope.envelope_id,
-                                "envelope arrived after our Close: left unacked for Slack to redeliver"
+                                "envelope arrived after our Close: kept to be acked on another socket or by a successor"
                             );
+                            late.push(envelope);
                         }
                     }
                     _ => {}
@@ -214,6 +225,7 @@ impl WebSocket {
         if timeout(bound, handshake).await.is_err() {
             tracing::debug!("no close reply in time; dropping the socket");
         }
+        late
     }
 
     /// Starts the connection's task.
@@ -233,7 +245,7 @@ impl WebSocket {
             ws: self,
             frames,
             control,
-            acks,
+            acks: acks.clone(),
             pending,
             dispatcher,
             state,
@@ -250,6 +262,7 @@ impl WebSocket {
         });
         ConnectionHandle {
             id,
+            acks,
             control: control_tx,
             task,
         }
@@ -484,7 +497,9 @@ impl ConnectionTask {
     }
 
     async fn close(&mut self) -> EndCause {
-        self.ws.close(self.settings.close_timeout).await;
+        for envelope in self.ws.close(self.settings.close_timeout).await {
+            self.dispatcher.orphan(envelope);
+        }
         EndCause::ClosedByUs
     }
 

@@ -235,6 +235,7 @@ impl Supervisor {
                         }
                     }
                 }
+                () = self.dispatcher.orphaned(), if self.any_connected() => self.adopt_orphans(),
             }
         }
     }
@@ -514,6 +515,23 @@ impl Supervisor {
             .position(|s| s.conn.as_ref().is_some_and(|c| c.id == conn))
     }
 
+    /// Acks on an open socket the envelopes that arrived on a closing one after its Close
+    /// (or that a predecessor handed on): Slack matches acks by envelope id on any socket of
+    /// the app, so none waits for a redelivery and no command is lost.
+    fn adopt_orphans(&self) {
+        let Some(open) = self.slots.iter().find_map(|slot| slot.conn.as_ref()) else {
+            return;
+        };
+        for envelope in self.dispatcher.take_orphans() {
+            tracing::info!(
+                conn = open.id,
+                envelope_id = %envelope.envelope_id,
+                "handling an envelope that arrived on a closing socket"
+            );
+            self.dispatcher.accept(envelope, open.acks());
+        }
+    }
+
     async fn retired(&mut self, conn: u64, cause: &EndCause) {
         if let Some(index) = self.retiring.iter().position(|c| c.id == conn) {
             self.retiring.swap_remove(index).finished().await;
@@ -732,7 +750,8 @@ impl Supervisor {
     }
 
     /// Shutdown: stop taking envelopes, let handlers finish and ack within the drain
-    /// budget, then close every socket cleanly.
+    /// budget, then close every socket cleanly. Envelopes that arrive after a socket's
+    /// Close wait in the dispatcher ([`Dispatcher::take_orphans`]) for a successor.
     async fn close_all(&mut self) {
         self.state.set_phase(Phase::Draining);
         self.dispatcher.stop_accepting();

@@ -5,8 +5,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use flowcoach_harness::{APP, Daemon, FAST_CONFIG, WAIT, acked, event, simulator, token};
-use flowcoach_sim::{Record, Simulator};
+use flowcoach_harness::{
+    APP, Daemon, FAST_CONFIG, WAIT, acked, all_acked_in_time, event, simulator, token,
+};
+use flowcoach_sim::{LoadMix, LoadSpec, Record, Simulator};
 use nix::sys::signal::Signal;
 
 const DEV_APP: &str = "A0DEV00001";
@@ -378,5 +380,61 @@ async fn after_a_sighup_rotation_status_names_where_the_token_comes_from_now() {
         "{after}"
     );
     assert!(!after.contains("newsecret"), "{after}");
+    daemon.stop().await;
+}
+
+/// Token changes under a stream of events, slash commands and interactions: each moves the
+/// connection, and what reaches the retiring socket after its Close is acked on the new
+/// one, so every envelope is acked on its first delivery, within the ack deadline.
+#[tokio::test]
+async fn token_rotations_under_a_mixed_stream_ack_every_envelope_in_time() {
+    const ROTATIONS: usize = 10;
+    let rotated = "xapp-2-A0SIMAPP01-2-newsecret";
+    let sim = simulator(|c| c.apps[0].tokens.push(rotated.into())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_token(dir.path(), "prod.token", &token(), 0o600);
+    let config = format!(
+        "{FAST_CONFIG}\n[environments.prod]\napp_id = \"{APP}\"\ntoken_file = {:?}\n",
+        file.display().to_string()
+    );
+    let mut daemon = Daemon::start_args(
+        &sim,
+        &config,
+        &[("SLACK_APP_TOKEN", "")],
+        &["--env", "prod"],
+    );
+    hellos(&sim, 1).await;
+    let load = sim.start_load(
+        APP,
+        LoadSpec {
+            count: 100_000,
+            rate_per_sec: Some(200.0),
+            max_outstanding: None,
+            mix: LoadMix::Mixed,
+        },
+    );
+    let acked = |r: &Record| r.envelopes.iter().filter(|e| e.acked_at.is_some()).count();
+    for round in 1..=ROTATIONS {
+        let next = if round % 2 == 1 {
+            rotated.to_owned()
+        } else {
+            token()
+        };
+        write_token(dir.path(), "prod.token.new", &next, 0o600);
+        std::fs::rename(dir.path().join("prod.token.new"), &file).unwrap();
+        daemon.signal(Signal::SIGHUP);
+        // The retired socket has closed, and the stream goes on through the new one.
+        let before = acked(&sim.record());
+        sim.wait_until(WAIT, |r| {
+            r.hellos() > round
+                && r.sockets[round - 1].closed_at.is_some()
+                && acked(r) >= before + 20
+        })
+        .await
+        .unwrap_or_else(|e| panic!("rotation {round}: {e}"));
+    }
+    load.abort();
+    let record = all_acked_in_time(&sim).await;
+    assert_eq!(record.hellos(), ROTATIONS + 1, "{record}");
     daemon.stop().await;
 }

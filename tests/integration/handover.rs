@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use flowcoach_harness::logs::handled_events;
 use flowcoach_harness::process::{self, Strays};
-use flowcoach_harness::{APP, Daemon, FAST_CONFIG, WAIT, acked, connected, ctl, event, simulator};
+use flowcoach_harness::{
+    APP, Daemon, FAST_CONFIG, WAIT, acked, all_acked_in_time, connected, ctl, event, simulator,
+};
 use flowcoach_protocol::EnvelopeKind;
 use flowcoach_sim::{CloseKind, LoadMix, LoadSpec, OpenResponse, Record, Simulator};
 use nix::sys::signal::Signal;
@@ -234,13 +236,23 @@ async fn serving_alone(sim: &Simulator, host: &Host, pid: u32, event_id: &str) {
 
 /// A steady stream of message events.
 fn stream(sim: &Simulator, rate: f64, seconds: u64) -> tokio::task::JoinHandle<()> {
+    stream_of(sim, rate, seconds, LoadMix::EventsOnly)
+}
+
+/// A steady stream of `mix`.
+fn stream_of(
+    sim: &Simulator,
+    rate: f64,
+    seconds: u64,
+    mix: LoadMix,
+) -> tokio::task::JoinHandle<()> {
     sim.start_load(
         APP,
         LoadSpec {
             count: (rate * seconds as f64) as u64,
             rate_per_sec: Some(rate),
             max_outstanding: None,
-            mix: LoadMix::EventsOnly,
+            mix,
         },
     )
 }
@@ -884,4 +896,65 @@ async fn with_two_sockets_a_takeover_counts_all_of_the_incumbents_sockets_and_le
     assert_eq!(status["sockets_open"], 2, "{status}");
     successor.stop().await;
     handled_exactly_once(&record, &[&incumbent, &successor]).await;
+}
+
+/// `rounds` handovers (`flowcoachctl handover`) in a row under a stream of events, slash
+/// commands and interactions at 200/s: every envelope is acked on its first delivery and
+/// within the ack deadline, none waits for a redelivery and none is given up (a slash
+/// command or an interaction is never redelivered), including those that reach an
+/// incumbent after its Close.
+async fn handovers_under_a_mixed_stream(strict: bool, rounds: usize) {
+    let config = with_handover(&format!("strict = {strict}\ntimeout = \"10s\""));
+    let (sim, host, mut first) = connected_incumbent(&config).await;
+    let mut strays = Strays::default();
+    let load = stream_of(&sim, 200.0, 120, LoadMix::Mixed);
+    let mut acks = acks_beyond(&sim, 0, 20).await;
+    let mut holder: Option<u32> = None;
+    for round in 0..rounds {
+        let output = host.ctl(&["handover"]).await;
+        assert!(
+            output.status.success(),
+            "round {round}: {output:?}\n{}",
+            first.stderr()
+        );
+        let successor = handed_to(&output);
+        strays.add(successor);
+        match holder {
+            None => assert_eq!(exited(&mut first).await, 0, "{}", first.stderr()),
+            Some(incumbent) => strays.gone(incumbent, WAIT).await.unwrap(),
+        }
+        holder = Some(successor);
+        acks = acks_beyond(&sim, acks, 20).await;
+    }
+    load.abort();
+    let record = all_acked_in_time(&sim).await;
+    let redelivered = record
+        .envelopes
+        .iter()
+        .filter(|e| e.deliveries.len() > 1)
+        .count();
+    assert_eq!(redelivered, 0, "{record}");
+    let holder = holder.expect("at least one round");
+    process::signal(holder, Signal::SIGTERM);
+    strays.gone(holder, WAIT).await.unwrap();
+    handled_exactly_once(&record, &[&first]).await;
+    let handed_on = first.count_by(
+        "handling an envelope that arrived on a closing socket",
+        "message",
+    );
+    eprintln!(
+        "{rounds} handovers (strict: {strict}): {} envelopes, {} handled by a successor after the incumbent's Close",
+        record.envelopes.len(),
+        handed_on.values().sum::<usize>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handovers_under_a_mixed_stream_ack_every_envelope_in_time() {
+    handovers_under_a_mixed_stream(false, 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_handovers_under_a_mixed_stream_ack_every_envelope_in_time() {
+    handovers_under_a_mixed_stream(true, 10).await;
 }

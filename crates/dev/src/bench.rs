@@ -1,6 +1,7 @@
 //! `flowcoach-dev bench`: throughput, CPU per envelope, ack latency and resident memory of a
 //! flowcoach process (the child, not the simulator) under a steady envelope stream; with
-//! `--handovers N`, what N handovers in a row cost under a steady event stream.
+//! `--handovers N`, what N handovers in a row cost under a steady stream of events, slash
+//! commands and interactions.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use nix::sys::signal::Signal;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::BenchArgs;
+use crate::{BenchArgs, StreamMix};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -216,6 +217,8 @@ pub struct HandoverBenchReport {
     pub handovers: u32,
     pub strict: bool,
     pub rate_per_sec: f64,
+    /// `events`, or `mixed` (slash commands and interactions among the events).
+    pub mix: &'static str,
     /// From the request to the answer, as the incumbent counts it (`took_ms`).
     pub took_ms: Spread,
     /// From the request to the answer, as the caller sees it.
@@ -230,7 +233,11 @@ pub struct HandoverBenchReport {
     /// Envelopes delivered more than once (left unacked by a draining incumbent, or held
     /// by a successor beyond the ack deadline): Slack's redelivery at work.
     pub redelivered: usize,
-    /// Never acked, or given up by the simulator.
+    /// Acked later than the ack deadline after their first delivery: an event that waited
+    /// for Slack's redelivery.
+    pub acked_late: usize,
+    /// Never acked, or given up by the simulator (a slash command or an interaction is
+    /// never redelivered: its user sees a failure).
     pub lost: usize,
     /// Event ids with more than one "event handled" log line, over every process.
     pub handled_twice: usize,
@@ -262,7 +269,7 @@ impl Spread {
 
 fn run_handovers(args: &BenchArgs, handovers: u32) -> ExitCode {
     report(
-        bench_handovers(handovers, args.strict, args.rate.unwrap_or(200.0)),
+        bench_handovers(handovers, args.strict, args.rate.unwrap_or(200.0), args.mix),
         args.json,
         print_handover_table,
     )
@@ -270,14 +277,15 @@ fn run_handovers(args: &BenchArgs, handovers: u32) -> ExitCode {
 
 fn print_handover_table(r: &HandoverBenchReport) {
     println!(
-        "flowcoach-dev bench: {} handovers ({}), {:.0} events/s",
+        "flowcoach-dev bench: {} handovers ({}), {:.0} envelopes/s ({})",
         r.handovers,
         if r.strict {
             "strict: break before make"
         } else {
             "overlap"
         },
-        r.rate_per_sec
+        r.rate_per_sec,
+        r.mix
     );
     println!("                         min     median        max");
     let row = |name: &str, s: &Spread| {
@@ -295,6 +303,7 @@ fn print_handover_table(r: &HandoverBenchReport) {
     );
     println!("  envelopes          {:>10}", r.envelopes);
     println!("    redelivered      {:>10}", r.redelivered);
+    println!("    acked too late   {:>10}", r.acked_late);
     println!("    lost             {:>10}", r.lost);
     println!("    handled twice    {:>10}", r.handled_twice);
     println!("    acked, unhandled {:>10}", r.acked_not_handled);
@@ -307,6 +316,7 @@ async fn bench_handovers(
     handovers: u32,
     strict: bool,
     rate: f64,
+    mix: StreamMix,
 ) -> Result<HandoverBenchReport, String> {
     if rate.is_nan() || rate <= 0.0 {
         return Err("--rate must be positive".to_owned());
@@ -317,6 +327,7 @@ async fn bench_handovers(
     })
     .await
     .map_err(|e| format!("simulator: {e}"))?;
+    let ack_deadline = sim.config().ack_deadline;
     let config = format!("environment = \"{BENCH_ENVIRONMENT}\"\n[handover]\nstrict = {strict}\n");
     // JSON at info: the "event handled" lines are counted. Every instance writes to this
     // one's stderr: a successor inherits its predecessor's.
@@ -336,7 +347,10 @@ async fn bench_handovers(
             count: (rate * 3600.0) as u64,
             rate_per_sec: Some(rate),
             max_outstanding: None,
-            mix: LoadMix::EventsOnly,
+            mix: match mix {
+                StreamMix::Events => LoadMix::EventsOnly,
+                StreamMix::Mixed => LoadMix::Mixed,
+            },
         },
     );
     // Handovers a tenth of a second of stream apart, at least one envelope.
@@ -411,6 +425,10 @@ async fn bench_handovers(
         handovers,
         strict,
         rate_per_sec: rate,
+        mix: match mix {
+            StreamMix::Events => "events",
+            StreamMix::Mixed => "mixed",
+        },
         took_ms: Spread::of(took),
         wall_ms: Spread::of(wall),
         zero_open_stretches: stretches.len(),
@@ -421,6 +439,11 @@ async fn bench_handovers(
             .envelopes
             .iter()
             .filter(|e| e.deliveries.len() > 1)
+            .count(),
+        acked_late: settled
+            .envelopes
+            .iter()
+            .filter(|e| e.ack_delay().is_some_and(|delay| delay > ack_deadline))
             .count(),
         lost: settled
             .envelopes

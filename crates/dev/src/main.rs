@@ -57,9 +57,20 @@ pub struct BenchArgs {
     /// With --handovers: break before make (`[handover] strict = true`).
     #[arg(long, requires = "handovers")]
     pub strict: bool,
+    /// With --handovers: what the stream carries (mixed: one slash command and one
+    /// interaction in every ten envelopes, the rest events).
+    #[arg(long, value_enum, default_value_t = StreamMix::Mixed, requires = "handovers")]
+    pub mix: StreamMix,
     /// Print the figures as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The kinds of envelope in a benchmark's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StreamMix {
+    Events,
+    Mixed,
 }
 
 #[derive(Debug, Args)]

@@ -11,6 +11,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
+use flowcoach_protocol::EnvelopeKind;
 use flowcoach_sim::{
     CloseKind, EnvelopeRecord, EnvelopeSpec, Record, SIM_CHANNEL_ID, SimConfig, Simulator,
 };
@@ -381,4 +382,32 @@ pub async fn acked(sim: &Simulator, spec: EnvelopeSpec) -> EnvelopeRecord {
     sim.inject_and_wait_ack(APP, spec, WAIT)
         .await
         .unwrap_or_else(|e| panic!("{what} not acked: {e:?}"))
+}
+
+/// Waits until every envelope is acked or given up; then checks that each was acked within
+/// the ack deadline of its first delivery (an event acked later waited for a redelivery; a
+/// slash command or an interaction acked later, or never, failed for its user).
+pub async fn all_acked_in_time(sim: &Simulator) -> Record {
+    let record = sim
+        .wait_until(WAIT, |r| {
+            r.envelopes
+                .iter()
+                .all(|e| e.acked_at.is_some() || e.gave_up)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("envelopes neither acked nor given up: {e}"));
+    let deadline = sim.config().ack_deadline;
+    let late: Vec<(EnvelopeKind, usize, bool)> = record
+        .envelopes
+        .iter()
+        .filter(|e| e.ack_delay().is_none_or(|delay| delay > deadline))
+        .map(|e| (e.kind, e.deliveries.len(), e.gave_up))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} of {} envelopes acked past the deadline or never (kind, deliveries, given up): {late:?}",
+        late.len(),
+        record.envelopes.len()
+    );
+    record
 }

@@ -103,6 +103,15 @@ pub struct EnvelopeRecord {
     pub pending_since: Instant,
 }
 
+impl EnvelopeRecord {
+    /// From its first delivery to its ack: beyond the ack deadline, it was acked only
+    /// after a redelivery (an event) or in vain (a slash command or an interaction).
+    /// `None` while it is not acked.
+    pub fn ack_delay(&self) -> Option<std::time::Duration> {
+        Some(self.acked_at? - self.deliveries.first()?.at)
+    }
+}
+
 /// One delivery of an envelope to a socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivery {
