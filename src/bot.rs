@@ -7,18 +7,18 @@ use std::time::SystemTime;
 use serde_json::{Value, json};
 
 use crate::dispatch::{Handler, HandlerFuture, Incoming};
-use crate::state::ServiceState;
+use crate::state::InstanceState;
 use flowcoach_protocol::EnvelopeKind;
 
 pub const COMMAND: &str = "/flowcoach";
 
 /// The built-in handlers.
 pub struct FlowCoach {
-    state: Arc<ServiceState>,
+    state: Arc<InstanceState>,
 }
 
 impl FlowCoach {
-    pub fn new(state: Arc<ServiceState>) -> Self {
+    pub fn new(state: Arc<InstanceState>) -> Self {
         FlowCoach { state }
     }
 
@@ -128,7 +128,7 @@ mod tests {
     }
 
     fn bot() -> FlowCoach {
-        let state = Arc::new(ServiceState::new(InstanceInfo::current("prod")));
+        let state = Arc::new(InstanceState::new(InstanceInfo::current("prod")));
         state.update(|s| {
             s.app_id = Some("A0TEST".into());
             s.connected_since = Some(SystemTime::UNIX_EPOCH);

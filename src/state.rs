@@ -190,7 +190,7 @@ impl InstanceInfo {
 
 /// The shared state of one service instance.
 #[derive(Debug)]
-pub struct ServiceState {
+pub struct InstanceState {
     pub instance: InstanceInfo,
     pub counters: Counters,
     /// Sockets of a predecessor this instance is taking over from: Slack counts them in
@@ -199,9 +199,9 @@ pub struct ServiceState {
     status: watch::Sender<ConnectionStatus>,
 }
 
-impl ServiceState {
+impl InstanceState {
     pub fn new(instance: InstanceInfo) -> Self {
-        ServiceState {
+        InstanceState {
             instance,
             counters: Counters::default(),
             predecessor_sockets: std::sync::atomic::AtomicU32::new(0),
@@ -250,7 +250,7 @@ mod tests {
 
     #[test]
     fn updates_notify_only_on_change() {
-        let state = ServiceState::new(InstanceInfo::current("test"));
+        let state = InstanceState::new(InstanceInfo::current("test"));
         let mut changes = state.subscribe();
         state.set_phase(Phase::Starting);
         assert!(!changes.has_changed().unwrap());

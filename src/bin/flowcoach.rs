@@ -8,7 +8,7 @@ use flowcoach::cli::{DaemonCli, DaemonCommand};
 use flowcoach::config::{Config, ProcessEnv, token_variable};
 use flowcoach::control::server::from_systemd;
 use flowcoach::daemon::{self, Startup};
-use flowcoach::service::paths::{InstancePaths, runtime_dir};
+use flowcoach::host::paths::{InstancePaths, runtime_dir};
 use flowcoach::{exit, logging};
 
 fn main() -> ExitCode {

@@ -14,7 +14,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::EnvSource;
-use crate::service::paths;
+use crate::host::paths;
 
 /// The variables discovery reads (`CONTROL_SOCKET` and those of the runtime directory) are
 /// defined with all the others in [`crate::config::env`].

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::state::ServiceState;
+use crate::state::InstanceState;
 
 pub mod access;
 pub mod cli;
@@ -32,7 +32,7 @@ pub mod server;
 /// What the control server answers from.
 #[derive(Debug)]
 pub struct ControlContext {
-    pub state: Arc<ServiceState>,
+    pub state: Arc<InstanceState>,
     /// Where the current token came from (`Config::token_source`), for status output:
     /// a reload that finds the token elsewhere sends the new place here.
     pub token_source: tokio::sync::watch::Receiver<String>,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::control::client::{self, ClientError};
 use crate::control::protocol::{Command, Response, StatusReport};
-use crate::service::lock::LockError;
+use crate::host::lock::LockError;
 
 /// How long to wait for the holder's answer: it is alive (it holds the lock), so it
 /// answers at once unless it is wedged.

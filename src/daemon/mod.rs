@@ -2,7 +2,7 @@
 //! supervisor and the dispatcher for one app, handovers, and the way they stop together.
 
 mod conflict;
-mod handovers;
+mod coordinator;
 mod reload;
 mod signals;
 mod takeover;
@@ -23,13 +23,13 @@ use crate::config::{Config, ProcessEnv, Settings};
 use crate::control::{ControlContext, server};
 use crate::dispatch::Dispatcher;
 use crate::exit;
+use crate::host::lock::{HolderInfo, InstanceLock, LockError};
+use crate::host::paths::{InstancePaths, UNKNOWN_APP, ensure_dir, runtime_dir};
+use crate::host::systemd::{self, Systemd};
 use crate::logging::LogHandle;
-use crate::service::lock::{HolderInfo, InstanceLock, LockError};
-use crate::service::paths::{InstancePaths, UNKNOWN_APP, ensure_dir, runtime_dir};
-use crate::service::systemd::{self, Systemd};
 use crate::slack::api::{OpenError, SlackApi};
 use crate::slack::supervisor::{FatalError, Supervisor};
-use crate::state::{InstanceInfo, ServiceState};
+use crate::state::{InstanceInfo, InstanceState};
 use crate::token::AppToken;
 
 /// How often `EXTEND_TIMEOUT_USEC` is renewed while draining.
@@ -102,11 +102,11 @@ struct Serving {
 }
 
 /// What every phase of the daemon's life shares.
-struct Service {
+struct Instance {
     config: Config,
     paths: InstancePaths,
     holder: HolderInfo,
-    state: Arc<ServiceState>,
+    state: Arc<InstanceState>,
     live: watch::Receiver<Settings>,
     /// The current token; a reload that finds a new one sends it here.
     tokens: Arc<watch::Sender<AppToken>>,
@@ -118,7 +118,7 @@ struct Service {
     exe: PathBuf,
 }
 
-impl Service {
+impl Instance {
     fn start_serving(&self) -> Result<Serving, DaemonError> {
         let api = SlackApi::new(
             &self.config.api_url,
@@ -168,7 +168,7 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
         Err(LockError::Held { .. }) if takeover => None,
         Err(error) => return Err(lock_failure(error).await),
     };
-    let state = Arc::new(ServiceState::new(InstanceInfo::current(&environment)));
+    let state = Arc::new(InstanceState::new(InstanceInfo::current(&environment)));
     let (live_tx, live) = watch::channel(config.settings.clone());
     let handler = Arc::new(FlowCoach::new(state.clone()));
     let dispatcher = Arc::new(if lock.is_none() && !config.settings.handover.strict {
@@ -198,7 +198,7 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
         token_source.clone(),
         log,
     );
-    let service = Service {
+    let instance = Instance {
         config,
         paths,
         holder,
@@ -215,13 +215,13 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
     let reloads = signals::watch(shutdown.clone()).map_err(DaemonError::Signals)?;
     let held = match lock {
         Some(lock) => Held {
-            listener: listen(control_listener, &service.paths.socket)?,
-            serving: service.start_serving()?,
+            listener: listen(control_listener, &instance.paths.socket)?,
+            serving: instance.start_serving()?,
             lock,
         },
-        None => takeover::take_over(&service, control_listener, &shutdown).await?,
+        None => takeover::take_over(&instance, control_listener, &shutdown).await?,
     };
-    serve(service, held, shutdown, reloads, reloader).await
+    serve(instance, held, shutdown, reloads, reloader).await
 }
 
 /// Why the lock could not be taken: another instance holds the app (75, naming it), or the
@@ -248,7 +248,7 @@ fn listen(
 
 /// The PID file names the control socket for a second start's message: with socket
 /// activation (or after a handover) that is where the listener really is.
-fn record_control_socket(service: &Service, lock: &InstanceLock, listener: &UnixListener) {
+fn record_control_socket(instance: &Instance, lock: &InstanceLock, listener: &UnixListener) {
     let Some(path) = listener
         .local_addr()
         .ok()
@@ -258,7 +258,7 @@ fn record_control_socket(service: &Service, lock: &InstanceLock, listener: &Unix
     };
     let holder = HolderInfo {
         control_socket: path,
-        ..service.holder.clone()
+        ..instance.holder.clone()
     };
     if let Err(error) = lock.update(&holder) {
         tracing::warn!(%error, "cannot record the control socket in the PID file");
@@ -267,7 +267,7 @@ fn record_control_socket(service: &Service, lock: &InstanceLock, listener: &Unix
 
 /// Holds the app: the control server, systemd, reloads, handovers, until a stop.
 async fn serve(
-    service: Service,
+    instance: Instance,
     held: Held,
     shutdown: CancellationToken,
     mut reloads: mpsc::Receiver<()>,
@@ -278,19 +278,19 @@ async fn serve(
         listener,
         serving,
     } = held;
-    record_control_socket(&service, &lock, &listener);
-    let handed = handovers::handed(&lock, &listener).map_err(DaemonError::HandoverDescriptors)?;
+    record_control_socket(&instance, &lock, &listener);
+    let handed = coordinator::handed(&lock, &listener).map_err(DaemonError::HandoverDescriptors)?;
     // One call at a time: a second one is refused by the control server at once.
     let (calls_tx, calls) = mpsc::channel(1);
     // Everything around the Slack side stops after the drain, so the drain is reported to
     // systemd, watched by its watchdog, and visible over the control socket.
     let after_drain = CancellationToken::new();
     let control = ControlContext {
-        state: service.state.clone(),
-        token_source: service.token_source.subscribe(),
-        started_at: service.started_at,
-        outage_budget: service.config.settings.service.outage_budget,
-        access: service.config.access.clone(),
+        state: instance.state.clone(),
+        token_source: instance.token_source.subscribe(),
+        started_at: instance.started_at,
+        outage_budget: instance.config.settings.service.outage_budget,
+        access: instance.config.access.clone(),
         handover: Some(calls_tx),
     };
     let control_task = tokio::spawn(server::serve(
@@ -298,14 +298,17 @@ async fn serve(
         Arc::new(control),
         after_drain.clone(),
     ));
-    let systemd = service.systemd.clone();
-    let reporter =
-        systemd::spawn_status_reporter(systemd.clone(), service.state.clone(), after_drain.clone());
+    let systemd = instance.systemd.clone();
+    let reporter = systemd::spawn_status_reporter(
+        systemd.clone(),
+        instance.state.clone(),
+        after_drain.clone(),
+    );
     let watchdog = systemd::watchdog_interval().map(|interval| {
         systemd::spawn_watchdog(
             systemd.clone(),
-            service.state.clone(),
-            service.config.settings.service.outage_budget,
+            instance.state.clone(),
+            instance.config.settings.service.outage_budget,
             interval,
             after_drain.clone(),
         )
@@ -316,10 +319,10 @@ async fn serve(
         }
     });
 
-    let result = handovers::Coordinator::new(&service, handed, calls)
+    let result = coordinator::Coordinator::new(&instance, handed, calls)
         .serve(serving, &shutdown)
         .await;
-    if matches!(result, Ok(handovers::Ending::HandedOver)) {
+    if matches!(result, Ok(coordinator::Ending::HandedOver)) {
         // The successor reports to systemd now: no last STATUS= or WATCHDOG=1 from here.
         reporter.abort();
         if let Some(watchdog) = &watchdog {

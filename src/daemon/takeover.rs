@@ -8,10 +8,10 @@ use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
-use super::{DaemonError, Held, Service, Serving, listen, lock_failure};
+use super::{DaemonError, Held, Instance, Serving, listen, lock_failure};
 use crate::handover::HandoverError;
 use crate::handover::successor::{Received, Takeover};
-use crate::service::lock::{InstanceLock, read_holder};
+use crate::host::lock::{InstanceLock, read_holder};
 use crate::slack::supervisor::FatalError;
 
 /// Why a takeover failed (besides a fatal Slack error, which ends it as it ends a start).
@@ -39,19 +39,19 @@ enum Outcome {
 /// that instance goes away first. `from_systemd` is the control listener systemd passed, if
 /// any: the app alone is taken as a first start takes it.
 pub async fn take_over(
-    service: &Service,
+    instance: &Instance,
     from_systemd: Option<StdUnixListener>,
     shutdown: &CancellationToken,
 ) -> Result<Held, DaemonError> {
-    let socket = read_holder(&service.paths.lock)
+    let socket = read_holder(&instance.paths.lock)
         .map(|holder| holder.control_socket)
         .filter(|socket| !socket.as_os_str().is_empty())
-        .unwrap_or_else(|| service.paths.socket.clone());
+        .unwrap_or_else(|| instance.paths.socket.clone());
     let mut takeover = match Takeover::request(&socket).await {
         Ok(takeover) => takeover,
         Err(HandoverError::Disconnected(why)) => {
             tracing::warn!(%why, "no running instance answers; starting as the only one");
-            return alone(service, from_systemd, None).await;
+            return alone(instance, from_systemd, None).await;
         }
         Err(error) => return Err(TakeoverError::from(error).into()),
     };
@@ -60,9 +60,9 @@ pub async fn take_over(
         "the running instance accepted the takeover"
     );
     let mut serving = None;
-    let outcome = with_incumbent(service, &mut takeover, &mut serving, shutdown).await;
+    let outcome = with_incumbent(instance, &mut takeover, &mut serving, shutdown).await;
     // From here on Slack's count holds our sockets alone.
-    service
+    instance
         .state
         .predecessor_sockets
         .store(0, Ordering::Relaxed);
@@ -72,7 +72,9 @@ pub async fn take_over(
             tracing::warn!(
                 "the running instance went away during the handover; taking the app alone"
             );
-            return alone(service, from_systemd, serving).await;
+            let held = alone(instance, from_systemd, serving).await?;
+            tracing::info!("took the app over alone");
+            return Ok(held);
         }
         Err(error) => {
             takeover.fail(&error.to_string()).await;
@@ -85,11 +87,11 @@ pub async fn take_over(
         dedup,
         late,
     } = received;
-    service.dispatcher.release(Some(dedup));
+    instance.dispatcher.release(Some(dedup));
     // Acked on our socket once we have one (at once in overlap mode), deduplicated
     // against the incumbent's state like everything else.
     for envelope in late {
-        service.dispatcher.orphan(envelope);
+        instance.dispatcher.orphan(envelope);
     }
     if let Err(error) = takeover.adopted().await {
         // We hold the app now; the incumbent cannot roll back without its session.
@@ -99,7 +101,7 @@ pub async fn take_over(
     let serving = match serving {
         Some(serving) => serving,
         // Strict: we connect only now that the incumbent has closed.
-        None => match connected(service, shutdown, takeover.timeout).await {
+        None => match connected(instance, shutdown, takeover.timeout).await {
             Ok((serving, _)) => {
                 let _ = takeover.serving().await;
                 serving
@@ -121,7 +123,7 @@ pub async fn take_over(
 /// The session up to the incumbent's hand-on: in overlap mode our connection says hello
 /// first (into `serving`) and keeps running, holding envelopes, while the incumbent drains.
 async fn with_incumbent(
-    service: &Service,
+    instance: &Instance,
     takeover: &mut Takeover,
     serving: &mut Option<Serving>,
     shutdown: &CancellationToken,
@@ -130,11 +132,11 @@ async fn with_incumbent(
         None
     } else {
         // Slack's count in our hellos includes the incumbent's sockets.
-        service
+        instance
             .state
             .predecessor_sockets
             .store(takeover.incumbent_sockets, Ordering::Relaxed);
-        let (running, app_id) = connected(service, shutdown, takeover.timeout).await?;
+        let (running, app_id) = connected(instance, shutdown, takeover.timeout).await?;
         *serving = Some(running);
         Some(app_id)
     };
@@ -144,10 +146,14 @@ async fn with_incumbent(
         Err(error) => return Err(TakeoverError::from(error).into()),
         Ok(()) => match serving {
             Some(running) => tokio::select! {
-                received = takeover.receive(&service.paths.lock, &service.holder) => received,
+                received = takeover.receive(&instance.paths.lock, &instance.holder) => received,
                 ended = &mut running.run => return Err(connection_ended(ended)),
             },
-            None => takeover.receive(&service.paths.lock, &service.holder).await,
+            None => {
+                takeover
+                    .receive(&instance.paths.lock, &instance.holder)
+                    .await
+            }
         },
     };
     match received {
@@ -161,19 +167,19 @@ async fn with_incumbent(
 /// the control listener (systemd's, if it passed one), the envelopes held so far released
 /// with no predecessor's state, and a connection (`serving`, if one runs already).
 pub(super) async fn alone(
-    service: &Service,
+    instance: &Instance,
     from_systemd: Option<StdUnixListener>,
     serving: Option<Serving>,
 ) -> Result<Held, DaemonError> {
-    let lock = match InstanceLock::acquire(&service.paths.lock, &service.holder) {
+    let lock = match InstanceLock::acquire(&instance.paths.lock, &instance.holder) {
         Ok(lock) => lock,
         Err(error) => return Err(lock_failure(error).await),
     };
-    let listener = listen(from_systemd, &service.paths.socket)?;
-    service.dispatcher.release(None);
+    let listener = listen(from_systemd, &instance.paths.socket)?;
+    instance.dispatcher.release(None);
     let serving = match serving {
         Some(serving) => serving,
-        None => service.start_serving()?,
+        None => instance.start_serving()?,
     };
     Ok(Held {
         lock,
@@ -184,12 +190,12 @@ pub(super) async fn alone(
 
 /// Starts serving and waits, at most `bound`, for a hello; the app ID it names.
 async fn connected(
-    service: &Service,
+    instance: &Instance,
     shutdown: &CancellationToken,
     bound: Duration,
 ) -> Result<(Serving, String), DaemonError> {
-    let mut running = service.start_serving()?;
-    let mut status = service.state.subscribe();
+    let mut running = instance.start_serving()?;
+    let mut status = instance.state.subscribe();
     let hello = tokio::select! {
         () = shutdown.cancelled() => return Err(TakeoverError::Stopped.into()),
         hello = tokio::time::timeout(bound, status.wait_for(|s| s.app_id.is_some())) => hello,

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{DispatchSettings, Settings};
-use crate::state::{Counters, ServiceState};
+use crate::state::{Counters, InstanceState};
 use flowcoach_protocol::Envelope;
 
 /// What happened to one envelope on arrival.
@@ -39,7 +39,7 @@ pub struct Dispatcher {
     handler: Arc<dyn Handler>,
     /// Settings that a reload (SIGHUP) may change; the deadline is read per envelope.
     live: watch::Receiver<Settings>,
-    state: Arc<ServiceState>,
+    state: Arc<InstanceState>,
     dedup: std::sync::Mutex<Dedup>,
     /// Handlers running or queued; bounds memory.
     admitted: Arc<Semaphore>,
@@ -64,7 +64,7 @@ impl Dispatcher {
     pub fn new(
         handler: Arc<dyn Handler>,
         live: watch::Receiver<Settings>,
-        state: Arc<ServiceState>,
+        state: Arc<InstanceState>,
     ) -> Self {
         let settings: DispatchSettings = live.borrow().dispatch.clone();
         let admitted = settings.max_concurrent_handlers + settings.max_queued_handlers;
@@ -87,7 +87,7 @@ impl Dispatcher {
     pub fn held(
         handler: Arc<dyn Handler>,
         live: watch::Receiver<Settings>,
-        state: Arc<ServiceState>,
+        state: Arc<InstanceState>,
     ) -> Self {
         let dispatcher = Self::new(handler, live, state);
         *dispatcher.held.lock().expect("held lock poisoned") = Some(Vec::new());
@@ -291,7 +291,7 @@ fn send_ack(counters: &Counters, pending: PendingAck, payload: Option<serde_json
 /// One handler invocation and the ack that depends on it.
 struct Job {
     handler: Arc<dyn Handler>,
-    state: Arc<ServiceState>,
+    state: Arc<InstanceState>,
     running: Arc<Semaphore>,
     response_deadline: Duration,
     accepted_at: Instant,

@@ -10,7 +10,7 @@ use super::process::Process;
 use super::{HandoverError, Session, Step, dedup_state};
 use crate::control::protocol::Response;
 use crate::dispatch::DedupSnapshot;
-use crate::state::ServiceState;
+use crate::state::InstanceState;
 use flowcoach_protocol::Envelope;
 
 /// Envelopes handed on are one session line each, kept well below the session's line
@@ -71,7 +71,7 @@ pub async fn run(
     terms: Terms,
     app_id: Option<String>,
     handed: Handed,
-    state: Arc<ServiceState>,
+    state: Arc<InstanceState>,
     daemon: mpsc::Sender<Request>,
 ) -> Outcome {
     // Held from the start: the pid may belong to another process by the time we stop it.

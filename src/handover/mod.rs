@@ -109,7 +109,7 @@ pub enum HandoverError {
     #[error("the incumbent sent {got} descriptors instead of the lock and the listener")]
     MissingDescriptors { got: usize },
     #[error("taking over the lock: {0}")]
-    AdoptLock(#[source] crate::service::lock::LockError),
+    AdoptLock(#[source] crate::host::lock::LockError),
     #[error("taking over the control socket: {0}")]
     AdoptListener(#[source] std::io::Error),
 }

@@ -9,7 +9,7 @@ use tokio::net::UnixStream;
 use super::{HandoverError, Session, Step, dedup_state};
 use crate::control::protocol::{Command, Request, Response};
 use crate::dispatch::DedupSnapshot;
-use crate::service::lock::{HolderInfo, InstanceLock};
+use crate::host::lock::{HolderInfo, InstanceLock};
 use flowcoach_protocol::{Envelope, Inbound, parse_inbound};
 
 /// Bound on the steps that only wait for the incumbent's drain and close.

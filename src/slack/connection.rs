@@ -20,7 +20,7 @@ use url::Url;
 use crate::config::ConnectionSettings;
 use crate::deadline::far_future;
 use crate::dispatch::{AckSink, Dispatcher, PendingAcks};
-use crate::state::{Counters, ServiceState};
+use crate::state::{Counters, InstanceState};
 use flowcoach_protocol::{DisconnectReason, Envelope, FrameError, Hello, Inbound, parse_inbound};
 
 type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -234,7 +234,7 @@ impl WebSocket {
         id: u64,
         settings: ConnectionSettings,
         dispatcher: Arc<Dispatcher>,
-        state: Arc<ServiceState>,
+        state: Arc<InstanceState>,
         events: mpsc::UnboundedSender<ConnEvent>,
     ) -> ConnectionHandle {
         let (frames_tx, frames) = mpsc::unbounded_channel();
@@ -284,7 +284,7 @@ struct ConnectionTask {
     acks: AckSink,
     pending: Arc<PendingAcks>,
     dispatcher: Arc<Dispatcher>,
-    state: Arc<ServiceState>,
+    state: Arc<InstanceState>,
     settings: ConnectionSettings,
     events: mpsc::UnboundedSender<ConnEvent>,
     last_inbound: Instant,

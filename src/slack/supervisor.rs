@@ -19,7 +19,7 @@ use crate::slack::api::{OpenError, SlackApi};
 use crate::slack::backoff::Backoff;
 use crate::slack::connection::{self, ConnEvent, ConnectError, ConnectionHandle, EndCause};
 use crate::slack::throttle::LogThrottle;
-use crate::state::{Counters, Phase, ServiceState};
+use crate::state::{Counters, InstanceState, Phase};
 use crate::token::AppToken;
 use flowcoach_protocol::{DisconnectReason, Hello};
 
@@ -124,7 +124,7 @@ pub struct Supervisor {
     /// Settings that a reload (SIGHUP) may change; read at each use.
     live: watch::Receiver<Settings>,
     dispatcher: Arc<Dispatcher>,
-    state: Arc<ServiceState>,
+    state: Arc<InstanceState>,
     events_tx: mpsc::UnboundedSender<ConnEvent>,
     events: mpsc::UnboundedReceiver<ConnEvent>,
     rng: SmallRng,
@@ -146,7 +146,7 @@ impl Supervisor {
         pin: AppPin,
         live: watch::Receiver<Settings>,
         dispatcher: Arc<Dispatcher>,
-        state: Arc<ServiceState>,
+        state: Arc<InstanceState>,
     ) -> Self {
         let settings = live.borrow().connection.clone();
         let (events_tx, events) = mpsc::unbounded_channel();

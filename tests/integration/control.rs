@@ -23,14 +23,14 @@ use flowcoach::control::protocol::{
 };
 use flowcoach::control::server::{self, Limits};
 use flowcoach::health::Health;
-use flowcoach::state::{Counters, InstanceInfo, Phase, ServiceState};
+use flowcoach::state::{Counters, InstanceInfo, InstanceState, Phase};
 
 /// Bound for anything a test waits on.
 const WAIT: Duration = Duration::from_secs(10);
 const APP: &str = "A0TEST0001";
 
-fn connected_state() -> Arc<ServiceState> {
-    let state = Arc::new(ServiceState::new(InstanceInfo::current("test")));
+fn connected_state() -> Arc<InstanceState> {
+    let state = Arc::new(InstanceState::new(InstanceInfo::current("test")));
     state.update(|status| {
         status.phase = Phase::Connected;
         status.app_id = Some(APP.to_owned());
@@ -47,7 +47,7 @@ fn connected_state() -> Arc<ServiceState> {
     state
 }
 
-fn context(state: Arc<ServiceState>, access: AccessPolicy) -> Arc<ControlContext> {
+fn context(state: Arc<InstanceState>, access: AccessPolicy) -> Arc<ControlContext> {
     Arc::new(ControlContext {
         state,
         token_source: tokio::sync::watch::channel("SLACK_APP_TOKEN".to_owned()).1,
@@ -66,7 +66,7 @@ fn own_policy() -> AccessPolicy {
 /// A control server on `<dir>/<name>`, stopped when dropped.
 struct Server {
     path: PathBuf,
-    state: Arc<ServiceState>,
+    state: Arc<InstanceState>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
 }

@@ -11,7 +11,7 @@ use flowcoach::config::{Config, env};
 use flowcoach::dispatch::{Dispatcher, Handler, HandlerFuture, Incoming};
 use flowcoach::slack::api::SlackApi;
 use flowcoach::slack::supervisor::Supervisor;
-use flowcoach::state::{InstanceInfo, ServiceState};
+use flowcoach::state::{InstanceInfo, InstanceState};
 use flowcoach_harness::{APP, WAIT, event, simulator, slash, token};
 use flowcoach_sim::Simulator;
 use serde_json::json;
@@ -84,7 +84,7 @@ impl Handler for RecordingHandler {
 
 struct Running {
     recorder: Arc<Recorder>,
-    state: Arc<ServiceState>,
+    state: Arc<InstanceState>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -119,7 +119,7 @@ async fn run(sim: &Simulator, dispatch_settings: &str) -> Running {
     )
     .unwrap();
     let recorder = Arc::new(Recorder::default());
-    let state = Arc::new(ServiceState::new(InstanceInfo::current("test")));
+    let state = Arc::new(InstanceState::new(InstanceInfo::current("test")));
     let (_, live) = tokio::sync::watch::channel(config.settings.clone());
     let dispatcher = Arc::new(Dispatcher::new(
         Arc::new(RecordingHandler(recorder.clone())),

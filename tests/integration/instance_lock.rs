@@ -13,7 +13,7 @@ use std::process::{ChildStdin, Command, Stdio};
 use std::sync::{RwLock, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use flowcoach::service::lock::{HolderInfo, InstanceLock, LockError, read_holder};
+use flowcoach::host::lock::{HolderInfo, InstanceLock, LockError, read_holder};
 
 /// Lock path for the child; its presence makes `lock_child` act.
 const CHILD_PATH: &str = "FLOWCOACH_LOCK_CHILD";
@@ -321,7 +321,7 @@ fn a_pid_file_naming_a_live_process_does_not_block_either() {
 /// starter then locks the orphaned inode while another process creates and locks a file at
 /// the path. Without the check both would run. It cannot be timed from outside a process;
 /// the unit test `an_unlinked_or_replaced_inode_is_noticed_after_locking` in
-/// `service::lock` drives that interleaving step by step.
+/// `host::lock` drives that interleaving step by step.
 #[test]
 fn a_deleted_or_renamed_lock_file_leaves_the_path_to_a_newcomer() {
     let dir = tempfile::tempdir().unwrap();

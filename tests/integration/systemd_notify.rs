@@ -1,7 +1,7 @@
 //! systemd notifications against a real `NOTIFY_SOCKET`: a datagram socket in a temporary
 //! directory (or the abstract namespace) that records everything sent to it.
 //!
-//! The first tests drive `flowcoach::service::systemd` in process, each with its own socket
+//! The first tests drive `flowcoach::host::systemd` in process, each with its own socket
 //! (`Systemd::with_socket`), so nothing touches the process-global environment. The last
 //! ones run the real daemon with `NOTIFY_SOCKET` and `WATCHDOG_USEC` set.
 
@@ -15,8 +15,8 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use flowcoach::service::systemd::{Systemd, extend_while, spawn_status_reporter, spawn_watchdog};
-use flowcoach::state::{InstanceInfo, Phase, ServiceState};
+use flowcoach::host::systemd::{Systemd, extend_while, spawn_status_reporter, spawn_watchdog};
+use flowcoach::state::{InstanceInfo, InstanceState, Phase};
 
 use flowcoach_harness::{APP, Daemon, FAST_CONFIG, WAIT, connected, simulator, token};
 use flowcoach_sim::Simulator;
@@ -137,13 +137,13 @@ impl Recorder {
     }
 }
 
-fn new_state() -> Arc<ServiceState> {
-    Arc::new(ServiceState::new(InstanceInfo::current("test")))
+fn new_state() -> Arc<InstanceState> {
+    Arc::new(InstanceState::new(InstanceInfo::current("test")))
 }
 
 /// Puts `state` in an outage since `down_since`: the socket lost to `cause`, reconnecting
 /// after `delay`.
-fn outage(state: &ServiceState, cause: &str, delay: Duration, down_since: SystemTime) {
+fn outage(state: &InstanceState, cause: &str, delay: Duration, down_since: SystemTime) {
     state.update(|s| {
         s.phase = Phase::Reconnecting {
             delay,

@@ -25,7 +25,7 @@ use clap_mangen::roff::{Roff, bold, roman};
 use flowcoach::cli::DaemonCli;
 use flowcoach::config::{CREDENTIAL_NAME, env};
 use flowcoach::control::cli::CtlCli;
-use flowcoach::service::paths::SYSTEM_RUNTIME_DIR;
+use flowcoach::host::paths::SYSTEM_RUNTIME_DIR;
 
 const MANUAL: &str = "flowcoach manual";
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use flowcoach::control::client;
 use flowcoach::control::protocol::{Command, Response};
-use flowcoach::service::paths::InstancePaths;
+use flowcoach::host::paths::InstancePaths;
 use flowcoach_harness::logs::handled_events;
 use flowcoach_harness::process::{self, Strays};
 use flowcoach_harness::{Daemon, Logs};

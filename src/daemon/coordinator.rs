@@ -13,15 +13,15 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use super::{DaemonError, EXTEND_STEP, Service, Serving};
+use super::{DaemonError, EXTEND_STEP, Instance, Serving};
 use crate::config::{EnvSource, ProcessEnv, env};
 use crate::control::protocol::{Command, Response};
 use crate::control::server::HandoverCall;
 use crate::deadline::far_future;
 use crate::handover::incumbent::{self, Handed, Outcome, Terms};
 use crate::handover::{Session, spawn};
-use crate::service::lock::InstanceLock;
-use crate::service::systemd;
+use crate::host::lock::InstanceLock;
+use crate::host::systemd;
 
 /// Copies of the descriptors a successor receives.
 pub fn handed(lock: &InstanceLock, listener: &UnixListener) -> std::io::Result<Handed> {
@@ -50,7 +50,7 @@ enum Underway {
 }
 
 pub struct Coordinator<'a> {
-    service: &'a Service,
+    instance: &'a Instance,
     handed: Handed,
     calls: mpsc::Receiver<HandoverCall>,
     requests_tx: mpsc::Sender<incumbent::Request>,
@@ -59,10 +59,14 @@ pub struct Coordinator<'a> {
 }
 
 impl<'a> Coordinator<'a> {
-    pub fn new(service: &'a Service, handed: Handed, calls: mpsc::Receiver<HandoverCall>) -> Self {
+    pub fn new(
+        instance: &'a Instance,
+        handed: Handed,
+        calls: mpsc::Receiver<HandoverCall>,
+    ) -> Self {
         let (requests_tx, requests) = mpsc::channel(1);
         Coordinator {
-            service,
+            instance,
             handed,
             calls,
             requests_tx,
@@ -92,9 +96,9 @@ impl<'a> Coordinator<'a> {
                 () = shutdown.cancelled() => {
                     self.abandon("the incumbent is stopping").await;
                     if active {
-                        self.service.systemd.stopping();
+                        self.instance.systemd.stopping();
                         serving.stop.cancel();
-                        systemd::extend_while(&self.service.systemd, &mut serving.run, EXTEND_STEP).await?;
+                        systemd::extend_while(&self.instance.systemd, &mut serving.run, EXTEND_STEP).await?;
                         self.report_unanswerable();
                     }
                     return Ok(Ending::Stopped);
@@ -110,8 +114,8 @@ impl<'a> Coordinator<'a> {
                         active = false;
                     }
                     let _ = reply.send(incumbent::Stopped {
-                        dedup: self.service.dispatcher.dedup_snapshot(),
-                        late: self.service.dispatcher.take_orphans(),
+                        dedup: self.instance.dispatcher.dedup_snapshot(),
+                        late: self.instance.dispatcher.take_orphans(),
                     });
                 }
                 () = sleep_until(spawn_deadline) => {
@@ -123,8 +127,8 @@ impl<'a> Coordinator<'a> {
                     Event::SessionEnded(outcome) => match self.finish(outcome).await {
                         Finished::Exit => return Ok(Ending::HandedOver),
                         Finished::ServeAgain if !active => {
-                            self.service.dispatcher.resume();
-                            serving = self.service.start_serving()?;
+                            self.instance.dispatcher.resume();
+                            serving = self.instance.start_serving()?;
                             active = true;
                         }
                         Finished::ServeAgain => {}
@@ -139,7 +143,7 @@ impl<'a> Coordinator<'a> {
     /// read it): Slack redelivers the events, to the next instance; slash commands and
     /// interactions among them are not redelivered.
     fn report_unanswerable(&self) {
-        let left = self.service.dispatcher.take_orphans();
+        let left = self.instance.dispatcher.take_orphans();
         let answers_due = left.iter().filter(|e| e.accepts_response_payload).count();
         if !left.is_empty() {
             tracing::warn!(
@@ -151,11 +155,11 @@ impl<'a> Coordinator<'a> {
     }
 
     fn terms(&self) -> Terms {
-        let settings = &self.service.live.borrow().handover;
+        let settings = &self.instance.live.borrow().handover;
         Terms {
             strict: settings.strict,
             timeout: settings.timeout,
-            step_timeout: self.service.live.borrow().dispatch.drain_timeout
+            step_timeout: self.instance.live.borrow().dispatch.drain_timeout
                 + Duration::from_secs(10),
         }
     }
@@ -186,15 +190,15 @@ impl<'a> Coordinator<'a> {
             }
             (Command::Handover, Underway::Idle) => {
                 match spawn::successor(
-                    &self.service.exe,
-                    self.service.config.path.as_ref(),
-                    &self.service.config.settings.environment,
+                    &self.instance.exe,
+                    self.instance.config.path.as_ref(),
+                    &self.instance.config.settings.environment,
                     ProcessEnv.var(env::APP_TOKEN).as_deref(),
                 ) {
                     Ok(child) => {
                         let pid = child.id().unwrap_or(0);
-                        tracing::info!(successor = pid, exe = %self.service.exe.display(), "started a successor for a handover");
-                        self.service.state.update(|s| {
+                        tracing::info!(successor = pid, exe = %self.instance.exe.display(), "started a successor for a handover");
+                        self.instance.state.update(|s| {
                             s.handover = Some(format!(
                                 "handing over to pid {pid}: waiting for it to start"
                             ));
@@ -210,7 +214,7 @@ impl<'a> Coordinator<'a> {
                             &mut stream,
                             Response::error(format!(
                                 "cannot start a successor from {}: {error}",
-                                self.service.exe.display()
+                                self.instance.exe.display()
                             )),
                         )
                         .await;
@@ -260,13 +264,13 @@ impl<'a> Coordinator<'a> {
                 return;
             }
         };
-        let app_id = self.service.state.status().app_id;
+        let app_id = self.instance.state.status().app_id;
         let task = tokio::spawn(incumbent::run(
             Session::new(stream),
             self.terms(),
             app_id,
             handed,
-            self.service.state.clone(),
+            self.instance.state.clone(),
             self.requests_tx.clone(),
         ));
         self.underway = Underway::Session {
@@ -291,7 +295,7 @@ impl<'a> Coordinator<'a> {
         match outcome {
             Outcome::Completed { successor } => {
                 tracing::info!(successor, took_ms, "handed the app over");
-                self.service.systemd.main_pid(successor);
+                self.instance.systemd.main_pid(successor);
                 if let Some(mut caller) = caller {
                     reply(
                         &mut caller,
@@ -358,7 +362,7 @@ impl<'a> Coordinator<'a> {
                 }
             }
         }
-        self.service.state.update(|s| s.handover = None);
+        self.instance.state.update(|s| s.handover = None);
     }
 
     async fn fail_spawned(&mut self, reason: &str) {
@@ -376,7 +380,7 @@ impl<'a> Coordinator<'a> {
             )
             .await;
         }
-        self.service.state.update(|s| s.handover = None);
+        self.instance.state.update(|s| s.handover = None);
     }
 }
 

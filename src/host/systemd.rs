@@ -22,7 +22,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::health;
-use crate::state::{ConnectionStatus, Phase, ServiceState};
+use crate::state::{ConnectionStatus, InstanceState, Phase};
 
 /// A send blocks only while systemd's receive queue is full; past this the message is
 /// dropped (and logged) rather than stall the runtime any longer.
@@ -223,7 +223,7 @@ fn plural(n: u64, one: &str, many: &str) -> String {
 /// after the drain, not at the stop signal, or the drain goes unreported.
 pub fn spawn_status_reporter(
     systemd: Systemd,
-    state: Arc<ServiceState>,
+    state: Arc<InstanceState>,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -282,7 +282,7 @@ pub fn spawn_status_reporter(
 /// like the rest of the service's life.
 pub fn spawn_watchdog(
     systemd: Systemd,
-    state: Arc<ServiceState>,
+    state: Arc<InstanceState>,
     outage_budget: Duration,
     interval: Duration,
     stop: CancellationToken,
