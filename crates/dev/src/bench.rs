@@ -17,7 +17,7 @@ use nix::sys::signal::Signal;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::{BenchArgs, StreamMix};
+use crate::{BenchArgs, StreamMix, outages};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -45,6 +45,20 @@ pub struct BenchReport {
 pub fn run(args: &BenchArgs) -> ExitCode {
     if let Some(handovers) = args.handovers {
         return run_handovers(args, handovers);
+    }
+    if let Some(drops) = args.drops {
+        return report(
+            outages::drops(drops, args.sockets),
+            args.json,
+            outages::print_drops,
+        );
+    }
+    if let Some(seconds) = args.storm {
+        return report(
+            outages::storm(seconds, &args.storm_reason),
+            args.json,
+            outages::print_storm,
+        );
     }
     report(bench(args), args.json, print_table)
 }
@@ -254,7 +268,7 @@ pub struct Spread {
 }
 
 impl Spread {
-    fn of(mut values: Vec<f64>) -> Spread {
+    pub fn of(mut values: Vec<f64>) -> Spread {
         values.sort_by(f64::total_cmp);
         match (values.first(), values.last()) {
             (Some(min), Some(max)) => Spread {

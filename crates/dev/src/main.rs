@@ -4,6 +4,7 @@
 
 mod bench;
 mod demo;
+mod outages;
 mod sim;
 
 use std::net::SocketAddr;
@@ -57,6 +58,21 @@ pub struct BenchArgs {
     /// With --handovers: break before make (`[handover] strict = true`).
     #[arg(long, requires = "handovers")]
     pub strict: bool,
+    /// Measure dropped connections instead: this many TCP resets of one socket, each after
+    /// the connections proved stable (time from the drop to the replacement's hello, time
+    /// with no socket open).
+    #[arg(long, value_name = "N", conflicts_with_all = ["handovers", "storm"])]
+    pub drops: Option<u32>,
+    /// With --drops: the sockets flowcoach keeps open (`[connection] sockets`).
+    #[arg(long, default_value_t = 1, requires = "drops")]
+    pub sockets: usize,
+    /// Measure a Slack that answers every hello with a disconnect instead, for this many
+    /// seconds (calls to apps.connections.open a minute).
+    #[arg(long, value_name = "SECONDS", conflicts_with = "handovers")]
+    pub storm: Option<u64>,
+    /// With --storm: the disconnect reason.
+    #[arg(long, default_value = "refresh_requested", requires = "storm")]
+    pub storm_reason: String,
     /// With --handovers: what the stream carries (mixed: one slash command and one
     /// interaction in every ten envelopes, the rest events).
     #[arg(long, value_enum, default_value_t = StreamMix::Mixed, requires = "handovers")]
