@@ -110,6 +110,18 @@ fn usage_errors_exit_64_and_help_exits_0() {
     let help = flowcoach(&["--help"], &[]);
     assert_eq!(help.status.code(), Some(0));
     assert!(text(&help).contains("check-config"));
+    // The daemon's command line is the daemon's alone: the simulator, the demo and the
+    // benchmarks are flowcoach-dev's.
+    for tool in ["sim", "demo", "bench", "generate-assets"] {
+        assert!(
+            !text(&help)
+                .lines()
+                .any(|line| line.trim_start().starts_with(tool)),
+            "{tool} in:\n{}",
+            text(&help)
+        );
+        assert_eq!(flowcoach(&[tool], &[]).status.code(), Some(64), "{tool}");
+    }
     let version = Command::new(env!("CARGO_BIN_EXE_flowcoachctl"))
         .arg("--version")
         .output()
