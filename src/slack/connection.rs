@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -28,6 +28,9 @@ type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// Acks written per flush at most: batching saves syscalls under load, the cap keeps reads
 /// (and pongs) flowing.
 const MAX_ACKS_PER_FLUSH: usize = 128;
+
+/// Messages already received that are handled before a flush, so that their acks share it.
+const MAX_READ_AHEAD: usize = 16;
 
 /// Why a connection could not be established.
 #[derive(Debug, thiserror::Error)]
@@ -310,8 +313,17 @@ impl ConnectionTask {
                     Control::Close => return self.close().await,
                 },
                 Some(frame) = self.frames.recv() => {
+                    // What has already arrived is read first, so that its acks leave in
+                    // this same write: with TCP_NODELAY each write is a segment of its own.
+                    let after_reading = self.read_arrived();
+                    if let Next::End(cause) = after_reading {
+                        return cause;
+                    }
                     if let Err(error) = self.write_acks(frame).await {
                         return EndCause::Lost(format!("writing acks: {error}"));
+                    }
+                    if let Next::Disconnect(reason) = after_reading {
+                        self.on_disconnect(reason);
                     }
                 }
                 () = self.pending.wait_drained(), if retire_by.is_some() => {}
@@ -343,6 +355,21 @@ impl ConnectionTask {
                 }
             }
         }
+    }
+
+    /// Handles the messages that can be read without waiting, at most [`MAX_READ_AHEAD`];
+    /// stops at the first that is not an envelope or a control frame to go on with.
+    fn read_arrived(&mut self) -> Next {
+        for _ in 0..MAX_READ_AHEAD {
+            let Some(message) = self.ws.ws.next().now_or_never() else {
+                break;
+            };
+            match self.on_message(message) {
+                Next::Continue => {}
+                other => return other,
+            }
+        }
+        Next::Continue
     }
 
     fn on_disconnect(&self, reason: DisconnectReason) {
