@@ -190,14 +190,14 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
     );
     let tokens = Arc::new(watch::Sender::new(config.token.clone()));
     let token_source = watch::Sender::new(config.token_source.to_string());
-    let reloader = reload::Reloader::new(
-        config.path.clone(),
-        config.settings.environment.clone(),
-        live_tx,
-        tokens.clone(),
-        token_source.clone(),
+    let reloader = reload::Reloader {
+        path: config.path.clone(),
+        environment: config.settings.environment.clone(),
+        live: live_tx,
+        tokens: tokens.clone(),
+        token_source: token_source.clone(),
         log,
-    );
+    };
     let instance = Instance {
         config,
         paths,

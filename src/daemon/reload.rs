@@ -12,35 +12,17 @@ use crate::token::AppToken;
 /// Holds what a reload needs: where the configuration came from, and the channels its
 /// parts listen on.
 pub struct Reloader {
-    path: Option<PathBuf>,
+    pub path: Option<PathBuf>,
     /// The environment chosen at start: a reload never switches to another one.
-    environment: String,
-    live: watch::Sender<Settings>,
-    tokens: Arc<watch::Sender<AppToken>>,
+    pub environment: String,
+    pub live: watch::Sender<Settings>,
+    pub tokens: Arc<watch::Sender<AppToken>>,
     /// Where the current token came from, for status answers.
-    token_source: watch::Sender<String>,
-    log: LogHandle,
+    pub token_source: watch::Sender<String>,
+    pub log: LogHandle,
 }
 
 impl Reloader {
-    pub fn new(
-        path: Option<PathBuf>,
-        environment: String,
-        live: watch::Sender<Settings>,
-        tokens: Arc<watch::Sender<AppToken>>,
-        token_source: watch::Sender<String>,
-        log: LogHandle,
-    ) -> Self {
-        Reloader {
-            path,
-            environment,
-            live,
-            tokens,
-            token_source,
-            log,
-        }
-    }
-
     /// Reloads; a configuration that does not validate is refused whole and the running
     /// one stays.
     pub fn reload(&self, env: &dyn EnvSource) {

@@ -268,6 +268,19 @@ pub struct Spread {
 }
 
 impl Spread {
+    /// The header of the rows [`Spread::print_row`] prints.
+    pub fn print_header() {
+        println!("                         min     median        max");
+    }
+
+    /// One row of a table: `name`, then the three figures in ms.
+    pub fn print_row(&self, name: &str) {
+        println!(
+            "  {name:<18} {:>7.1} {:>10.1} {:>10.1} ms",
+            self.min, self.median, self.max
+        );
+    }
+
     pub fn of(mut values: Vec<f64>) -> Spread {
         values.sort_by(f64::total_cmp);
         match (values.first(), values.last()) {
@@ -301,16 +314,10 @@ fn print_handover_table(r: &HandoverBenchReport) {
         r.rate_per_sec,
         r.mix
     );
-    println!("                         min     median        max");
-    let row = |name: &str, s: &Spread| {
-        println!(
-            "  {name:<18} {:>7.1} {:>10.1} {:>10.1} ms",
-            s.min, s.median, s.max
-        );
-    };
-    row("took (daemon)", &r.took_ms);
-    row("took (caller)", &r.wall_ms);
-    row("no socket open", &r.zero_open_ms);
+    Spread::print_header();
+    r.took_ms.print_row("took (daemon)");
+    r.wall_ms.print_row("took (caller)");
+    r.zero_open_ms.print_row("no socket open");
     println!(
         "  longest with no socket open  {:>8.1} ms ({} stretches)",
         r.longest_zero_open_ms, r.zero_open_stretches

@@ -94,15 +94,9 @@ pub fn print_drops(r: &DropsReport) {
         "flowcoach-dev bench: {} dropped connections, {} socket(s)",
         r.drops, r.sockets
     );
-    println!("                         min     median        max");
-    let row = |name: &str, s: &Spread| {
-        println!(
-            "  {name:<18} {:>7.1} {:>10.1} {:>10.1} ms",
-            s.min, s.median, s.max
-        );
-    };
-    row("drop to hello", &r.replaced_ms);
-    row("no socket open", &r.zero_open_ms);
+    Spread::print_header();
+    r.replaced_ms.print_row("drop to hello");
+    r.zero_open_ms.print_row("no socket open");
     println!("  stretches with no socket open: {}", r.zero_open_stretches);
 }
 
