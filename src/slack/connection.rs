@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use crate::config::ConnectionSettings;
@@ -43,6 +44,9 @@ pub enum ConnectError {
     Disconnected(DisconnectReason),
     #[error("the socket closed before hello")]
     ClosedBeforeHello,
+    /// The service is stopping: the socket was closed (Close 1000) while it waited.
+    #[error("stopped while waiting for hello")]
+    Stopped,
 }
 
 /// Sent by a connection task to the supervisor.
@@ -119,9 +123,12 @@ impl ConnectionHandle {
 }
 
 /// Opens the websocket and waits for `hello`.
+/// Opens the websocket and waits for `hello`; a `stop` meanwhile closes it cleanly, as any
+/// socket of ours is closed.
 pub async fn open(
     url: &Url,
     settings: &ConnectionSettings,
+    stop: &CancellationToken,
 ) -> Result<(WebSocket, Hello), ConnectError> {
     let config = WebSocketConfig::default()
         .max_message_size(Some(settings.max_message_bytes))
@@ -136,17 +143,18 @@ pub async fn open(
         .map_err(|_| ConnectError::HelloTimeout(settings.hello_timeout))?
         .map_err(|e| ConnectError::Handshake(describe_handshake_error(e)))?;
     let mut ws = WebSocket { ws };
-    match timeout(settings.hello_timeout, ws.wait_for_hello()).await {
-        Ok(Ok(hello)) => Ok((ws, hello)),
-        Ok(Err(error)) => {
-            ws.close(settings.close_timeout).await;
-            Err(error)
-        }
-        Err(_) => {
-            ws.close(settings.close_timeout).await;
-            Err(ConnectError::HelloTimeout(settings.hello_timeout))
-        }
-    }
+    let waited = tokio::select! {
+        waited = timeout(settings.hello_timeout, ws.wait_for_hello()) => waited,
+        () = stop.cancelled() => Ok(Err(ConnectError::Stopped)),
+    };
+    let error = match waited {
+        Ok(Ok(hello)) => return Ok((ws, hello)),
+        Ok(Err(error)) => error,
+        Err(_) => ConnectError::HelloTimeout(settings.hello_timeout),
+    };
+    // Nothing was delivered to a socket that has not said hello: nothing to hand on.
+    ws.close(settings.close_timeout).await;
+    Err(error)
 }
 
 /// The handshake error without the URL: it carries a single-use ticket.
@@ -569,7 +577,12 @@ mod tests {
     async fn a_failed_tls_handshake_is_an_error() {
         let port = hang_up_listener().await;
         let url = Url::parse(&format!("wss://127.0.0.1:{port}/link/?ticket=t")).unwrap();
-        let result = open(&url, &ConnectionSettings::default()).await;
+        let result = open(
+            &url,
+            &ConnectionSettings::default(),
+            &CancellationToken::new(),
+        )
+        .await;
         assert!(
             matches!(result, Err(ConnectError::Handshake(_))),
             "{:?}",
@@ -600,7 +613,7 @@ mod tests {
             hello_timeout: Duration::from_millis(300),
             ..ConnectionSettings::default()
         };
-        let result = open(&url, &settings).await;
+        let result = open(&url, &settings, &CancellationToken::new()).await;
         assert!(
             matches!(result, Err(ConnectError::HelloTimeout(_))),
             "{:?}",
@@ -614,7 +627,13 @@ mod tests {
             r#"{"type":"hello","num_connections":1,"connection_info":{"app_id":"A1"}}"#,
         ))
         .await;
-        let (socket, _hello) = open(&url, &ConnectionSettings::default()).await.unwrap();
+        let (socket, _hello) = open(
+            &url,
+            &ConnectionSettings::default(),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
         let MaybeTlsStream::Plain(tcp) = socket.ws.get_ref() else {
             panic!("a ws:// URL gives a plain TCP stream");
         };

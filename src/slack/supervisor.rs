@@ -83,6 +83,8 @@ enum AttemptError {
 /// Why a connect attempt failed, and what to do about it.
 enum Failure {
     Fatal(FatalError),
+    /// The service is stopping.
+    Stopped,
     Retry {
         /// Wait at least this long (Retry-After, the too_many_websockets floor).
         at_least: Duration,
@@ -206,9 +208,10 @@ impl Supervisor {
                 .iter()
                 .position(|slot| slot.next.as_ref().is_some_and(|next| next.at <= now));
             if let Some(index) = due {
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
-                    opened = self.open(index) => opened?,
+                // The attempt itself ends at a stop, closing a socket it has opened.
+                self.open(index, shutdown).await?;
+                if shutdown.is_cancelled() {
+                    return Ok(());
                 }
                 continue;
             }
@@ -243,12 +246,12 @@ impl Supervisor {
     /// Opens the slot's planned connection: the first, a reconnect, or the replacement of
     /// a rotating one, which says hello before the old socket (once its pending acks are
     /// written) is closed, so at every instant a socket can take envelopes.
-    async fn open(&mut self, index: usize) -> Result<(), FatalError> {
+    async fn open(&mut self, index: usize, shutdown: &CancellationToken) -> Result<(), FatalError> {
         self.slots[index].next = None;
         if !self.any_connected() {
             self.state.set_phase(Phase::Connecting);
         }
-        match self.connect().await {
+        match self.connect(shutdown).await {
             Ok((handle, hello)) => {
                 let stable_after = self.settings().stable_after;
                 let budget = self.retire_budget();
@@ -269,6 +272,7 @@ impl Supervisor {
                 self.on_hello(&hello)
             }
             Err(Failure::Fatal(error)) => Err(error),
+            Err(Failure::Stopped) => Ok(()),
             Err(Failure::Retry { at_least, error }) => {
                 self.set_backoff_bounds(index);
                 let delay = self.slots[index]
@@ -542,25 +546,28 @@ impl Supervisor {
 
     /// One attempt: a fresh URL from `apps.connections.open`, then the websocket and its
     /// `hello`.
-    async fn connect(&mut self) -> Result<(ConnectionHandle, Hello), Failure> {
+    async fn connect(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<(ConnectionHandle, Hello), Failure> {
         Counters::bump(&self.state.counters.connects);
-        let url = self
-            .api
-            .open_connection(&self.token)
-            .await
-            .map_err(|error| match error {
-                OpenError::Permanent { .. } => Failure::Fatal(FatalError::Auth(error)),
-                OpenError::RateLimited { retry_after } => Failure::Retry {
-                    at_least: retry_after,
-                    error: error.into(),
-                },
-                OpenError::Transient(_) => Failure::Retry {
-                    at_least: Duration::ZERO,
-                    error: error.into(),
-                },
-            })?;
+        let opened = tokio::select! {
+            opened = self.api.open_connection(&self.token) => opened,
+            () = shutdown.cancelled() => return Err(Failure::Stopped),
+        };
+        let url = opened.map_err(|error| match error {
+            OpenError::Permanent { .. } => Failure::Fatal(FatalError::Auth(error)),
+            OpenError::RateLimited { retry_after } => Failure::Retry {
+                at_least: retry_after,
+                error: error.into(),
+            },
+            OpenError::Transient(_) => Failure::Retry {
+                at_least: Duration::ZERO,
+                error: error.into(),
+            },
+        })?;
         let settings = self.settings();
-        let (socket, hello) = connection::open(&url, &settings)
+        let (socket, hello) = connection::open(&url, &settings, shutdown)
             .await
             .map_err(|error| self.classify_connect_error(error))?;
         let id = self.next_conn_id;
@@ -589,6 +596,7 @@ impl Supervisor {
                     error: error.into(),
                 }
             }
+            ConnectError::Stopped => Failure::Stopped,
             other => Failure::Retry {
                 at_least: Duration::ZERO,
                 error: other.into(),

@@ -171,9 +171,12 @@ async fn sigterm_while_waiting_for_hello_stops_cleanly() {
         .await
         .expect("flowcoach opens a socket");
     stops_cleanly(&mut daemon).await;
-    sim.wait_until(WAIT, |r| r.sockets[0].closed_at.is_some())
+    let record = sim
+        .wait_until(WAIT, |r| r.sockets[0].closed_at.is_some())
         .await
         .expect("the socket is released");
+    // Closed as every socket of ours is, not dropped.
+    assert_eq!(record.sockets[0].client_close_code, Some(1000), "{record}");
 }
 
 #[tokio::test]
