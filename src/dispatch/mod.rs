@@ -6,7 +6,7 @@ mod handler;
 
 pub use ack::{AckSendError, AckSink, PendingAck, PendingAcks};
 pub use dedup::{Dedup, DedupSnapshot};
-pub use handler::{Handler, HandlerError, HandlerFuture, HandlerResult, Incoming};
+pub use handler::{AckPolicy, Handler, HandlerError, HandlerFuture, HandlerResult, Incoming};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,7 +40,7 @@ pub struct Dispatcher {
     /// Settings that a reload (SIGHUP) may change; the deadline is read per envelope.
     live: watch::Receiver<Settings>,
     state: Arc<ServiceState>,
-    dedup: std::sync::Mutex<Dedup>,
+    dedup: Arc<std::sync::Mutex<Dedup>>,
     /// Handlers running or queued; bounds memory.
     admitted: Arc<Semaphore>,
     /// Handlers running.
@@ -65,7 +65,10 @@ impl Dispatcher {
         let admitted = settings.max_concurrent_handlers + settings.max_queued_handlers;
         Dispatcher {
             handler,
-            dedup: std::sync::Mutex::new(Dedup::new(settings.dedup_ttl, settings.dedup_capacity)),
+            dedup: Arc::new(std::sync::Mutex::new(Dedup::new(
+                settings.dedup_ttl,
+                settings.dedup_capacity,
+            ))),
             admitted: Arc::new(Semaphore::new(admitted)),
             running: Arc::new(Semaphore::new(settings.max_concurrent_handlers)),
             live,
@@ -177,15 +180,24 @@ impl Dispatcher {
         drop(dedup);
 
         // The response rides in the ack only where Slack accepts one; everything else is
-        // acked now, before the handler runs, so a slow handler never costs a redelivery.
-        let pending = if envelope.accepts_response_payload {
-            Some(pending)
+        // acked as the handler's policy says.
+        let owed = if envelope.accepts_response_payload {
+            Owed::Answer(pending)
         } else {
-            self.send_ack(pending, None);
-            None
+            match self.handler.ack_policy() {
+                AckPolicy::OnAccept => {
+                    self.send_ack(pending, None);
+                    Owed::Nothing
+                }
+                AckPolicy::WhenHandled => Owed::WhenHandled {
+                    pending,
+                    key: key.to_owned(),
+                },
+            }
         };
         let job = Job {
             handler: self.handler.clone(),
+            dedup: self.dedup.clone(),
             state: self.state.clone(),
             running: self.running.clone(),
             response_deadline: self.live.borrow().dispatch.response_deadline,
@@ -194,7 +206,7 @@ impl Dispatcher {
         Counters::bump(&counters.in_flight);
         self.tracker.spawn(async move {
             let _admission = admission;
-            job.run(Incoming { envelope, summary }, pending).await;
+            job.run(Incoming { envelope, summary }, owed).await;
         });
         Accepted::Dispatched
     }
@@ -244,9 +256,21 @@ fn send_ack(counters: &Counters, pending: PendingAck, payload: Option<serde_json
     }
 }
 
+/// What is still owed to Slack for a dispatched envelope.
+enum Owed {
+    /// Acked on accept.
+    Nothing,
+    /// The ack, with the handler's answer if it comes by the response deadline.
+    Answer(PendingAck),
+    /// The ack once the handler has taken the envelope ([`AckPolicy::WhenHandled`]);
+    /// `key` is its deduplication key, forgotten if the handler fails.
+    WhenHandled { pending: PendingAck, key: String },
+}
+
 /// One handler invocation and the ack that depends on it.
 struct Job {
     handler: Arc<dyn Handler>,
+    dedup: Arc<std::sync::Mutex<Dedup>>,
     state: Arc<ServiceState>,
     running: Arc<Semaphore>,
     response_deadline: Duration,
@@ -254,13 +278,30 @@ struct Job {
 }
 
 impl Job {
-    async fn run(self, incoming: Incoming, pending: Option<PendingAck>) {
+    async fn run(self, incoming: Incoming, owed: Owed) {
         let counters = &self.state.counters;
         let envelope_id = incoming.envelope.envelope_id.clone();
         let deadline = self.accepted_at + self.response_deadline;
-        let outcome = match pending {
-            None => self.invoke(incoming).await,
-            Some(pending) => {
+        let outcome = match owed {
+            Owed::Nothing => self.invoke(incoming).await,
+            Owed::WhenHandled { pending, key } => {
+                let outcome = self.invoke(incoming).await;
+                match &outcome {
+                    Ok(_) => send_ack(counters, pending, None),
+                    Err(_) => {
+                        // Dropped unsent: Slack redelivers it, and the redelivery must not
+                        // be taken for a duplicate.
+                        self.dedup.lock().expect("dedup lock poisoned").forget(&key);
+                        drop(pending);
+                        tracing::warn!(
+                            %envelope_id,
+                            "envelope left unacked for Slack to redeliver"
+                        );
+                    }
+                }
+                outcome
+            }
+            Owed::Answer(pending) => {
                 let invocation = self.invoke(incoming);
                 tokio::pin!(invocation);
                 tokio::select! {
