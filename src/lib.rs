@@ -10,6 +10,7 @@ pub mod dispatch;
 pub mod exit;
 pub mod handover;
 pub mod health;
+mod http_body;
 pub mod logging;
 pub mod service;
 pub mod slack;
