@@ -8,6 +8,7 @@ pub use ack::{AckSendError, AckSink, PendingAck, PendingAcks};
 pub use dedup::{Dedup, DedupSnapshot};
 pub use handler::{AckPolicy, Handler, HandlerError, HandlerFuture, HandlerResult, Incoming};
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -41,6 +42,10 @@ pub struct Dispatcher {
     live: watch::Receiver<Settings>,
     state: Arc<ServiceState>,
     dedup: Arc<std::sync::Mutex<Dedup>>,
+    /// Keys of envelopes with a [`AckPolicy::WhenHandled`] handler that has not finished:
+    /// a redelivery meanwhile is neither handled again nor acked, since the first
+    /// delivery may still fail. Locked after `dedup`, never alone.
+    taking: Arc<std::sync::Mutex<HashSet<String>>>,
     /// Handlers running or queued; bounds memory.
     admitted: Arc<Semaphore>,
     /// Handlers running.
@@ -69,6 +74,7 @@ impl Dispatcher {
                 settings.dedup_ttl,
                 settings.dedup_capacity,
             ))),
+            taking: Arc::default(),
             admitted: Arc::new(Semaphore::new(admitted)),
             running: Arc::new(Semaphore::new(settings.max_concurrent_handlers)),
             live,
@@ -159,7 +165,18 @@ impl Dispatcher {
         let now = Instant::now();
         let mut dedup = self.dedup.lock().expect("dedup lock poisoned");
         if dedup.contains(key, now) {
+            let taking = self
+                .taking
+                .lock()
+                .expect("taking lock poisoned")
+                .contains(key);
             drop(dedup);
+            if taking {
+                return self.defer(
+                    &envelope,
+                    "a redelivery while the handler still has the first delivery",
+                );
+            }
             tracing::info!(
                 envelope_id = %envelope.envelope_id,
                 event_id = summary.event_id.as_deref(),
@@ -177,27 +194,32 @@ impl Dispatcher {
             return self.defer(&envelope, "the handler queue is full");
         };
         dedup.insert(key, now);
-        drop(dedup);
-
         // The response rides in the ack only where Slack accepts one; everything else is
         // acked as the handler's policy says.
-        let owed = if envelope.accepts_response_payload {
-            Owed::Answer(pending)
-        } else {
-            match self.handler.ack_policy() {
-                AckPolicy::OnAccept => {
-                    self.send_ack(pending, None);
-                    Owed::Nothing
-                }
-                AckPolicy::WhenHandled => Owed::WhenHandled {
-                    pending,
-                    key: key.to_owned(),
-                },
+        let policy = (!envelope.accepts_response_payload).then(|| self.handler.ack_policy());
+        if policy == Some(AckPolicy::WhenHandled) {
+            // Under the dedup lock, as a redelivery checks it.
+            self.taking
+                .lock()
+                .expect("taking lock poisoned")
+                .insert(key.to_owned());
+        }
+        drop(dedup);
+        let owed = match policy {
+            None => Owed::Answer(pending),
+            Some(AckPolicy::OnAccept) => {
+                self.send_ack(pending, None);
+                Owed::Nothing
             }
+            Some(AckPolicy::WhenHandled) => Owed::WhenHandled {
+                pending,
+                key: key.to_owned(),
+            },
         };
         let job = Job {
             handler: self.handler.clone(),
             dedup: self.dedup.clone(),
+            taking: self.taking.clone(),
             state: self.state.clone(),
             running: self.running.clone(),
             response_deadline: self.live.borrow().dispatch.response_deadline,
@@ -271,6 +293,7 @@ enum Owed {
 struct Job {
     handler: Arc<dyn Handler>,
     dedup: Arc<std::sync::Mutex<Dedup>>,
+    taking: Arc<std::sync::Mutex<HashSet<String>>>,
     state: Arc<ServiceState>,
     running: Arc<Semaphore>,
     response_deadline: Duration,
@@ -286,12 +309,13 @@ impl Job {
             Owed::Nothing => self.invoke(incoming).await,
             Owed::WhenHandled { pending, key } => {
                 let outcome = self.invoke(incoming).await;
+                let mut dedup = self.dedup.lock().expect("dedup lock poisoned");
                 match &outcome {
                     Ok(_) => send_ack(counters, pending, None),
                     Err(_) => {
                         // Dropped unsent: Slack redelivers it, and the redelivery must not
                         // be taken for a duplicate.
-                        self.dedup.lock().expect("dedup lock poisoned").forget(&key);
+                        dedup.forget(&key);
                         drop(pending);
                         tracing::warn!(
                             %envelope_id,
@@ -299,6 +323,11 @@ impl Job {
                         );
                     }
                 }
+                self.taking
+                    .lock()
+                    .expect("taking lock poisoned")
+                    .remove(&key);
+                drop(dedup);
                 outcome
             }
             Owed::Answer(pending) => {

@@ -11,9 +11,11 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use flowcoach_harness::process::{self, Strays};
 use flowcoach_harness::{APP, Daemon, FAST_CONFIG, WAIT, acked, connected, ctl, simulator};
 use flowcoach_protocol::signature::{SIGNATURE_HEADER, SignatureError, TIMESTAMP_HEADER, verify};
 use flowcoach_sim::{EnvelopeSpec, Simulator};
+use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -629,5 +631,69 @@ async fn the_built_in_bot_shows_no_app_in_status() {
     )
     .await;
     assert!(!String::from_utf8_lossy(&output.stdout).contains("\napp:"));
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_successor_gets_the_signing_secret_through_the_pipe() {
+    let sim = simulator(|_| {}).await;
+    let app = App::start(Reply::Status(200)).await;
+    let mut daemon = forwarding(&sim, &app.url(), "").await;
+    let dir = daemon.runtime_dir.display().to_string();
+    let output = ctl::run(
+        &["--timeout", "30s", "handover"],
+        &[("FLOWCOACH_RUNTIME_DIR", dir.as_str())],
+    )
+    .await;
+    assert!(output.status.success(), "{output:?}\n{}", daemon.stderr());
+    let successor: u32 = String::from_utf8_lossy(&output.stdout)
+        .strip_prefix("handed over to pid ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("not a completed handover: {output:?}"));
+    let mut strays = Strays::default();
+    strays.add(successor);
+    let incumbent = tokio::time::timeout(WAIT, daemon.child.wait())
+        .await
+        .expect("the incumbent exits")
+        .unwrap();
+    assert!(incumbent.success(), "{}", daemon.stderr());
+
+    // The successor signs with the secret it got through the pipe, never its environment.
+    acked(&sim, event("EvAfterHandover")).await;
+    let seen = app.wait_seen(1).await;
+    assert_eq!(seen[0].signature, Ok(()));
+    let environ = std::fs::read(format!("/proc/{successor}/environ")).unwrap();
+    assert!(!String::from_utf8_lossy(&environ).contains(SECRET));
+    assert!(!daemon.stderr().contains(SECRET));
+    process::signal(successor, Signal::SIGTERM);
+    strays.gone(successor, WAIT).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_redelivery_while_the_app_still_has_the_event_waits_for_its_answer() {
+    let sim = simulator(|c| c.ack_deadline = Duration::from_millis(500)).await;
+    let app = App::start(Reply::Slow(
+        Duration::from_millis(1200),
+        Box::new(Reply::Status(200)),
+    ))
+    .await;
+    let mut daemon = forwarding(&sim, &app.url(), "timeout = \"5s\"").await;
+
+    let id = sim.inject(APP, event("EvSlow1"));
+    // Slack redelivers before the app answered: neither forwarded again nor acked, since
+    // the app may still fail it.
+    let deferred = daemon
+        .wait_log(
+            "a redelivery while the handler still has the first delivery",
+            |_| true,
+        )
+        .await;
+    assert_eq!(deferred["envelope_id"], id.as_str());
+    assert!(!sim.record().is_acked(&id));
+    sim.wait_acked(WAIT, &[&id])
+        .await
+        .expect("acked once the app answered");
+    assert_eq!(app.seen().len(), 1, "forwarded once");
     daemon.stop().await;
 }
