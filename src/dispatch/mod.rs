@@ -305,6 +305,7 @@ impl Job {
         let counters = &self.state.counters;
         let envelope_id = incoming.envelope.envelope_id.clone();
         let deadline = self.accepted_at + self.response_deadline;
+        let unacked_on_error = matches!(owed, Owed::WhenHandled { .. });
         let outcome = match owed {
             Owed::Nothing => self.invoke(incoming).await,
             Owed::WhenHandled { pending, key } => {
@@ -317,10 +318,6 @@ impl Job {
                         // be taken for a duplicate.
                         dedup.forget(&key);
                         drop(pending);
-                        tracing::warn!(
-                            %envelope_id,
-                            "envelope left unacked for Slack to redeliver"
-                        );
                     }
                 }
                 self.taking
@@ -357,7 +354,15 @@ impl Job {
         };
         if let Err(error) = outcome {
             Counters::bump(&counters.handler_errors);
-            tracing::error!(%envelope_id, %error, "handler failed");
+            if unacked_on_error {
+                tracing::warn!(
+                    %envelope_id,
+                    %error,
+                    "handler failed; envelope left unacked for Slack to redeliver"
+                );
+            } else {
+                tracing::error!(%envelope_id, %error, "handler failed");
+            }
         }
         counters
             .in_flight

@@ -323,7 +323,9 @@ async fn a_failing_app_leaves_events_to_slacks_redelivery() {
         .wait_log("the app did not take the envelope", |l| l["status"] == 500)
         .await;
     assert_eq!(failed["envelope_id"], id.as_str());
-    daemon.wait_log("envelope left unacked", |_| true).await;
+    daemon
+        .wait_log("handler failed; envelope left unacked", |_| true)
+        .await;
     assert!(!sim.record().is_acked(&id), "a 500 must not ack the event");
     let status = daemon.status_json().await;
     assert_eq!(status["health"]["health"], "degraded", "{status}");
@@ -379,7 +381,9 @@ async fn a_stopped_app_gets_the_redelivery_once_it_is_back() {
             .contains("cannot connect to the app"),
         "{failed}"
     );
-    daemon.wait_log("envelope left unacked", |_| true).await;
+    daemon
+        .wait_log("handler failed; envelope left unacked", |_| true)
+        .await;
     assert!(!sim.record().is_acked(&id));
 
     let app = App::start_on(TcpListener::bind(addr).await.unwrap(), Reply::Status(200));
