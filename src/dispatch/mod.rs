@@ -21,6 +21,16 @@ use crate::config::{DispatchSettings, Settings};
 use crate::state::{Counters, ServiceState};
 use flowcoach_protocol::Envelope;
 
+/// The envelopes seen recently, under one lock.
+struct Seen {
+    /// Keys handled (or being handled): redeliveries are acked, not handled again.
+    dedup: Dedup,
+    /// Keys of envelopes whose [`AckPolicy::WhenHandled`] handler has not finished: a
+    /// redelivery meanwhile is neither handled again nor acked, since the first delivery
+    /// may still fail.
+    taking: HashSet<String>,
+}
+
 /// What happened to one envelope on arrival.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accepted {
@@ -41,11 +51,7 @@ pub struct Dispatcher {
     /// Settings that a reload (SIGHUP) may change; the deadline is read per envelope.
     live: watch::Receiver<Settings>,
     state: Arc<ServiceState>,
-    dedup: Arc<std::sync::Mutex<Dedup>>,
-    /// Keys of envelopes with a [`AckPolicy::WhenHandled`] handler that has not finished:
-    /// a redelivery meanwhile is neither handled again nor acked, since the first
-    /// delivery may still fail. Locked after `dedup`, never alone.
-    taking: Arc<std::sync::Mutex<HashSet<String>>>,
+    seen: Arc<std::sync::Mutex<Seen>>,
     /// Handlers running or queued; bounds memory.
     admitted: Arc<Semaphore>,
     /// Handlers running.
@@ -70,11 +76,10 @@ impl Dispatcher {
         let admitted = settings.max_concurrent_handlers + settings.max_queued_handlers;
         Dispatcher {
             handler,
-            dedup: Arc::new(std::sync::Mutex::new(Dedup::new(
-                settings.dedup_ttl,
-                settings.dedup_capacity,
-            ))),
-            taking: Arc::default(),
+            seen: Arc::new(std::sync::Mutex::new(Seen {
+                dedup: Dedup::new(settings.dedup_ttl, settings.dedup_capacity),
+                taking: HashSet::new(),
+            })),
             admitted: Arc::new(Semaphore::new(admitted)),
             running: Arc::new(Semaphore::new(settings.max_concurrent_handlers)),
             live,
@@ -102,9 +107,10 @@ impl Dispatcher {
         if let Some(snapshot) = predecessor {
             let entries = snapshot.len();
             let adopted = self
-                .dedup
+                .seen
                 .lock()
                 .expect("dedup lock poisoned")
+                .dedup
                 .adopt(snapshot, Instant::now());
             if adopted {
                 tracing::info!(entries, "took over the predecessor's deduplication state");
@@ -122,9 +128,10 @@ impl Dispatcher {
 
     /// The deduplication state, for a successor (taken after the drain, so it is final).
     pub fn dedup_snapshot(&self) -> DedupSnapshot {
-        self.dedup
+        self.seen
             .lock()
             .expect("dedup lock poisoned")
+            .dedup
             .snapshot(Instant::now())
     }
 
@@ -163,14 +170,10 @@ impl Dispatcher {
         // slash commands and interactions have.
         let key = summary.event_id.as_deref().unwrap_or(&envelope.envelope_id);
         let now = Instant::now();
-        let mut dedup = self.dedup.lock().expect("dedup lock poisoned");
-        if dedup.contains(key, now) {
-            let taking = self
-                .taking
-                .lock()
-                .expect("taking lock poisoned")
-                .contains(key);
-            drop(dedup);
+        let mut seen = self.seen.lock().expect("dedup lock poisoned");
+        if seen.dedup.contains(key, now) {
+            let taking = seen.taking.contains(key);
+            drop(seen);
             if taking {
                 return self.defer(
                     &envelope,
@@ -193,18 +196,14 @@ impl Dispatcher {
         let Ok(admission) = self.admitted.clone().try_acquire_owned() else {
             return self.defer(&envelope, "the handler queue is full");
         };
-        dedup.insert(key, now);
+        seen.dedup.insert(key, now);
         // The response rides in the ack only where Slack accepts one; everything else is
         // acked as the handler's policy says.
         let policy = (!envelope.accepts_response_payload).then(|| self.handler.ack_policy());
         if policy == Some(AckPolicy::WhenHandled) {
-            // Under the dedup lock, as a redelivery checks it.
-            self.taking
-                .lock()
-                .expect("taking lock poisoned")
-                .insert(key.to_owned());
+            seen.taking.insert(key.to_owned());
         }
-        drop(dedup);
+        drop(seen);
         let owed = match policy {
             None => Owed::Answer(pending),
             Some(AckPolicy::OnAccept) => {
@@ -218,8 +217,7 @@ impl Dispatcher {
         };
         let job = Job {
             handler: self.handler.clone(),
-            dedup: self.dedup.clone(),
-            taking: self.taking.clone(),
+            seen: self.seen.clone(),
             state: self.state.clone(),
             running: self.running.clone(),
             response_deadline: self.live.borrow().dispatch.response_deadline,
@@ -292,8 +290,7 @@ enum Owed {
 /// One handler invocation and the ack that depends on it.
 struct Job {
     handler: Arc<dyn Handler>,
-    dedup: Arc<std::sync::Mutex<Dedup>>,
-    taking: Arc<std::sync::Mutex<HashSet<String>>>,
+    seen: Arc<std::sync::Mutex<Seen>>,
     state: Arc<ServiceState>,
     running: Arc<Semaphore>,
     response_deadline: Duration,
@@ -310,21 +307,18 @@ impl Job {
             Owed::Nothing => self.invoke(incoming).await,
             Owed::WhenHandled { pending, key } => {
                 let outcome = self.invoke(incoming).await;
-                let mut dedup = self.dedup.lock().expect("dedup lock poisoned");
+                let mut seen = self.seen.lock().expect("dedup lock poisoned");
                 match &outcome {
                     Ok(_) => send_ack(counters, pending, None),
                     Err(_) => {
                         // Dropped unsent: Slack redelivers it, and the redelivery must not
                         // be taken for a duplicate.
-                        dedup.forget(&key);
+                        seen.dedup.forget(&key);
                         drop(pending);
                     }
                 }
-                self.taking
-                    .lock()
-                    .expect("taking lock poisoned")
-                    .remove(&key);
-                drop(dedup);
+                seen.taking.remove(&key);
+                drop(seen);
                 outcome
             }
             Owed::Answer(pending) => {

@@ -404,10 +404,16 @@ async fn the_apps_answer_to_a_slash_command_rides_in_the_ack() {
     let sim = simulator(|_| {}).await;
     let answer = json!({ "response_type": "in_channel", "text": "Deploying *prod*" });
     let app = App::start(Reply::Ok("application/json", answer.to_string())).await;
-    let mut daemon = forwarding(&sim, &app.url(), "").await;
+    let commands = format!("commands_url = \"http://{}/commands\"", app.addr);
+    let mut daemon = forwarding(&sim, &app.url(), &commands).await;
 
     let slash = acked(&sim, EnvelopeSpec::slash_command("/deploy", "prod")).await;
     assert_eq!(slash.ack_payload, Some(answer));
+    assert_eq!(
+        app.wait_seen(1).await[0].path,
+        "/commands",
+        "the per-kind URL"
+    );
     app.set(Reply::Ok("text/plain; charset=utf-8", "On it.".into()));
     let slash = acked(&sim, EnvelopeSpec::slash_command("/deploy", "dev")).await;
     assert_eq!(slash.ack_payload, Some(json!({ "text": "On it." })));
