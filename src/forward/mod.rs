@@ -22,7 +22,7 @@ use crate::dispatch::{AckPolicy, Handler, HandlerFuture, HandlerResult, Incoming
 use crate::http_body::{BodyError, read_capped};
 use crate::state::{Counters, ServiceState};
 use flowcoach_protocol::signature::{SIGNATURE_HEADER, TIMESTAMP_HEADER, sign};
-use flowcoach_protocol::{Envelope, EnvelopeKind};
+use flowcoach_protocol::{Ack, AckError, Envelope, EnvelopeKind};
 
 pub use body::{BuildError, HttpBody, build};
 
@@ -55,6 +55,9 @@ pub enum ForwardError {
     Read(#[source] reqwest::Error),
     #[error(transparent)]
     Answer(#[from] answer::AnswerError),
+    /// Slack drops acks of 20 000 bytes or more: such an answer is the app's failure.
+    #[error("the app's answer does not fit in an ack")]
+    AckTooLarge(#[source] AckError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +157,7 @@ impl Inner {
                 Counters::bump(&counters.forwarded);
                 self.state.update(|s| s.app_failing = None);
                 if envelope.accepts_response_payload {
+                    // Low volume and seen by people: each answer is worth a line.
                     tracing::info!(
                         envelope_id,
                         kind,
@@ -277,7 +281,18 @@ impl Inner {
                     },
                 })
             })?;
-        let payload = answer::payload(&bytes).map_err(|e| fail(e.into()))?;
+        // Slack reads the answer's body only where it has a use for it.
+        let payload = if envelope.accepts_response_payload {
+            let ack = Ack {
+                envelope_id: envelope.envelope_id.clone(),
+                payload: answer::payload(&bytes).map_err(|e| fail(e.into()))?,
+            };
+            ack.to_frame()
+                .map_err(|e| fail(ForwardError::AckTooLarge(e)))?;
+            ack.payload
+        } else {
+            None
+        };
         Ok(Answer {
             status: status.as_u16(),
             payload,

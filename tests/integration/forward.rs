@@ -494,6 +494,13 @@ async fn oversized_redirected_and_hanging_answers_are_failures() {
             "(a redirect to /moved), which is not followed",
         ),
         (Reply::Hang, "no answer from the app within 500ms"),
+        (
+            Reply::Ok(
+                "application/json",
+                json!({ "text": "x".repeat(30_000) }).to_string(),
+            ),
+            "does not fit in an ack",
+        ),
     ];
     for (reply, error) in cases {
         app.set(reply);
