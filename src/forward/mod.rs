@@ -10,6 +10,7 @@ mod answer;
 mod body;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
@@ -98,6 +99,9 @@ struct Inner {
     forward: Forward,
     permits: Semaphore,
     state: Arc<ServiceState>,
+    /// Whether the latest exchange failed: the shared status changes only when this flips
+    /// (or the failure changes), not on every success.
+    failing: AtomicBool,
 }
 
 impl Forwarder {
@@ -120,6 +124,7 @@ impl Forwarder {
                 permits: Semaphore::new(forward.max_concurrent),
                 forward,
                 state,
+                failing: AtomicBool::new(false),
             }),
         })
     }
@@ -155,7 +160,9 @@ impl Inner {
         match outcome {
             Ok(answer) => {
                 Counters::bump(&counters.forwarded);
-                self.state.update(|s| s.app_failing = None);
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    self.state.update(|s| s.app_failing = None);
+                }
                 if envelope.accepts_response_payload {
                     // Low volume and seen by people: each answer is worth a line.
                     tracing::info!(
@@ -181,6 +188,7 @@ impl Inner {
             Err(failure) => {
                 Counters::bump(&counters.forward_failed);
                 let error = error_chain(&failure.error);
+                self.failing.store(true, Ordering::Relaxed);
                 self.state.update(|s| {
                     s.app_failing = Some(error.clone());
                     s.app_last_error = Some(error.clone());
