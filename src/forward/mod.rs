@@ -110,6 +110,9 @@ impl Forwarder {
             // A redirect would send the signed request somewhere the operator did not
             // name: it is the app's misconfiguration, shown as such.
             .redirect(reqwest::redirect::Policy::none())
+            // The app is named explicitly and usually sits beside flowcoach: proxies meant
+            // for Slack's API (HTTPS_PROXY) are not for it.
+            .no_proxy()
             .timeout(forward.timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
