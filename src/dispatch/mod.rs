@@ -127,12 +127,16 @@ impl Dispatcher {
     }
 
     /// The deduplication state, for a successor (taken after the drain, so it is final).
+    /// Envelopes that a [`AckPolicy::WhenHandled`] handler still has (it outlasted the
+    /// drain) are left out, and forgotten here too: they were not taken, and their
+    /// redelivery must be handled, by the successor or, after a rollback, by us.
     pub fn dedup_snapshot(&self) -> DedupSnapshot {
-        self.seen
-            .lock()
-            .expect("dedup lock poisoned")
-            .dedup
-            .snapshot(Instant::now())
+        let mut seen = self.seen.lock().expect("dedup lock poisoned");
+        let Seen { dedup, taking } = &mut *seen;
+        for key in taking.iter() {
+            dedup.forget(key);
+        }
+        dedup.snapshot(Instant::now())
     }
 
     /// Takes envelopes again after [`Dispatcher::stop_accepting`] and a drain: a handover

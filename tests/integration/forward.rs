@@ -651,11 +651,8 @@ async fn the_built_in_bot_shows_no_app_in_status() {
     daemon.stop().await;
 }
 
-#[tokio::test]
-async fn a_successor_gets_the_signing_secret_through_the_pipe() {
-    let sim = simulator(|_| {}).await;
-    let app = App::start(Reply::Status(200)).await;
-    let mut daemon = forwarding(&sim, &app.url(), "").await;
+/// `flowcoachctl handover` to a successor the daemon starts: its pid, to be stopped.
+async fn hand_over(daemon: &Daemon) -> (u32, Strays) {
     let dir = daemon.runtime_dir.display().to_string();
     let output = ctl::run(
         &["--timeout", "30s", "handover"],
@@ -670,6 +667,15 @@ async fn a_successor_gets_the_signing_secret_through_the_pipe() {
         .unwrap_or_else(|| panic!("not a completed handover: {output:?}"));
     let mut strays = Strays::default();
     strays.add(successor);
+    (successor, strays)
+}
+
+#[tokio::test]
+async fn a_successor_gets_the_signing_secret_through_the_pipe() {
+    let sim = simulator(|_| {}).await;
+    let app = App::start(Reply::Status(200)).await;
+    let mut daemon = forwarding(&sim, &app.url(), "").await;
+    let (successor, mut strays) = hand_over(&daemon).await;
     let incumbent = tokio::time::timeout(WAIT, daemon.child.wait())
         .await
         .expect("the incumbent exits")
@@ -713,4 +719,35 @@ async fn a_redelivery_while_the_app_still_has_the_event_waits_for_its_answer() {
         .expect("acked once the app answered");
     assert_eq!(app.seen().len(), 1, "forwarded once");
     daemon.stop().await;
+}
+
+#[tokio::test]
+async fn an_event_the_app_still_has_at_a_handover_is_forwarded_again_by_the_successor() {
+    let sim = simulator(|c| c.ack_deadline = Duration::from_secs(1)).await;
+    let app = App::start(Reply::Slow(
+        Duration::from_secs(2),
+        Box::new(Reply::Status(200)),
+    ))
+    .await;
+    // No drain: the incumbent hands over while the app still has the event.
+    let extra = "timeout = \"10s\"\n[dispatch]\ndrain_timeout = \"0s\"";
+    let mut daemon = forwarding(&sim, &app.url(), extra).await;
+    let id = sim.inject(APP, event("EvHandedOver"));
+    app.wait_seen(1).await;
+
+    let (successor, mut strays) = hand_over(&daemon).await;
+    tokio::time::timeout(WAIT, daemon.child.wait())
+        .await
+        .expect("the incumbent exits")
+        .unwrap();
+
+    // The incumbent never got its answer: the successor must not take the redelivery for
+    // a duplicate, but forward it.
+    sim.wait_acked(WAIT, &[&id])
+        .await
+        .expect("acked by the successor");
+    let seen = app.wait_seen(2).await;
+    assert!(seen[1].retry_num.is_some(), "{seen:?}");
+    process::signal(successor, Signal::SIGTERM);
+    strays.gone(successor, WAIT).await.unwrap();
 }
