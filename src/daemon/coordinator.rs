@@ -14,7 +14,7 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use super::{DaemonError, EXTEND_STEP, Instance, Serving};
-use crate::config::{EnvSource, ProcessEnv, env};
+use crate::config::token_variable;
 use crate::control::protocol::{Command, Response};
 use crate::control::server::HandoverCall;
 use crate::deadline::far_future;
@@ -193,7 +193,7 @@ impl<'a> Coordinator<'a> {
                     &self.instance.exe,
                     self.instance.config.path.as_ref(),
                     &self.instance.config.settings.environment,
-                    ProcessEnv.var(env::APP_TOKEN).as_deref(),
+                    token_variable::taken_values(),
                 ) {
                     Ok(child) => {
                         let pid = child.id().unwrap_or(0);

@@ -21,8 +21,9 @@ use self::conflict::AlreadyRunning;
 use crate::bot::FlowCoach;
 use crate::config::{Config, ProcessEnv, Settings};
 use crate::control::{ControlContext, server};
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, Handler};
 use crate::exit;
+use crate::forward::{self, Forwarder};
 use crate::host::lock::{HolderInfo, InstanceLock, LockError};
 use crate::host::paths::{InstancePaths, UNKNOWN_APP, ensure_dir, runtime_dir};
 use crate::host::systemd::{self, Systemd};
@@ -42,6 +43,8 @@ pub enum DaemonError {
     Fatal(#[from] FatalError),
     #[error("cannot set up the Slack client: {0}")]
     Setup(#[from] OpenError),
+    #[error(transparent)]
+    Forward(#[from] forward::SetupError),
     /// Another instance holds this app on this host.
     #[error(transparent)]
     AlreadyRunning(#[from] Box<AlreadyRunning>),
@@ -71,6 +74,7 @@ impl DaemonError {
             | DaemonError::Signals(_)
             | DaemonError::ControlSocket(_)
             | DaemonError::HandoverDescriptors(_)
+            | DaemonError::Forward(_)
             | DaemonError::Takeover(_) => exit::FAILURE,
         }
     }
@@ -170,7 +174,11 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
     };
     let state = Arc::new(InstanceState::new(InstanceInfo::current(&environment)));
     let (live_tx, live) = watch::channel(config.settings.clone());
-    let handler = Arc::new(FlowCoach::new(state.clone()));
+    // The app behind `[forward]`, else the built-in bot.
+    let handler: Arc<dyn Handler> = match &config.forward {
+        Some(settings) => Arc::new(Forwarder::new(settings.clone(), state.clone())?),
+        None => Arc::new(FlowCoach::new(state.clone())),
+    };
     let dispatcher = Arc::new(if lock.is_none() && !config.settings.handover.strict {
         // Until the incumbent's deduplication state arrives, envelopes wait unacked.
         Dispatcher::held(handler, live.clone(), state.clone())
@@ -182,6 +190,8 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
         token = %config.token,
         token_source = %config.token_source,
         api_url = %config.api_url,
+        forward_url = config.forward.as_ref().map(|f| f.describe_urls()),
+        signing_secret_source = config.forward.as_ref().map(|f| f.secret_source.to_string()),
         lock = %paths.lock.display(),
         control_socket = %paths.socket.display(),
         version = env!("CARGO_PKG_VERSION"),
