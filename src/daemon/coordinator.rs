@@ -149,7 +149,7 @@ impl<'a> Coordinator<'a> {
             tracing::warn!(
                 count = left.len(),
                 answers_due,
-                "envelopes arrived after the last Close, with no socket left to ack them: Slack redelivers the events among them, not slash commands or interactions"
+                "envelopes arrived while stopping (during the drain or after the last Close), with no socket left to ack them: Slack redelivers the events among them, not slash commands or interactions"
             );
         }
     }

@@ -42,6 +42,9 @@ pub enum Accepted {
     Deferred,
     /// Kept, unacked, until a handover brings the predecessor's deduplication state.
     Held,
+    /// Arrived while the service stops taking envelopes: kept, unacked, for a successor to
+    /// ack on its own socket (a handover), else left for Slack to redeliver.
+    Orphaned,
 }
 
 /// Routes envelopes to the handler. Cheap to share: connections call [`Dispatcher::accept`]
@@ -202,7 +205,12 @@ impl Dispatcher {
             return Accepted::Duplicate;
         }
         if !self.accepting.load(Ordering::Acquire) {
-            return self.defer(&envelope, "the service is stopping");
+            // Draining for a stop or a handover: a successor can still take it, as it takes
+            // what arrives after the Close.
+            drop(seen);
+            drop(pending);
+            self.orphan(envelope);
+            return Accepted::Orphaned;
         }
         let Ok(admission) = self.admitted.clone().try_acquire_owned() else {
             return self.defer(&envelope, "the handler queue is full");
@@ -292,7 +300,8 @@ impl Dispatcher {
         send_ack(&self.state.counters, pending, payload);
     }
 
-    /// Stops taking new envelopes: from now on they are left for Slack to redeliver.
+    /// Stops taking new envelopes: from now on they wait unacked with the orphans
+    /// ([`Dispatcher::take_orphans`]), for a successor, or for Slack's redelivery.
     pub fn stop_accepting(&self) {
         self.accepting.store(false, Ordering::Release);
     }

@@ -174,8 +174,13 @@ impl Inner {
             .sockets
             .pick_receiver(&envelope.app_id)
             .filter(|&socket| {
-                self.sockets
-                    .send(socket, SocketCommand::Send(Message::text(text)))
+                self.sockets.send(
+                    socket,
+                    SocketCommand::Deliver {
+                        envelope_id: envelope_id.to_owned(),
+                        frame: Message::text(text),
+                    },
+                )
             });
         let Some(socket) = receiver else {
             debug!(
@@ -212,6 +217,32 @@ impl Inner {
             envelope_id: envelope_id.to_owned(),
             delivery_no,
         });
+    }
+
+    /// Envelopes routed to `socket` that its task never wrote: the client closed first (its
+    /// Close came in while they waited in the socket's queue). Nothing went out, so, as on
+    /// Slack's side, they go to another socket now rather than wait for a redelivery.
+    pub(super) fn never_sent(&mut self, socket: SocketId, envelope_ids: Vec<String>, now: Instant) {
+        for envelope_id in envelope_ids {
+            let Some(envelope) = self.deliveries.unfinished.get_mut(&envelope_id) else {
+                continue;
+            };
+            let Some(&i) = self.deliveries.index.get(&envelope_id) else {
+                continue;
+            };
+            let deliveries = &mut self.record.envelopes[i].deliveries;
+            if deliveries.last().is_none_or(|d| d.socket != socket) {
+                continue;
+            }
+            deliveries.pop();
+            let void = envelope.deliveries_made;
+            envelope.deliveries_made -= 1;
+            self.deliveries
+                .deadlines
+                .retain(|d| !(d.envelope_id == envelope_id && d.delivery_no == void));
+            debug!(envelope = envelope_id, socket, "never sent; routed again");
+            self.dispatch(&envelope_id, now);
+        }
     }
 
     /// Delivers the envelopes that waited for a socket of this app.
@@ -354,7 +385,11 @@ mod tests {
     ) -> Vec<(String, Option<u32>, Option<String>)> {
         let mut frames = Vec::new();
         while let Ok(command) = rx.try_recv() {
-            let SocketCommand::Send(Message::Text(text)) = command else {
+            let SocketCommand::Deliver {
+                frame: Message::Text(text),
+                ..
+            } = command
+            else {
                 panic!("unexpected command {command:?}");
             };
             let Ok(Inbound::Envelope(env)) = parse_inbound(&text) else {

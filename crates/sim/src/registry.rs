@@ -26,6 +26,11 @@ pub enum RawFrame {
 #[derive(Debug)]
 pub(super) enum SocketCommand {
     Send(Message),
+    /// An envelope the state has routed to this socket.
+    Deliver {
+        envelope_id: String,
+        frame: Message,
+    },
     /// Send a disconnect frame and close after the reason's grace.
     Disconnect(String),
     MakeStale,

@@ -102,6 +102,7 @@ impl Session {
         match ending {
             Ending::ClientClosed => {
                 self.closed(CloseKind::ClientCloseHandshake);
+                self.route_unsent_elsewhere();
                 // Sends the Close reply tungstenite queued when it read the client's Close.
                 bounded_write(&self.shared.shutdown, self.ws.flush()).await;
                 let until = Instant::now() + self.shared.config.hold_tcp_after_close;
@@ -159,7 +160,7 @@ impl Session {
             tokio::select! {
                 () = shutdown.cancelled() => return Ending::Shutdown,
                 command = self.commands.recv() => match command {
-                    Some(SocketCommand::Send(message)) => {
+                    Some(SocketCommand::Send(message) | SocketCommand::Deliver { frame: message, .. }) => {
                         if !self.write_batched(message).await {
                             return self.lost();
                         }
@@ -324,6 +325,21 @@ impl Session {
                     Ok(_) => {}
                 },
             }
+        }
+    }
+
+    /// The envelopes still queued for this socket when its client closed were never written
+    /// (and now cannot be: the Close reply is the last frame): route them to another socket.
+    fn route_unsent_elsewhere(&mut self) {
+        let mut unsent = Vec::new();
+        while let Ok(command) = self.commands.try_recv() {
+            if let SocketCommand::Deliver { envelope_id, .. } = command {
+                unsent.push(envelope_id);
+            }
+        }
+        if !unsent.is_empty() {
+            self.shared
+                .update(|inner| inner.never_sent(self.id, unsent, Instant::now()));
         }
     }
 
