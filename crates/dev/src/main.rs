@@ -2,6 +2,7 @@
 //! fixed address, a narrated demo, and the benchmarks. Each runs the real `flowcoach`
 //! binary as a child process, so what they show and measure is the daemon itself.
 
+mod app;
 mod bench;
 mod demo;
 mod sim;
@@ -28,6 +29,9 @@ enum Tool {
     /// Run flowcoach against the simulator and watch it work: events, a slash command, a
     /// rotation, a dropped connection, a clean stop.
     Demo(DemoArgs),
+    /// Run a small Slack app in HTTP mode (signed requests on /slack/events, replies through
+    /// the Web API), to put behind flowcoach's `[forward]`.
+    App(AppArgs),
     /// Measure flowcoach (as a child process) against the simulator: throughput, CPU per
     /// envelope, ack latency, resident memory; or handovers.
     Bench(BenchArgs),
@@ -78,6 +82,18 @@ pub struct SimArgs {
     pub rotate_every: Option<Duration>,
 }
 
+/// The signing secret and the bot token come from `SLACK_SIGNING_SECRET` and
+/// `SLACK_BOT_TOKEN`, never from the command line.
+#[derive(Debug, Args)]
+pub struct AppArgs {
+    /// Address to serve `/slack/events` on.
+    #[arg(long, default_value = "127.0.0.1:3001")]
+    pub listen: SocketAddr,
+    /// The Web API base the app calls (`chat.postMessage`): the simulator's by default.
+    #[arg(long, default_value = "http://127.0.0.1:3000/api")]
+    pub api_url: String,
+}
+
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// How long the demo runs before stopping flowcoach with SIGTERM.
@@ -95,6 +111,7 @@ fn main() -> ExitCode {
     }
     match cli.tool {
         Tool::Sim(args) => sim::run(&args),
+        Tool::App(args) => app::run(&args),
         Tool::Demo(args) => demo::run(&args),
         Tool::Bench(args) => bench::run(&args),
     }

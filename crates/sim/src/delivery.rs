@@ -112,7 +112,7 @@ impl Inner {
     /// Records the envelope and delivers it, or queues it until the app has a socket.
     pub(super) fn inject(&mut self, app_id: &str, spec: EnvelopeSpec, now: Instant) -> String {
         let (envelope_id, seq) = self.deliveries.new_envelope_id();
-        let response_url = format!("{}{envelope_id}", self.response_url_base);
+        let response_url = self.response_url(&envelope_id);
         let content = spec.into_content(app_id, seq, &response_url);
         let payload = RawValue::from_string(content.payload.to_string())
             .expect("a serde_json::Value prints as valid JSON");

@@ -122,6 +122,12 @@ impl Simulator {
         format!("http://{}/api", self.shared.api_addr)
     }
 
+    /// The `response_url` the payload of envelope `envelope_id` carries (slash commands,
+    /// block actions), e.g. `http://127.0.0.1:41234/response/<id>`.
+    pub fn response_url(&self, envelope_id: &str) -> String {
+        self.shared.read(|inner| inner.response_url(envelope_id))
+    }
+
     pub fn config(&self) -> &SimConfig {
         &self.shared.config
     }

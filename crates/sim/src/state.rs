@@ -64,6 +64,13 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// The `response_url` of the envelope with this id.
+    pub(super) fn response_url(&self, envelope_id: &str) -> String {
+        format!("{}{envelope_id}", self.response_url_base)
+    }
+}
+
 impl Shared {
     pub(super) fn new(
         config: SimConfig,
