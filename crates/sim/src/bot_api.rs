@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::info;
 
 use super::api::{bearer_token, unknown_method};
 use super::config::{bot_id, bot_user_id};
@@ -99,10 +99,10 @@ pub(super) async fn call(
         });
         answer
     });
-    debug!(
+    info!(
         method = name,
         error = answer.as_ref().err(),
-        "bot Web API call"
+        "the bot called the Web API"
     );
     let body = answer.unwrap_or_else(|error| json!({"ok": false, "error": error}));
     axum::Json(body).into_response()
@@ -132,7 +132,7 @@ pub(super) async fn response_url(
         });
         accepted
     });
-    debug!(envelope_id, accepted, "response_url post");
+    info!(envelope_id, accepted, "the bot posted to a response_url");
     match (accepted, message) {
         (true, _) => axum::Json(json!({"ok": true})).into_response(),
         (false, Err(error)) => (

@@ -49,6 +49,25 @@ impl EnvelopeSpec {
         }
     }
 
+    /// An `app_mention` event: the sim user mentions `app_id`'s bot user in `channel`.
+    pub fn app_mention(
+        event_id: impl Into<String>,
+        app_id: &str,
+        channel: &str,
+        text: &str,
+    ) -> Self {
+        EnvelopeSpec::Event {
+            event_id: event_id.into(),
+            event: json!({
+                "type": "app_mention",
+                "channel": channel,
+                "user": SIM_USER_ID,
+                "text": format!("<@{}> {text}", super::config::bot_user_id(app_id)),
+                "ts": slack_ts(),
+            }),
+        }
+    }
+
     /// A slash command (`/flowcoach`, say) from the sim user in the sim channel.
     pub fn slash_command(command: &str, text: impl Into<String>) -> Self {
         EnvelopeSpec::SlashCommand {
@@ -200,6 +219,18 @@ mod tests {
         assert_eq!(content.payload["api_app_id"], "A1");
         assert_eq!(content.payload["team_id"], SIM_TEAM_ID);
         assert_eq!(content.payload["event"]["channel"], "C1");
+    }
+
+    #[test]
+    fn a_mention_names_the_bot_user() {
+        let content = EnvelopeSpec::app_mention("Ev9", "A0X1", "C1", "hi").into_content(
+            "A0X1",
+            9,
+            RESPONSE_URL,
+        );
+        assert_eq!(content.payload["event"]["type"], "app_mention");
+        assert_eq!(content.payload["event"]["text"], "<@U0X1> hi");
+        assert_eq!(content.payload["event"]["user"], SIM_USER_ID);
     }
 
     #[test]
