@@ -80,6 +80,10 @@ pub struct SimArgs {
     /// Ask each connection to rotate after this long, like `debug_reconnects`.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub rotate_every: Option<Duration>,
+    /// Mention the app's bot (an `app_mention` event) this often, for a bot behind
+    /// flowcoach (`flowcoach-dev app`) to answer.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub mention_every: Option<Duration>,
 }
 
 /// The signing secret and the bot token come from `SLACK_SIGNING_SECRET` and
