@@ -62,9 +62,7 @@ impl Inner {
             bot: BotState::default(),
         }
     }
-}
 
-impl Inner {
     /// The `response_url` of the envelope with this id.
     pub(super) fn response_url(&self, envelope_id: &str) -> String {
         format!("{}{envelope_id}", self.response_url_base)
