@@ -80,6 +80,14 @@ pub(super) async fn call(
     let token = bearer_token(&headers);
     let config = &shared.config;
     let app = token.and_then(|t| config.app_for_bot_token(t));
+    // Logged, so that a person watching `flowcoach-dev sim` sees what the bot said where.
+    let arg = |name| {
+        args.as_ref()
+            .ok()
+            .and_then(|a| text_arg(a, name))
+            .map(str::to_owned)
+    };
+    let (channel, text) = (arg("channel"), arg("text"));
     let answer = shared.update(|inner| {
         let answer = match (token, app, &args) {
             (None, _, _) => Err("not_authed"),
@@ -101,6 +109,8 @@ pub(super) async fn call(
     });
     info!(
         method = name,
+        channel,
+        text,
         error = answer.as_ref().err(),
         "the bot called the Web API"
     );
@@ -132,7 +142,11 @@ pub(super) async fn response_url(
         });
         accepted
     });
-    info!(envelope_id, accepted, "the bot posted to a response_url");
+    let text = message.as_ref().ok().and_then(|m| text_arg(m, "text"));
+    info!(
+        envelope_id,
+        text, accepted, "the bot posted to a response_url"
+    );
     match (accepted, message) {
         (true, _) => axum::Json(json!({"ok": true})).into_response(),
         (false, Err(error)) => (
