@@ -9,7 +9,8 @@
 //   SLACK_SIGNING_SECRET  the app's signing secret (every request's signature is checked)
 //   SLACK_BOT_TOKEN       the bot token (xoxb-...), for the Web API calls (say, ...)
 //   SLACK_API_URL         the Web API base, default https://slack.com/api
-//   HOST, PORT            where to listen, default 127.0.0.1:3000 (flowcoach's forward.url)
+//   HOST, PORT            where to listen, default 127.0.0.1:3000 (flowcoach's forward.url);
+//                         PORT=0 takes any free port, printed on stdout
 
 const { App } = require('@slack/bolt');
 
@@ -57,6 +58,6 @@ app.options('team', async ({ payload, ack }) => {
 (async () => {
   const host = process.env.HOST || '127.0.0.1';
   const port = Number(process.env.PORT || 3000);
-  await app.start({ port, host });
-  console.log(`listening on http://${host}:${port}/slack/events`);
+  const server = await app.start({ port, host });
+  console.log(`listening on http://${host}:${server.address().port}/slack/events`);
 })();

@@ -8,7 +8,8 @@ Environment:
   SLACK_SIGNING_SECRET  the app's signing secret (every request's signature is checked)
   SLACK_BOT_TOKEN       the bot token (xoxb-...), for the Web API calls (say, ...)
   SLACK_API_URL         the Web API base, default https://slack.com/api
-  HOST, PORT            where to listen, default 127.0.0.1:3000 (flowcoach's forward.url)
+  HOST, PORT            where to listen, default 127.0.0.1:3000 (flowcoach's forward.url);
+                        PORT=0 takes any free port, printed on stdout
 """
 
 import os
@@ -74,5 +75,5 @@ if __name__ == "__main__":
     host = os.environ.get("HOST", "127.0.0.1")
     port = int(os.environ.get("PORT", "3000"))
     server = make_server(host, port, SlackRequestHandler(app), server_class=ThreadingServer)
-    print(f"listening on http://{host}:{port}/slack/events", flush=True)
+    print(f"listening on http://{host}:{server.server_port}/slack/events", flush=True)
     server.serve_forever()

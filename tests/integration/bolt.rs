@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use flowcoach_harness::bolt::{Bolt, BoltApp, free_port};
+use flowcoach_harness::bolt::{Bolt, BoltApp};
 use flowcoach_harness::{APP, Daemon, FAST_CONFIG, WAIT, acked, connected, simulator};
 use flowcoach_sim::{
     EnvelopeSpec, SIM_CHANNEL_ID, SIM_TEAM_ID, SIM_USER_ID, SimConfig, Simulator, bot_user_id,
@@ -73,14 +73,14 @@ async fn flowcoach(sim: &Simulator, app: &BoltApp, secret: &str) -> Daemon {
     daemon
 }
 
-/// The simulator (adjusted), the app on a port of its own and flowcoach in front of it,
+/// The simulator (adjusted), the app on a free port and flowcoach in front of it,
 /// signing with the app's secret.
 async fn bolt_behind_flowcoach(
     bolt: Bolt,
     adjust: impl FnOnce(&mut SimConfig),
 ) -> (Simulator, BoltApp, Daemon) {
     let sim = simulator(adjust).await;
-    let app = start_app(bolt, free_port(), &sim).await;
+    let app = start_app(bolt, 0, &sim).await;
     let daemon = flowcoach(&sim, &app, &fake_signing_secret(APP)).await;
     (sim, app, daemon)
 }
@@ -209,7 +209,7 @@ async fn each_interaction_reaches_the_app_and_its_answer_reaches_slack(bolt: Bol
 
 async fn a_request_signed_with_another_secret_is_refused_by_bolt(bolt: Bolt) {
     let sim = simulator(|_| {}).await;
-    let app = start_app(bolt, free_port(), &sim).await;
+    let app = start_app(bolt, 0, &sim).await;
     let mut daemon = flowcoach(&sim, &app, "0123456789abcdef0123456789abcdef").await;
 
     let id = sim.inject(APP, mention("EvBoltForged"));

@@ -17,7 +17,7 @@ use crate::WAIT;
 /// skipping: CI can never pass them without running them.
 pub const MANDATORY_VARIABLE: &str = "FLOWCOACH_BOLT";
 
-/// The line an example app prints on stdout once it listens.
+/// The line an example app prints on stdout once it listens, followed by its URL.
 const READY_LINE: &str = "listening on ";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,17 +102,10 @@ impl Bolt {
     }
 }
 
-/// A free port on loopback for an app to listen on (and listen on again after a restart).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port on loopback")
-        .port()
-}
-
 #[derive(Debug, Default, Clone, Copy)]
 struct Progress {
-    ready: bool,
+    /// The port it says it listens on.
+    listening: Option<u16>,
     /// Its stdout closed: it exited (or closed it, which the examples never do).
     ended: bool,
 }
@@ -126,8 +119,9 @@ pub struct BoltApp {
 }
 
 impl BoltApp {
-    /// Starts `bolt`'s example on `127.0.0.1:port` with `env` (signing secret, bot token,
-    /// Web API base: the environment, never argv) and waits until it says it listens.
+    /// Starts `bolt`'s example on `127.0.0.1:port` (0: a free port it picks, so no other
+    /// test can take it first) with `env` (signing secret, bot token, Web API base: the
+    /// environment, never argv) and waits until it says it listens.
     pub async fn start(bolt: Bolt, port: u16, env: &[(&str, &str)]) -> BoltApp {
         let mut command = bolt.command();
         command
@@ -150,20 +144,24 @@ impl BoltApp {
         let stderr = child.stderr.take().unwrap();
         tokio::spawn(collect(stdout, output.clone(), Some(progress)));
         tokio::spawn(collect(stderr, output.clone(), None));
-        let app = BoltApp {
+        let outcome =
+            tokio::time::timeout(WAIT, watch.wait_for(|p| p.listening.is_some() || p.ended))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .and_then(|p| p.listening);
+        let Some(port) = outcome else {
+            panic!(
+                "the {bolt:?} Bolt app did not start listening within {WAIT:?}; its output:\n{}",
+                output.lock().unwrap()
+            );
+        };
+        BoltApp {
             bolt,
             child,
             port,
             output,
-        };
-        let outcome = tokio::time::timeout(WAIT, watch.wait_for(|p| p.ready || p.ended)).await;
-        if !outcome.is_ok_and(|p| p.is_ok_and(|p| p.ready)) {
-            panic!(
-                "the {bolt:?} Bolt app did not start listening within {WAIT:?}; its output:\n{}",
-                app.output()
-            );
         }
-        app
     }
 
     /// Where flowcoach forwards to: Bolt's default path.
@@ -208,12 +206,40 @@ async fn collect(
             output.push('\n');
         }
         if let Some(progress) = &progress
-            && line.starts_with(READY_LINE)
+            && let Some(port) = listening_port(&line)
         {
-            progress.send_modify(|p| p.ready = true);
+            progress.send_modify(|p| p.listening = Some(port));
         }
     }
     if let Some(progress) = progress {
         progress.send_modify(|p| p.ended = true);
+    }
+}
+
+/// The port in a `listening on http://HOST:PORT/slack/events` line.
+fn listening_port(line: &str) -> Option<u16> {
+    let url = line.strip_prefix(READY_LINE)?.strip_prefix("http://")?;
+    let authority = url.split('/').next()?;
+    authority.rsplit_once(':')?.1.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listening_port;
+
+    #[test]
+    fn the_port_comes_from_the_ready_line() {
+        assert_eq!(
+            listening_port("listening on http://127.0.0.1:40123/slack/events"),
+            Some(40123)
+        );
+        assert_eq!(
+            listening_port("listening on http://127.0.0.1/slack/events"),
+            None
+        );
+        assert_eq!(
+            listening_port("127.0.0.1 - - \"POST /slack/events\" 200"),
+            None
+        );
     }
 }
