@@ -188,6 +188,10 @@ async fn each_interaction_reaches_the_app_and_its_answer_reaches_slack(bolt: Bol
         }))
     );
 
+    // A valid one: an empty ack, which closes the modal.
+    let view = acked(&sim, view_submission("ada@example.com")).await;
+    assert_eq!(view.ack_payload, None);
+
     // An external select: the options matching what was typed.
     let suggestion = acked(&sim, block_suggestion("es")).await;
     assert_eq!(
@@ -196,7 +200,7 @@ async fn each_interaction_reaches_the_app_and_its_answer_reaches_slack(bolt: Bol
     );
 
     let status = daemon.status_json().await;
-    assert_eq!(status["counters"]["forwarded"], 4, "{status}");
+    assert_eq!(status["counters"]["forwarded"], 5, "{status}");
     assert_eq!(status["counters"]["forward_failed"], 0, "{status}");
     assert_eq!(status["health"]["health"], "healthy", "{status}");
     daemon.stop().await;
