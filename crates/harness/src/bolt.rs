@@ -139,17 +139,19 @@ impl BoltApp {
             .spawn()
             .unwrap_or_else(|e| panic!("spawn the {bolt:?} Bolt app: {e}"));
         let output = Arc::new(Mutex::new(String::new()));
-        let (progress, mut watch) = watch::channel(Progress::default());
+        let (progress, mut progress_seen) = watch::channel(Progress::default());
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
         tokio::spawn(collect(stdout, output.clone(), Some(progress)));
         tokio::spawn(collect(stderr, output.clone(), None));
-        let outcome =
-            tokio::time::timeout(WAIT, watch.wait_for(|p| p.listening.is_some() || p.ended))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .and_then(|p| p.listening);
+        let outcome = tokio::time::timeout(
+            WAIT,
+            progress_seen.wait_for(|p| p.listening.is_some() || p.ended),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .and_then(|p| p.listening);
         let Some(port) = outcome else {
             panic!(
                 "the {bolt:?} Bolt app did not start listening within {WAIT:?}; its output:\n{}",
