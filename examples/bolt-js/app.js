@@ -35,6 +35,12 @@ app.command('/hello', async ({ command, ack }) => {
   await ack(`Hello, <@${command.user_id}>! (${command.text})`);
 });
 
+app.action('approve', async ({ body, ack, respond }) => {
+  // Acked at once, answered later through the interaction's response_url.
+  await ack();
+  await respond(`Approved by <@${body.user.id}>.`);
+});
+
 app.view('signup', async ({ view, ack }) => {
   const email = view.state.values.email_block.email.value || '';
   if (!/^[^@\s]+@[^@\s]+$/.test(email)) {

@@ -45,6 +45,13 @@ def hello(command, ack):
     ack(f"Hello, <@{command['user_id']}>! ({command['text']})")
 
 
+@app.action("approve")
+def approve(body, ack, respond):
+    # Acked at once, answered later through the interaction's response_url.
+    ack()
+    respond(f"Approved by <@{body['user']['id']}>.")
+
+
 @app.view("signup")
 def signup(view, ack):
     email = view["state"]["values"]["email_block"]["email"]["value"] or ""

@@ -119,6 +119,26 @@ async fn wait_posted(sim: &Simulator, count: usize) -> Vec<Value> {
     posted(sim)
 }
 
+/// A click on the `approve` button of a message in the simulator's channel.
+fn button_click() -> EnvelopeSpec {
+    EnvelopeSpec::Interactive {
+        payload: json!({
+            "type": "block_actions",
+            "team": { "id": SIM_TEAM_ID, "domain": "sim" },
+            "user": { "id": SIM_USER_ID, "team_id": SIM_TEAM_ID },
+            "api_app_id": APP,
+            "trigger_id": "1.2.4",
+            "channel": { "id": SIM_CHANNEL_ID },
+            "container": { "type": "message", "channel_id": SIM_CHANNEL_ID },
+            "actions": [{
+                "type": "button", "action_id": "approve", "block_id": "request",
+                "value": "deploy-42",
+            }],
+        }),
+        accepts_response_payload: false,
+    }
+}
+
 /// The sign-up modal submitted with `email`.
 fn view_submission(email: &str) -> EnvelopeSpec {
     EnvelopeSpec::Interactive {
@@ -178,6 +198,18 @@ async fn each_interaction_reaches_the_app_and_its_answer_reaches_slack(bolt: Bol
         Some(json!({ "text": format!("Hello, <@{SIM_USER_ID}>! (world)") }))
     );
 
+    // A button: acked empty, answered through the interaction's response_url.
+    let button = acked(&sim, button_click()).await;
+    assert_eq!(button.ack_payload, None);
+    let record = sim
+        .wait_until(WAIT, |r| !r.response_url_posts.is_empty())
+        .await
+        .unwrap_or_else(|e| panic!("no response_url post: {e:?}\n{}", app.output()));
+    let post = &record.response_url_posts[0];
+    assert_eq!(post.envelope_id, button.envelope_id);
+    assert!(!post.refused, "{post:?}");
+    assert_eq!(post.body["text"], format!("Approved by <@{SIM_USER_ID}>."));
+
     // A modal submission: the validation errors.
     let view = acked(&sim, view_submission("not-an-email")).await;
     assert_eq!(
@@ -200,7 +232,7 @@ async fn each_interaction_reaches_the_app_and_its_answer_reaches_slack(bolt: Bol
     );
 
     let status = daemon.status_json().await;
-    assert_eq!(status["counters"]["forwarded"], 5, "{status}");
+    assert_eq!(status["counters"]["forwarded"], 6, "{status}");
     assert_eq!(status["counters"]["forward_failed"], 0, "{status}");
     assert_eq!(status["health"]["health"], "healthy", "{status}");
     daemon.stop().await;
