@@ -3,6 +3,7 @@
 //! against the simulator (`flowcoach-harness`, `flowcoach-sim`).
 
 mod bad_input;
+mod bolt;
 mod cli;
 mod control;
 mod dispatch;

@@ -2,6 +2,7 @@
 //! fixed address, a narrated demo, and the benchmarks. Each runs the real `flowcoach`
 //! binary as a child process, so what they show and measure is the daemon itself.
 
+mod app;
 mod bench;
 mod demo;
 mod noop_app;
@@ -30,6 +31,9 @@ enum Tool {
     /// Run flowcoach against the simulator and watch it work: events, a slash command, a
     /// rotation, a dropped connection, a clean stop.
     Demo(DemoArgs),
+    /// Run a small Slack app in HTTP mode (signed requests on /slack/events, replies through
+    /// the Web API), to put behind flowcoach's `[forward]`.
+    App(AppArgs),
     /// Measure flowcoach (as a child process) against the simulator: throughput, CPU per
     /// envelope, ack latency, resident memory; or handovers.
     Bench(BenchArgs),
@@ -108,6 +112,22 @@ pub struct SimArgs {
     /// Ask each connection to rotate after this long, like `debug_reconnects`.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub rotate_every: Option<Duration>,
+    /// Mention the app's bot (an `app_mention` event) this often, for a bot behind
+    /// flowcoach (`flowcoach-dev app`) to answer.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub mention_every: Option<Duration>,
+}
+
+/// The signing secret and the bot token come from `SLACK_SIGNING_SECRET` and
+/// `SLACK_BOT_TOKEN`, never from the command line.
+#[derive(Debug, Args)]
+pub struct AppArgs {
+    /// Address to serve `/slack/events` on.
+    #[arg(long, default_value = "127.0.0.1:3001")]
+    pub listen: SocketAddr,
+    /// The Web API base the app calls (`chat.postMessage`): the simulator's by default.
+    #[arg(long, default_value = "http://127.0.0.1:3000/api")]
+    pub api_url: String,
 }
 
 #[derive(Debug, Args)]
@@ -127,6 +147,7 @@ fn main() -> ExitCode {
     }
     match cli.tool {
         Tool::Sim(args) => sim::run(&args),
+        Tool::App(args) => app::run(&args),
         Tool::Demo(args) => demo::run(&args),
         Tool::Bench(args) => bench::run(&args),
     }

@@ -3,6 +3,7 @@
 //! wait on events instead of sleeping.
 
 pub mod binaries;
+pub mod bolt;
 pub mod cargo;
 pub mod ctl;
 mod daemon;

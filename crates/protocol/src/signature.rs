@@ -1,7 +1,7 @@
 //! Slack's request signing, version 0: `X-Slack-Signature: v0=<hex HMAC-SHA256>` over
 //! `"v0:" + X-Slack-Request-Timestamp + ":" + body`, keyed with the app's signing secret.
-//! flowcoach signs what it forwards with it; an app in HTTP mode (and the simulator's demo
-//! app) verifies it.
+//! flowcoach signs what it forwards with it; an app in HTTP mode (such as the demo app,
+//! `flowcoach-dev app`) verifies it.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;

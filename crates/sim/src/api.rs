@@ -1,8 +1,9 @@
 //! The Web API side: `POST /api/apps.connections.open`, which checks the app-level token
-//! and hands out a single-use websocket URL, unless a test has scripted another answer.
+//! and hands out a single-use websocket URL, unless a test has scripted another answer;
+//! the bot's methods and `response_url`s are routed to [`bot_api`].
 
 use std::collections::VecDeque;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Router;
@@ -15,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use super::bot_api;
 use super::config::stable_hex;
 use super::record::OpenCall;
 use super::state::Shared;
@@ -102,6 +104,8 @@ pub(super) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     let shutdown = shared.shutdown.clone();
     let app = Router::new()
         .route("/api/apps.connections.open", post(connections_open))
+        .route("/api/{method}", post(bot_api::call))
+        .route("/response/{envelope_id}", post(bot_api::response_url))
         .fallback(unknown_method)
         .with_state(shared);
     let served = axum::serve(listener, app)
@@ -143,7 +147,7 @@ async fn connections_open(State(shared): State<Arc<Shared>>, headers: HeaderMap)
     answer.into_response()
 }
 
-async fn unknown_method() -> Response {
+pub(super) async fn unknown_method() -> Response {
     (
         StatusCode::NOT_FOUND,
         axum::Json(json!({"ok": false, "error": "unknown_method"})),
@@ -152,7 +156,7 @@ async fn unknown_method() -> Response {
 }
 
 /// The token of `Authorization: Bearer …`, the only place Slack reads app-level tokens.
-fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+pub(super) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
@@ -161,14 +165,19 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 
 /// Like Slack's, the URL names the app by a hash; the real app id comes in `hello`.
 fn link_url(shared: &Shared, ticket: &str, app_id: &str) -> String {
-    let mut addr = shared.link_addr;
+    format!(
+        "ws://{}/link/?ticket={ticket}&app_id={}",
+        reachable(shared.link_addr),
+        stable_hex(app_id, 40)
+    )
+}
+
+/// `addr` as clients dial it: a listener on the unspecified address is reached on loopback.
+pub(super) fn reachable(mut addr: SocketAddr) -> SocketAddr {
     if addr.ip().is_unspecified() {
         addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
     }
-    format!(
-        "ws://{addr}/link/?ticket={ticket}&app_id={}",
-        stable_hex(app_id, 40)
-    )
+    addr
 }
 
 #[cfg(test)]

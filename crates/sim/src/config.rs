@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use super::spec::SIM_TEAM_ID;
+
 /// The app the default configuration serves.
 pub const DEFAULT_APP_ID: &str = "A0SIMAPP01";
 
@@ -107,12 +109,44 @@ impl SimConfig {
             .iter()
             .find(|app| app.tokens.iter().any(|t| t == token))
     }
+
+    /// The app whose bot token ([`fake_bot_token`]) this is.
+    pub(super) fn app_for_bot_token(&self, token: &str) -> Option<&SimApp> {
+        self.apps
+            .iter()
+            .find(|app| fake_bot_token(&app.app_id) == token)
+    }
 }
 
 /// A token shaped like Slack's app-level tokens (`xapp-1-{app_id}-1-<hex>`). It is derived
 /// from the app id, so a test can compute the token the default configuration accepts.
 pub fn fake_token(app_id: &str) -> String {
     format!("xapp-1-{app_id}-1-{}", stable_hex(app_id, 64))
+}
+
+/// The bot token (`xoxb-…`) the simulated Web API accepts for `app_id`'s bot, derived from
+/// the app id like [`fake_token`]: what a bot behind flowcoach calls `chat.postMessage` with.
+pub fn fake_bot_token(app_id: &str) -> String {
+    format!(
+        "xoxb-{SIM_TEAM_ID}-{app_id}-{}",
+        stable_hex(&format!("bot {app_id}"), 24)
+    )
+}
+
+/// The signing secret the simulated Slack holds for `app_id` (32 hex digits, like
+/// Slack's), for signing what is sent to the app in HTTP mode and for the app to verify.
+pub fn fake_signing_secret(app_id: &str) -> String {
+    stable_hex(&format!("signing {app_id}"), 32)
+}
+
+/// The user id of `app_id`'s bot user: what `auth.test` names and bot messages carry.
+pub fn bot_user_id(app_id: &str) -> String {
+    format!("U{}", app_id.strip_prefix('A').unwrap_or(app_id))
+}
+
+/// The bot id (`B…`) of `app_id`'s bot.
+pub fn bot_id(app_id: &str) -> String {
+    format!("B{}", app_id.strip_prefix('A').unwrap_or(app_id))
 }
 
 /// `len` hex digits that depend only on `input` (FNV-1a, one round per 16 digits). Not a
@@ -158,6 +192,32 @@ mod tests {
                 .is_some()
         );
         assert!(config.app_for_token("xapp-1-nope").is_none());
+    }
+
+    #[test]
+    fn bot_tokens_and_secrets_are_per_app() {
+        let config = SimConfig::default();
+        let bot = fake_bot_token(DEFAULT_APP_ID);
+        assert!(bot.starts_with("xoxb-T0SIM-A0SIMAPP01-"), "{bot}");
+        assert_eq!(
+            config.app_for_bot_token(&bot).map(|a| a.app_id.as_str()),
+            Some(DEFAULT_APP_ID)
+        );
+        assert!(
+            config
+                .app_for_bot_token(&fake_token(DEFAULT_APP_ID))
+                .is_none()
+        );
+        assert!(
+            config
+                .app_for_bot_token(&fake_bot_token("A0OTHER"))
+                .is_none()
+        );
+        let secret = fake_signing_secret(DEFAULT_APP_ID);
+        assert_eq!(secret.len(), 32);
+        assert_ne!(secret, fake_signing_secret("A0OTHER"));
+        assert_eq!(bot_user_id(DEFAULT_APP_ID), "U0SIMAPP01");
+        assert_eq!(bot_id(DEFAULT_APP_ID), "B0SIMAPP01");
     }
 
     #[test]

@@ -112,7 +112,8 @@ impl Inner {
     /// Records the envelope and delivers it, or queues it until the app has a socket.
     pub(super) fn inject(&mut self, app_id: &str, spec: EnvelopeSpec, now: Instant) -> String {
         let (envelope_id, seq) = self.deliveries.new_envelope_id();
-        let content = spec.into_content(app_id, seq);
+        let response_url = self.response_url(&envelope_id);
+        let content = spec.into_content(app_id, seq, &response_url);
         let payload = RawValue::from_string(content.payload.to_string())
             .expect("a serde_json::Value prints as valid JSON");
         self.deliveries
@@ -403,7 +404,7 @@ mod tests {
     #[test]
     fn envelopes_wait_for_a_socket_and_are_redelivered_until_given_up() {
         let config = config();
-        let mut inner = Inner::new(&config, Arc::new(Notify::new()));
+        let mut inner = Inner::new(&config, Arc::new(Notify::new()), String::new());
         let t0 = Instant::now();
         let id = inner.inject("A1", EnvelopeSpec::message("Ev1", "C1", "hi"), t0);
         assert!(inner.record.envelope(&id).unwrap().deliveries.is_empty());
@@ -443,7 +444,7 @@ mod tests {
 
     fn slash_command_on_a_socket() -> SlashCommandOnASocket {
         let config = config();
-        let mut inner = Inner::new(&config, Arc::new(Notify::new()));
+        let mut inner = Inner::new(&config, Arc::new(Notify::new()), String::new());
         let now = Instant::now();
         let (socket, rx) = open_socket(&mut inner, &config, now);
         let id = inner.inject("A1", EnvelopeSpec::slash_command("/x", ""), now);

@@ -8,6 +8,7 @@
 //! All times are `tokio::time::Instant`s, so tests may pause time.
 
 mod api;
+mod bot_api;
 mod config;
 mod delivery;
 mod link;
@@ -37,10 +38,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 pub use api::OpenResponse;
-pub use config::{DEFAULT_APP_ID, HelloStyle, SimApp, SimConfig, fake_token};
+pub use config::{
+    DEFAULT_APP_ID, HelloStyle, SimApp, SimConfig, bot_id, bot_user_id, fake_bot_token,
+    fake_signing_secret, fake_token,
+};
 pub use load::{LoadMix, LoadSpec};
 pub use record::{
-    CloseKind, Delivery, EnvelopeRecord, OpenCall, Record, SocketId, SocketRecord, WaitTimeout,
+    ApiCall, CloseKind, Delivery, EnvelopeRecord, OpenCall, Record, ResponseUrlPost, SocketId,
+    SocketRecord, WaitTimeout,
 };
 pub use registry::RawFrame;
 pub use spec::{EnvelopeSpec, SIM_CHANNEL_ID, SIM_TEAM_ID, SIM_USER_ID};
@@ -115,6 +120,12 @@ impl Simulator {
     /// The Web API base, e.g. `http://127.0.0.1:41234/api`.
     pub fn api_url(&self) -> String {
         format!("http://{}/api", self.shared.api_addr)
+    }
+
+    /// The `response_url` the payload of envelope `envelope_id` carries (slash commands,
+    /// block actions), e.g. `http://127.0.0.1:41234/response/<id>`.
+    pub fn response_url(&self, envelope_id: &str) -> String {
+        self.shared.read(|inner| inner.response_url(envelope_id))
     }
 
     pub fn config(&self) -> &SimConfig {

@@ -104,7 +104,11 @@ mod tests {
 
     fn kinds(mix: LoadMix) -> Vec<EnvelopeKind> {
         (0..20)
-            .map(|n| load_envelope(1, n, mix).into_content("A1", n).kind)
+            .map(|n| {
+                load_envelope(1, n, mix)
+                    .into_content("A1", n, "http://127.0.0.1:9/response/x")
+                    .kind
+            })
             .collect()
     }
 

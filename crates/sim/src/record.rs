@@ -24,6 +24,44 @@ pub struct Record {
     pub unknown_acks: u64,
     /// Every change of an app's count of open sockets: (app, when, new count).
     pub open_count_changes: Vec<(String, Instant, usize)>,
+    /// Every call of a bot's Web API method (`chat.postMessage`, `views.open`, …), refused
+    /// ones included.
+    pub api_calls: Vec<ApiCall>,
+    /// Every POST to a `response_url` the simulator handed out, refused ones included.
+    pub response_url_posts: Vec<ResponseUrlPost>,
+}
+
+/// One call of a bot's Web API method.
+#[derive(Debug, Clone)]
+pub struct ApiCall {
+    /// The method, e.g. `chat.postMessage`.
+    pub method: String,
+    pub at: Instant,
+    /// The app whose bot token was presented, if it was one.
+    pub app_id: Option<String>,
+    /// The arguments: the JSON body as sent, or a form body decoded to an object of strings.
+    pub body: serde_json::Value,
+    /// The `error` of the answer; `None` when it was `ok`.
+    pub error: Option<String>,
+}
+
+impl ApiCall {
+    /// The call succeeded (`"ok": true`).
+    pub fn ok(&self) -> bool {
+        self.error.is_none()
+    }
+}
+
+/// One POST to a `response_url`.
+#[derive(Debug, Clone)]
+pub struct ResponseUrlPost {
+    /// The envelope whose payload carried the URL.
+    pub envelope_id: String,
+    pub at: Instant,
+    /// The message posted: JSON as sent, or a form body decoded to an object.
+    pub body: serde_json::Value,
+    /// The URL was not one the simulator handed out.
+    pub refused: bool,
 }
 
 /// One `apps.connections.open` call.
@@ -190,6 +228,13 @@ impl Record {
         stretches
     }
 
+    /// Successful calls of `method` (e.g. `chat.postMessage`), in order.
+    pub fn api_calls_of<'a>(&'a self, method: &'a str) -> impl Iterator<Item = &'a ApiCall> {
+        self.api_calls
+            .iter()
+            .filter(move |c| c.method == method && c.ok())
+    }
+
     pub(super) fn socket_mut(&mut self, id: SocketId) -> Option<&mut SocketRecord> {
         socket_index(id).and_then(|i| self.sockets.get_mut(i))
     }
@@ -268,6 +313,13 @@ impl fmt::Display for Record {
             "envelopes: {} ({acked} acked, {gave_up} given up), unknown acks: {}",
             self.envelopes.len(),
             self.unknown_acks
+        )?;
+        let refused_calls = self.api_calls.iter().filter(|c| !c.ok()).count();
+        writeln!(
+            f,
+            "bot Web API calls: {} ({refused_calls} refused), response_url posts: {}",
+            self.api_calls.len(),
+            self.response_url_posts.len()
         )?;
         const SHOWN: usize = 10;
         let unacked: Vec<&EnvelopeRecord> = self

@@ -291,7 +291,7 @@ mod tests {
     use tokio::sync::mpsc::unbounded_channel;
 
     fn inner(config: &SimConfig) -> Inner {
-        Inner::new(config, Arc::new(Notify::new()))
+        Inner::new(config, Arc::new(Notify::new()), String::new())
     }
 
     #[test]

@@ -49,6 +49,25 @@ impl EnvelopeSpec {
         }
     }
 
+    /// An `app_mention` event: the sim user mentions `app_id`'s bot user in `channel`.
+    pub fn app_mention(
+        event_id: impl Into<String>,
+        app_id: &str,
+        channel: &str,
+        text: &str,
+    ) -> Self {
+        EnvelopeSpec::Event {
+            event_id: event_id.into(),
+            event: json!({
+                "type": "app_mention",
+                "channel": channel,
+                "user": SIM_USER_ID,
+                "text": format!("<@{}> {text}", super::config::bot_user_id(app_id)),
+                "ts": slack_ts(),
+            }),
+        }
+    }
+
     /// A slash command (`/flowcoach`, say) from the sim user in the sim channel.
     pub fn slash_command(command: &str, text: impl Into<String>) -> Self {
         EnvelopeSpec::SlashCommand {
@@ -57,8 +76,15 @@ impl EnvelopeSpec {
         }
     }
 
-    /// Builds the envelope's fields; `seq` makes trigger ids unique.
-    pub(super) fn into_content(self, app_id: &str, seq: u64) -> EnvelopeContent {
+    /// Builds the envelope's fields; `seq` makes trigger ids unique. Slash commands, and
+    /// the interactions Slack gives one (`block_actions`, `message_action`) unless the test
+    /// set its own, carry `response_url`.
+    pub(super) fn into_content(
+        self,
+        app_id: &str,
+        seq: u64,
+        response_url: &str,
+    ) -> EnvelopeContent {
         match self {
             EnvelopeSpec::Event { event_id, event } => EnvelopeContent {
                 kind: EnvelopeKind::EventsApi,
@@ -111,19 +137,31 @@ impl EnvelopeSpec {
                     "text": text,
                     "api_app_id": app_id,
                     "is_enterprise_install": "false",
+                    "response_url": response_url,
                     "trigger_id": trigger_id(seq),
                 }),
                 event_id: None,
             },
             EnvelopeSpec::Interactive {
-                payload,
+                mut payload,
                 accepts_response_payload,
-            } => EnvelopeContent {
-                kind: EnvelopeKind::Interactive,
-                accepts_response_payload,
-                payload,
-                event_id: None,
-            },
+            } => {
+                let has_one = matches!(
+                    payload["type"].as_str(),
+                    Some("block_actions" | "message_action")
+                );
+                if let (true, Some(fields)) = (has_one, payload.as_object_mut()) {
+                    fields
+                        .entry("response_url")
+                        .or_insert_with(|| Value::String(response_url.to_owned()));
+                }
+                EnvelopeContent {
+                    kind: EnvelopeKind::Interactive,
+                    accepts_response_payload,
+                    payload,
+                    event_id: None,
+                }
+            }
         }
     }
 }
@@ -148,21 +186,31 @@ fn unix_seconds() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A message timestamp, `seconds.micros` like Slack's `ts`.
+/// A message timestamp of now, `seconds.micros` like Slack's `ts`.
 fn slack_ts() -> String {
-    let now = SystemTime::now()
+    ts_from_micros(unix_micros())
+}
+
+pub(super) fn unix_micros() -> u64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    format!("{}.{:06}", now.as_secs(), now.subsec_micros())
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Slack's `ts` for a time in microseconds since the epoch: `seconds.micros`.
+pub(super) fn ts_from_micros(micros: u64) -> String {
+    format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const RESPONSE_URL: &str = "http://127.0.0.1:9/response/e1";
+
     #[test]
     fn event_payload_wraps_the_event() {
-        let content = EnvelopeSpec::message("Ev1", "C1", "hi").into_content("A1", 1);
+        let content = EnvelopeSpec::message("Ev1", "C1", "hi").into_content("A1", 1, RESPONSE_URL);
         assert_eq!(content.kind, EnvelopeKind::EventsApi);
         assert!(!content.accepts_response_payload);
         assert_eq!(content.event_id.as_deref(), Some("Ev1"));
@@ -174,12 +222,24 @@ mod tests {
     }
 
     #[test]
+    fn a_mention_names_the_bot_user() {
+        let content = EnvelopeSpec::app_mention("Ev9", "A0X1", "C1", "hi").into_content(
+            "A0X1",
+            9,
+            RESPONSE_URL,
+        );
+        assert_eq!(content.payload["event"]["type"], "app_mention");
+        assert_eq!(content.payload["event"]["text"], "<@U0X1> hi");
+        assert_eq!(content.payload["event"]["user"], SIM_USER_ID);
+    }
+
+    #[test]
     fn event_without_inner_keeps_its_payload() {
         let content = EnvelopeSpec::EventWithoutInner {
             event_id: Some("Ev2".into()),
             payload: json!({"type": "app_rate_limited", "minute_rate_limited": 1}),
         }
-        .into_content("A1", 2);
+        .into_content("A1", 2, RESPONSE_URL);
         assert!(content.payload.get("event").is_none());
         assert_eq!(content.payload["event_id"], "Ev2");
         assert_eq!(content.event_id.as_deref(), Some("Ev2"));
@@ -188,23 +248,48 @@ mod tests {
             event_id: None,
             payload: json!({"type": "app_rate_limited", "event_id": "Ev3"}),
         }
-        .into_content("A1", 3);
+        .into_content("A1", 3, RESPONSE_URL);
         assert_eq!(found.event_id.as_deref(), Some("Ev3"));
     }
 
     #[test]
     fn slash_commands_accept_a_response() {
-        let content = EnvelopeSpec::slash_command("/flowcoach", "status").into_content("A1", 4);
+        let content =
+            EnvelopeSpec::slash_command("/flowcoach", "status").into_content("A1", 4, RESPONSE_URL);
         assert_eq!(content.kind, EnvelopeKind::SlashCommands);
         assert!(content.accepts_response_payload);
         assert_eq!(content.payload["command"], "/flowcoach");
         assert_eq!(content.payload["user_id"], SIM_USER_ID);
         assert_eq!(content.payload["channel_id"], SIM_CHANNEL_ID);
+        assert_eq!(content.payload["response_url"], RESPONSE_URL);
         assert!(
             content.payload["trigger_id"]
                 .as_str()
                 .unwrap()
                 .starts_with("4.")
         );
+    }
+
+    #[test]
+    fn block_actions_get_a_response_url_unless_they_have_one() {
+        let interactive = |payload: Value| {
+            EnvelopeSpec::Interactive {
+                payload,
+                accepts_response_payload: true,
+            }
+            .into_content("A1", 5, RESPONSE_URL)
+            .payload
+        };
+        let given = interactive(json!({"type": "block_actions"}));
+        assert_eq!(given["response_url"], RESPONSE_URL);
+        let own = interactive(json!({"type": "block_actions", "response_url": "http://x/y"}));
+        assert_eq!(own["response_url"], "http://x/y");
+        let submission = interactive(json!({"type": "view_submission"}));
+        assert!(submission.get("response_url").is_none());
+    }
+
+    #[test]
+    fn timestamps_are_seconds_and_six_digits() {
+        assert_eq!(ts_from_micros(1_700_000_000_000_042), "1700000000.000042");
     }
 }

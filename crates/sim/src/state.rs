@@ -9,7 +9,8 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::api::OpenOverrides;
+use super::api::{OpenOverrides, reachable};
+use super::bot_api::BotState;
 use super::config::SimConfig;
 use super::delivery::Deliveries;
 use super::record::Record;
@@ -39,10 +40,17 @@ pub(super) struct Inner {
     pub(super) tickets: TicketBook,
     pub(super) open_overrides: OpenOverrides,
     pub(super) handshake_status: Option<u16>,
+    /// `http://ADDR/response/`: an envelope's `response_url` is this plus its id.
+    pub(super) response_url_base: String,
+    pub(super) bot: BotState,
 }
 
 impl Inner {
-    pub(super) fn new(config: &SimConfig, timer_wakeup: Arc<Notify>) -> Self {
+    pub(super) fn new(
+        config: &SimConfig,
+        timer_wakeup: Arc<Notify>,
+        response_url_base: String,
+    ) -> Self {
         Inner {
             record: Record::default(),
             sockets: Registry::default(),
@@ -50,7 +58,14 @@ impl Inner {
             tickets: TicketBook::default(),
             open_overrides: OpenOverrides::default(),
             handshake_status: None,
+            response_url_base,
+            bot: BotState::default(),
         }
+    }
+
+    /// The `response_url` of the envelope with this id.
+    pub(super) fn response_url(&self, envelope_id: &str) -> String {
+        format!("{}{envelope_id}", self.response_url_base)
     }
 }
 
@@ -64,7 +79,11 @@ impl Shared {
     ) -> Self {
         let timer_wakeup = Arc::new(Notify::new());
         Shared {
-            inner: Mutex::new(Inner::new(&config, timer_wakeup.clone())),
+            inner: Mutex::new(Inner::new(
+                &config,
+                timer_wakeup.clone(),
+                format!("http://{}/response/", reachable(api_addr)),
+            )),
             config,
             api_addr,
             link_addr,

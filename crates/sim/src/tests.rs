@@ -10,6 +10,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 
 use super::*;
 use flowcoach_protocol::{Envelope, Hello, Inbound, parse_inbound};
+use serde_json::json;
 
 type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -479,5 +480,223 @@ async fn every_hello_can_be_answered_with_a_disconnect() {
             Some(CloseKind::ServerClosed("something_new".into()))
         );
     }
+    sim.shutdown().await;
+}
+
+/// POSTs `body` to `url` (JSON when it is an object, else the string as a form) with this
+/// bearer token; returns the HTTP status and the JSON answer.
+async fn post(url: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+    let mut request = reqwest::Client::new().post(url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request = match body {
+        Value::String(form) => request
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form),
+        json => request.json(&json),
+    };
+    let response = tokio::time::timeout(STEP, request.send())
+        .await
+        .expect("answered in time")
+        .expect("HTTP works");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("a JSON answer"))
+}
+
+async fn bot_call(sim: &Simulator, method: &str, body: Value) -> Value {
+    let url = format!("{}/{method}", sim.api_url());
+    let (status, answer) = post(&url, Some(&fake_bot_token(DEFAULT_APP_ID)), body).await;
+    assert_eq!(status, 200, "{answer}");
+    answer
+}
+
+#[tokio::test]
+async fn a_bot_posts_messages_and_opens_views() {
+    let sim = Simulator::start(quick_config()).await.unwrap();
+    let posted = bot_call(
+        &sim,
+        "chat.postMessage",
+        json!({"channel": "C1", "text": "hello", "blocks": [{"type": "divider"}]}),
+    )
+    .await;
+    assert_eq!(posted["ok"], true, "{posted}");
+    assert_eq!(posted["channel"], "C1");
+    let ts = posted["ts"].as_str().unwrap();
+    assert_eq!(posted["message"]["ts"], ts);
+    assert_eq!(posted["message"]["text"], "hello");
+    assert_eq!(posted["message"]["user"], bot_user_id(DEFAULT_APP_ID));
+    assert_eq!(posted["message"]["bot_id"], bot_id(DEFAULT_APP_ID));
+    assert_eq!(posted["message"]["blocks"][0]["type"], "divider");
+
+    // The same method with a form body, as many clients send it.
+    let form = bot_call(
+        &sim,
+        "chat.postMessage",
+        Value::String("channel=C2&text=in%20a%20thread&thread_ts=1.000001".into()),
+    )
+    .await;
+    assert_eq!(form["channel"], "C2");
+    assert_eq!(form["message"]["thread_ts"], "1.000001");
+    assert_ne!(form["ts"], posted["ts"]);
+    let no_text = bot_call(&sim, "chat.postMessage", json!({"channel": "C1"})).await;
+    assert_eq!(no_text["error"], "no_text");
+
+    let ephemeral = bot_call(
+        &sim,
+        "chat.postEphemeral",
+        json!({"channel": "C1", "user": "U1", "text": "psst"}),
+    )
+    .await;
+    assert_eq!(ephemeral["ok"], true, "{ephemeral}");
+    assert!(ephemeral["message_ts"].is_string());
+
+    let view = json!({"type": "modal", "external_id": "x1",
+        "title": {"type": "plain_text", "text": "Hi"}, "blocks": []});
+    let opened = bot_call(
+        &sim,
+        "views.open",
+        json!({"trigger_id": "1.2.3", "view": view}),
+    )
+    .await;
+    assert_eq!(opened["ok"], true, "{opened}");
+    let id = opened["view"]["id"].as_str().unwrap();
+    assert_eq!(opened["view"]["title"]["text"], "Hi");
+    // A form body carries the view as a string of JSON.
+    let by_id = bot_call(
+        &sim,
+        "views.update",
+        Value::String(format!(
+            "view_id={id}&view=%7B%22type%22%3A%22modal%22%2C%22blocks%22%3A%5B%5D%7D"
+        )),
+    )
+    .await;
+    assert_eq!(by_id["view"]["id"], id, "{by_id}");
+    let by_external = bot_call(
+        &sim,
+        "views.update",
+        json!({"external_id": "x1", "view": {"type": "modal", "blocks": []}}),
+    )
+    .await;
+    assert_eq!(by_external["view"]["id"], id, "{by_external}");
+    let unknown = bot_call(
+        &sim,
+        "views.update",
+        json!({"view_id": "V0NOPE", "view": {"type": "modal"}}),
+    )
+    .await;
+    assert_eq!(unknown["error"], "not_found");
+
+    let auth = bot_call(&sim, "auth.test", Value::String(String::new())).await;
+    assert_eq!(auth["ok"], true);
+    assert_eq!(auth["user_id"], bot_user_id(DEFAULT_APP_ID));
+    assert_eq!(auth["bot_id"], bot_id(DEFAULT_APP_ID));
+    assert_eq!(auth["team_id"], SIM_TEAM_ID);
+
+    let record = sim.record();
+    let methods: Vec<(&str, bool)> = record
+        .api_calls
+        .iter()
+        .map(|c| (c.method.as_str(), c.ok()))
+        .collect();
+    assert_eq!(
+        methods,
+        [
+            ("chat.postMessage", true),
+            ("chat.postMessage", true),
+            ("chat.postMessage", false),
+            ("chat.postEphemeral", true),
+            ("views.open", true),
+            ("views.update", true),
+            ("views.update", true),
+            ("views.update", false),
+            ("auth.test", true),
+        ]
+    );
+    assert_eq!(record.api_calls[1].body["text"], "in a thread");
+    assert_eq!(record.api_calls[1].app_id.as_deref(), Some(DEFAULT_APP_ID));
+    assert_eq!(record.api_calls_of("chat.postMessage").count(), 2);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn bot_methods_want_the_bot_token() {
+    let sim = Simulator::start(quick_config()).await.unwrap();
+    let url = format!("{}/chat.postMessage", sim.api_url());
+    let message = json!({"channel": "C1", "text": "hi"});
+    for (token, error) in [
+        (None, "not_authed"),
+        (Some(fake_token(DEFAULT_APP_ID)), "not_allowed_token_type"),
+        (Some(fake_bot_token("A0OTHER")), "invalid_auth"),
+    ] {
+        let (status, answer) = post(&url, token.as_deref(), message.clone()).await;
+        assert_eq!((status, answer["error"].as_str()), (200, Some(error)));
+    }
+    let (status, answer) = post(
+        &format!("{}/chat.unfurl", sim.api_url()),
+        Some(&fake_bot_token(DEFAULT_APP_ID)),
+        message,
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (404, Some("unknown_method"))
+    );
+    let record = sim.record();
+    assert_eq!(record.api_calls.len(), 3);
+    assert!(
+        record
+            .api_calls
+            .iter()
+            .all(|c| !c.ok() && c.app_id.is_none())
+    );
+    assert_eq!(record.api_calls_of("chat.postMessage").count(), 0);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn response_urls_take_replies() {
+    let sim = Simulator::start(quick_config()).await.unwrap();
+    let (mut ws, _) = connect(&sim).await;
+    let command = sim.inject(
+        DEFAULT_APP_ID,
+        EnvelopeSpec::slash_command("/hello", "there"),
+    );
+    let envelope = next_envelope(&mut ws).await;
+    let payload: Value = serde_json::from_str(envelope.payload.get()).unwrap();
+    let url = payload["response_url"].as_str().unwrap().to_owned();
+    assert_eq!(url, sim.response_url(&command));
+    let action = sim.inject(
+        DEFAULT_APP_ID,
+        EnvelopeSpec::Interactive {
+            payload: json!({"type": "block_actions", "actions": []}),
+            accepts_response_payload: true,
+        },
+    );
+    let envelope = next_envelope(&mut ws).await;
+    let payload: Value = serde_json::from_str(envelope.payload.get()).unwrap();
+    assert!(
+        payload["response_url"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/response/{action}"))
+    );
+
+    let reply = json!({"response_type": "in_channel", "text": "later"});
+    let (status, answer) = post(&url, None, reply).await;
+    assert_eq!((status, answer["ok"].as_bool()), (200, Some(true)));
+    let record = sim
+        .wait_until(STEP, |r| !r.response_url_posts.is_empty())
+        .await
+        .unwrap();
+    let posted = &record.response_url_posts[0];
+    assert_eq!(posted.envelope_id, command);
+    assert_eq!(posted.body["text"], "later");
+    assert!(!posted.refused);
+
+    let bogus = url.replace(&command, "nope");
+    let (status, _) = post(&bogus, None, json!({"text": "x"})).await;
+    assert_eq!(status, 404);
+    assert!(sim.record().response_url_posts[1].refused);
     sim.shutdown().await;
 }
