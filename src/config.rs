@@ -9,6 +9,7 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::control::access::{AccessError, AccessPolicy};
+use crate::signing_secret::SigningSecretError;
 use crate::token::{AppToken, TokenError};
 use ranges::{CountIn, DurationIn, HOUR, MINUTE, ms, secs};
 
@@ -17,8 +18,12 @@ use ranges::{CountIn, DurationIn, HOUR, MINUTE, ms, secs};
 pub mod env {
     pub const APP_TOKEN: &str = "SLACK_APP_TOKEN";
     /// Set by flowcoach for a successor it starts: the number of an inherited pipe that
-    /// holds what `SLACK_APP_TOKEN` held, so that the token is never in its environment.
+    /// holds what `SLACK_APP_TOKEN` and `SLACK_SIGNING_SECRET` held, so that neither is
+    /// ever in its environment.
     pub const APP_TOKEN_FD: &str = "FLOWCOACH_APP_TOKEN_FD";
+    /// The app's signing secret, for `[forward]`; taken out of the environment like
+    /// `SLACK_APP_TOKEN`, and passed to a successor through the same pipe.
+    pub const SIGNING_SECRET: &str = "SLACK_SIGNING_SECRET";
     pub const API_URL: &str = "FLOWCOACH_SLACK_API_URL";
     pub const CONFIG: &str = "FLOWCOACH_CONFIG";
     pub const LOG: &str = "FLOWCOACH_LOG";
@@ -44,12 +49,14 @@ pub mod env {
 }
 
 mod environments;
+mod forward;
 mod ranges;
 mod token_source;
 pub mod token_variable;
 
 pub use environments::{EnvironmentSettings, mismatch_message, owner_of};
-pub use token_source::{CREDENTIAL_NAME, TokenSource};
+pub use forward::{Forward, ForwardSettings, describe_urls};
+pub use token_source::{CREDENTIAL_NAME, SIGNING_SECRET_CREDENTIAL, SecretKind, TokenSource};
 
 pub const DEFAULT_API_URL: &str = "https://slack.com/api";
 
@@ -70,6 +77,9 @@ pub struct Settings {
     pub control: ControlSettings,
     pub handover: HandoverSettings,
     pub log: LogSettings,
+    /// `[forward]`: the app behind flowcoach, in HTTP mode. Without it, the built-in bot
+    /// answers.
+    pub forward: Option<ForwardSettings>,
 }
 
 /// What to do when Slack counts sockets of other clients for this app.
@@ -248,6 +258,7 @@ impl Default for Settings {
             control: ControlSettings::default(),
             handover: HandoverSettings::default(),
             log: LogSettings::default(),
+            forward: None,
         }
     }
 }
@@ -318,6 +329,8 @@ pub struct Config {
     /// Who may use the control socket: `control.group` resolved at load, so that
     /// `check-config` refuses an unknown group as `run` does.
     pub access: AccessPolicy,
+    /// `[forward]` validated, with the app's signing secret.
+    pub forward: Option<Forward>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -331,27 +344,57 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{field}: {reason}")]
     Invalid { field: &'static str, reason: String },
-    #[error(
-        "no Slack app token (tried {tried}): set {} to the app-level token (xapp-…), or give the environment a token_file",
-        env::APP_TOKEN
-    )]
-    MissingToken { tried: String },
+    #[error("{}", missing_secret(kind, tried))]
+    MissingSecret {
+        kind: &'static SecretKind,
+        tried: String,
+    },
     #[error("{source_name}: {error}")]
     BadToken {
         source_name: String,
+        #[source]
         error: TokenError,
     },
+    #[error("{source_name}: {error}")]
+    BadSigningSecret {
+        source_name: String,
+        #[source]
+        error: SigningSecretError,
+    },
     #[error(
-        "token file {path} is readable by group or others (mode {mode:o}): chmod 600 it, and keep it owned by the service's user"
+        "{} file {path} ({}) is readable by group or others (mode {mode:o}): chmod 600 it, and keep it owned by the service's user",
+        kind.what, kind.file_field
     )]
-    TokenFileTooOpen { path: PathBuf, mode: u32 },
-    #[error("token file {path}: {reason}")]
-    TokenFile { path: PathBuf, reason: String },
+    SecretFileTooOpen {
+        kind: &'static SecretKind,
+        path: PathBuf,
+        mode: u32,
+    },
+    #[error("{} file {path}: {reason}", kind.what)]
+    SecretFile {
+        kind: &'static SecretKind,
+        path: PathBuf,
+        reason: String,
+    },
     /// The token belongs to another app than the environment is pinned to.
     #[error("{0}")]
     AppMismatch(String),
     #[error("control.group: {0}")]
     ControlGroup(#[source] AccessError),
+}
+
+fn missing_secret(kind: &SecretKind, tried: &str) -> String {
+    if kind.variable == env::APP_TOKEN {
+        format!(
+            "no Slack app token (tried {tried}): set {} to the app-level token (xapp-…), or give the environment a token_file",
+            env::APP_TOKEN
+        )
+    } else {
+        format!(
+            "forward: no signing secret (tried {tried}): [forward] needs the app's signing secret, from the credential {}, the environment's {} or {}",
+            kind.credential, kind.file_field, kind.variable
+        )
+    }
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -371,11 +414,9 @@ pub struct ProcessEnv;
 
 impl EnvSource for ProcessEnv {
     fn var(&self, name: &str) -> Option<String> {
-        // Once taken out of the environment, the token is read from where it was put.
-        if name == env::APP_TOKEN {
-            if let Some(taken) = token_variable::taken() {
-                return taken;
-            }
+        // Once taken out of the environment, secrets are read from where they were put.
+        if let Some(taken) = token_variable::taken(name) {
+            return taken;
         }
         std::env::var(name).ok().filter(|v| !v.is_empty())
     }
@@ -686,6 +727,12 @@ impl Config {
             .cloned()
             .unwrap_or_default();
         let (token, token_source) = token_source::read_token(env, chosen.token_file.as_deref())?;
+        let forward = match &settings.forward {
+            Some(forward) => Some(forward.validate(|| {
+                token_source::read_signing_secret(env, chosen.signing_secret_file.as_deref())
+            })?),
+            None => None,
+        };
         if let (Some(pinned), Some(hint)) = (&chosen.app_id, token.app_id_hint()) {
             if pinned != hint {
                 return Err(ConfigError::AppMismatch(mismatch_message(
@@ -705,6 +752,7 @@ impl Config {
             pinned_app: chosen.app_id,
             path,
             access,
+            forward,
         })
     }
 
@@ -800,7 +848,7 @@ mod tests {
     #[test]
     fn token_problems_are_reported_without_the_token() {
         let missing = Config::load(None, None, &[]).unwrap_err();
-        assert!(matches!(missing, ConfigError::MissingToken { .. }));
+        assert!(matches!(missing, ConfigError::MissingSecret { .. }));
         let bot = Config::load(None, None, &[(env::APP_TOKEN, "xoxb-secret-value")]).unwrap_err();
         let text = bot.to_string();
         assert!(text.contains(env::APP_TOKEN) && !text.contains("secret-value"));

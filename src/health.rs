@@ -38,7 +38,18 @@ pub fn evaluate(status: &ConnectionStatus, outage_budget: Duration, now: SystemT
     if let Some(conflict) = &status.conflict {
         return Health::Unhealthy(conflict.clone());
     }
-    evaluate_connection(status, outage_budget, now)
+    match (
+        evaluate_connection(status, outage_budget, now),
+        &status.app_failing,
+    ) {
+        // Slack's side works, the app behind flowcoach does not: someone should look, but
+        // a restart of flowcoach would not help (the watchdog stays fed).
+        (Health::Healthy, Some(error)) => Health::Degraded(format!(
+            "the app at {} is failing: {error}",
+            status.app_url.as_deref().unwrap_or("[forward] url")
+        )),
+        (health, _) => health,
+    }
 }
 
 fn evaluate_connection(
@@ -127,6 +138,20 @@ mod tests {
         let health = evaluate(&status, BUDGET, later);
         assert!(matches!(&health, Health::Unhealthy(r) if r.contains("outage budget")));
         assert!(watchdog_verdict(&status, BUDGET, later).is_err());
+    }
+
+    #[test]
+    fn a_failing_app_degrades_but_keeps_the_watchdog_fed() {
+        let status = ConnectionStatus {
+            app_url: Some("http://127.0.0.1:3000/slack/events".into()),
+            app_failing: Some("the app answered HTTP 500".into()),
+            ..connected()
+        };
+        let now = SystemTime::now();
+        assert!(
+            matches!(evaluate(&status, BUDGET, now), Health::Degraded(r) if r.contains("127.0.0.1:3000") && r.contains("HTTP 500"))
+        );
+        assert!(watchdog_verdict(&status, BUDGET, now).is_ok());
     }
 
     #[test]

@@ -73,6 +73,12 @@ pub struct ConnectionStatus {
     /// The step of a handover in progress, in words (`handing over to pid 4243: waiting
     /// for its hello`).
     pub handover: Option<String>,
+    /// `[forward]`: the app's URL(s), no secrets.
+    pub app_url: Option<String>,
+    /// Why the app's latest exchange failed, until one succeeds (health: degraded).
+    pub app_failing: Option<String>,
+    /// The app's latest failure, kept after it recovered.
+    pub app_last_error: Option<String>,
 }
 
 impl Default for ConnectionStatus {
@@ -90,6 +96,9 @@ impl Default for ConnectionStatus {
             conflict: None,
             pacing: None,
             handover: None,
+            app_url: None,
+            app_failing: None,
+            app_last_error: None,
         }
     }
 }
@@ -115,10 +124,15 @@ pub struct Counters {
     pub reconnects: AtomicU64,
     pub rotations: AtomicU64,
     pub in_flight: AtomicU64,
+    /// `[forward]`: envelopes the app took (2xx).
+    pub forwarded: AtomicU64,
+    /// `[forward]`: envelopes the app did not take (unreachable, non-2xx, timeout, …).
+    pub forward_failed: AtomicU64,
 }
 
-/// A point-in-time copy of the counters.
+/// A point-in-time copy of the counters. A counter a daemon does not report reads 0.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CounterSnapshot {
     pub envelopes_received: u64,
     pub envelopes_acked: u64,
@@ -135,6 +149,8 @@ pub struct CounterSnapshot {
     pub reconnects: u64,
     pub rotations: u64,
     pub in_flight: u64,
+    pub forwarded: u64,
+    pub forward_failed: u64,
 }
 
 impl Counters {
@@ -160,6 +176,8 @@ impl Counters {
             reconnects: get(&self.reconnects),
             rotations: get(&self.rotations),
             in_flight: get(&self.in_flight),
+            forwarded: get(&self.forwarded),
+            forward_failed: get(&self.forward_failed),
         }
     }
 }

@@ -29,8 +29,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// Takes the token out of the process environment (`SLACK_APP_TOKEN`, or the pipe of a
-/// predecessor), so that `/proc/PID/environ` and children do not show it.
+/// Takes the secrets out of the process environment (`SLACK_APP_TOKEN`,
+/// `SLACK_SIGNING_SECRET`, or the pipe of a predecessor), so that `/proc/PID/environ` and
+/// children do not show them.
 fn take_token_variable() -> Result<(), ExitCode> {
     // SAFETY: called first in the daemon's commands, before the async runtime or any
     // other thread exists: nothing reads the environment concurrently.
@@ -93,6 +94,13 @@ fn check_config(cli: &DaemonCli) -> ExitCode {
             .unwrap_or("not readable from the token")
     );
     println!("  api url:      {}", config.api_url);
+    match &config.forward {
+        Some(forward) => {
+            println!("  forward to:   {}", forward.describe_urls());
+            println!("  signing secret: from {}", forward.secret_source);
+        }
+        None => println!("  forward to:   none (the built-in bot answers)"),
+    }
     println!("  lock file:    {}", paths.lock.display());
     println!("  control:      {}", paths.socket.display());
     if !others.is_empty() {

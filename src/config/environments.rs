@@ -17,6 +17,9 @@ pub struct EnvironmentSettings {
     pub app_id: Option<String>,
     /// A file holding this environment's token; must not be readable by group or others.
     pub token_file: Option<PathBuf>,
+    /// A file holding the signing secret of the app behind `[forward]`; must not be
+    /// readable by group or others.
+    pub signing_secret_file: Option<PathBuf>,
 }
 
 /// Picks the environment to run: `--env`, else `$FLOWCOACH_ENV`, else the file's
@@ -104,6 +107,7 @@ mod tests {
                 EnvironmentSettings {
                     app_id: Some(app.to_owned()),
                     token_file: None,
+                    signing_secret_file: None,
                 },
             );
         }

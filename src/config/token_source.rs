@@ -1,25 +1,56 @@
-//! Where the app token comes from. First found wins: a systemd credential, a file named in
-//! the environment's configuration, then `SLACK_APP_TOKEN`.
+//! Where the app token and the app's signing secret come from. First found wins: a
+//! systemd credential, a file named in the environment's configuration, then a variable
+//! (`SLACK_APP_TOKEN`, `SLACK_SIGNING_SECRET`).
 
 use std::fmt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::{ConfigError, EnvSource, env};
+use crate::signing_secret::SigningSecret;
 use crate::token::AppToken;
 
 /// The credential name for `LoadCredential=slack-app-token:/etc/flowcoach/app-token`.
 pub const CREDENTIAL_NAME: &str = "slack-app-token";
+/// The credential name for `LoadCredential=slack-signing-secret:…`.
+pub const SIGNING_SECRET_CREDENTIAL: &str = "slack-signing-secret";
 
-/// Where a token was found: shown in status output, never the token itself.
+/// One kind of secret and the places it may be found.
+#[derive(Debug)]
+pub struct SecretKind {
+    /// In messages: "token", "signing secret".
+    pub what: &'static str,
+    /// The systemd credential's name.
+    pub credential: &'static str,
+    /// The key of `[environments.NAME]` naming a file.
+    pub file_field: &'static str,
+    /// The environment variable, the last resort.
+    pub variable: &'static str,
+}
+
+pub const APP_TOKEN: SecretKind = SecretKind {
+    what: "token",
+    credential: CREDENTIAL_NAME,
+    file_field: "token_file",
+    variable: env::APP_TOKEN,
+};
+
+pub const SIGNING_SECRET: SecretKind = SecretKind {
+    what: "signing secret",
+    credential: SIGNING_SECRET_CREDENTIAL,
+    file_field: "signing_secret_file",
+    variable: env::SIGNING_SECRET,
+};
+
+/// Where a secret was found: shown in status output, never the secret itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenSource {
-    /// `$CREDENTIALS_DIRECTORY/slack-app-token` (systemd `LoadCredential=`).
+    /// `$CREDENTIALS_DIRECTORY/<credential>` (systemd `LoadCredential=`).
     Credential(PathBuf),
-    /// The environment's `token_file`.
+    /// The environment's `token_file` or `signing_secret_file`.
     File(PathBuf),
-    /// The `SLACK_APP_TOKEN` variable.
-    Variable,
+    /// The variable of this name.
+    Variable(&'static str),
 }
 
 impl fmt::Display for TokenSource {
@@ -27,7 +58,7 @@ impl fmt::Display for TokenSource {
         match self {
             TokenSource::Credential(path) => write!(f, "systemd credential {}", path.display()),
             TokenSource::File(path) => write!(f, "file {}", path.display()),
-            TokenSource::Variable => f.write_str(env::APP_TOKEN),
+            TokenSource::Variable(name) => f.write_str(name),
         }
     }
 }
@@ -37,61 +68,88 @@ pub fn read_token(
     env: &dyn EnvSource,
     token_file: Option<&Path>,
 ) -> Result<(AppToken, TokenSource), ConfigError> {
+    read_secret(env, token_file, &APP_TOKEN, |raw, source| {
+        AppToken::parse(raw).map_err(|error| ConfigError::BadToken {
+            source_name: source.to_string(),
+            error,
+        })
+    })
+}
+
+/// Finds and reads the app's signing secret, like the token.
+pub fn read_signing_secret(
+    env: &dyn EnvSource,
+    secret_file: Option<&Path>,
+) -> Result<(SigningSecret, TokenSource), ConfigError> {
+    read_secret(env, secret_file, &SIGNING_SECRET, |raw, source| {
+        SigningSecret::parse(raw).map_err(|error| ConfigError::BadSigningSecret {
+            source_name: source.to_string(),
+            error,
+        })
+    })
+}
+
+fn read_secret<T>(
+    env: &dyn EnvSource,
+    file: Option<&Path>,
+    kind: &'static SecretKind,
+    parse: impl Fn(&str, &TokenSource) -> Result<T, ConfigError>,
+) -> Result<(T, TokenSource), ConfigError> {
     let mut tried = Vec::new();
     if let Some(dir) = env.var(env::CREDENTIALS_DIRECTORY) {
-        let path = Path::new(&dir).join(CREDENTIAL_NAME);
+        let path = Path::new(&dir).join(kind.credential);
         if path.exists() {
             // systemd makes credentials readable by the service alone.
-            return parse_file(&path, TokenSource::Credential(path.clone()));
+            let source = TokenSource::Credential(path.clone());
+            let raw = read_file(&path, kind)?;
+            return Ok((parse(&raw, &source)?, source));
         }
         tried.push(format!("credential {} (not found)", path.display()));
     }
-    if let Some(path) = token_file {
+    if let Some(path) = file {
         match std::fs::metadata(path) {
             Ok(meta) => {
                 let mode = meta.permissions().mode() & 0o777;
                 if mode & 0o077 != 0 {
-                    return Err(ConfigError::TokenFileTooOpen {
+                    return Err(ConfigError::SecretFileTooOpen {
+                        kind,
                         path: path.to_owned(),
                         mode,
                     });
                 }
-                return parse_file(path, TokenSource::File(path.to_owned()));
+                let source = TokenSource::File(path.to_owned());
+                let raw = read_file(path, kind)?;
+                return Ok((parse(&raw, &source)?, source));
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 tried.push(format!("file {} (not found)", path.display()));
             }
             Err(source) => {
-                return Err(ConfigError::TokenFile {
+                return Err(ConfigError::SecretFile {
+                    kind,
                     path: path.to_owned(),
                     reason: source.to_string(),
                 });
             }
         }
     }
-    if let Some(raw) = env.var(env::APP_TOKEN) {
-        let token = AppToken::parse(&raw).map_err(|error| ConfigError::BadToken {
-            source_name: TokenSource::Variable.to_string(),
-            error,
-        })?;
-        return Ok((token, TokenSource::Variable));
+    if let Some(raw) = env.var(kind.variable) {
+        let source = TokenSource::Variable(kind.variable);
+        return Ok((parse(&raw, &source)?, source));
     }
-    tried.push(format!("{} (unset)", env::APP_TOKEN));
-    Err(ConfigError::MissingToken {
+    tried.push(format!("{} (unset)", kind.variable));
+    Err(ConfigError::MissingSecret {
+        kind,
         tried: tried.join(", "),
     })
 }
 
-fn parse_file(path: &Path, source: TokenSource) -> Result<(AppToken, TokenSource), ConfigError> {
-    let raw = std::fs::read_to_string(path).map_err(|e| ConfigError::TokenFile {
+fn read_file(path: &Path, kind: &'static SecretKind) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError::SecretFile {
+        kind,
         path: path.to_owned(),
         reason: e.to_string(),
-    })?;
-    let token = AppToken::parse(&raw).map_err(|error| ConfigError::BadToken {
-        source_name: source.to_string(),
-        error,
-    })?;
-    Ok((token, source))
+    })
 }
 
 #[cfg(test)]
@@ -146,11 +204,37 @@ mod tests {
     }
 
     #[test]
+    fn the_signing_secret_has_the_same_sources_and_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SIGNING_SECRET_CREDENTIAL);
+        std::fs::write(&path, "8f742231b10e8888abcd99yyyzzz85a5\n").unwrap();
+        let creds = dir.path().to_str().unwrap();
+        let (secret, source) =
+            read_signing_secret(&[(env::CREDENTIALS_DIRECTORY, creds)], None).unwrap();
+        assert_eq!(secret.expose_secret(), b"8f742231b10e8888abcd99yyyzzz85a5");
+        assert!(matches!(source, TokenSource::Credential(_)));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let error = read_signing_secret(&[], Some(&path))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("signing_secret_file") && error.contains("chmod 600"),
+            "{error}"
+        );
+        assert!(!error.contains("8f742231"), "{error}");
+        let missing = read_signing_secret(&[], None).unwrap_err().to_string();
+        assert!(
+            missing.contains("SLACK_SIGNING_SECRET (unset)"),
+            "{missing}"
+        );
+    }
+
+    #[test]
     fn the_variable_is_the_last_resort_and_absence_lists_what_was_tried() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.token");
         let (_, source) = read_token(&[(env::APP_TOKEN, TOKEN)], Some(&missing)).unwrap();
-        assert_eq!(source, TokenSource::Variable);
+        assert_eq!(source, TokenSource::Variable(env::APP_TOKEN));
         let error = read_token(&[], Some(&missing)).unwrap_err().to_string();
         assert!(error.contains("missing.token (not found)"), "{error}");
         assert!(error.contains("SLACK_APP_TOKEN (unset)"), "{error}");

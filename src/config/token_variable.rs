@@ -1,7 +1,9 @@
-//! `SLACK_APP_TOKEN`, taken out of the process environment at start: read once, erased
-//! from the environment block that `/proc/PID/environ` shows, and removed from the
-//! environment children inherit. A successor started for a handover gets it through an
-//! inherited pipe instead, whose descriptor number `FLOWCOACH_APP_TOKEN_FD` names.
+//! The secret variables (`SLACK_APP_TOKEN`, `SLACK_SIGNING_SECRET`), taken out of the
+//! process environment at start: read once, erased from the environment block that
+//! `/proc/PID/environ` shows, and removed from the environment children inherit. A
+//! successor started for a handover gets them through an inherited pipe instead, whose
+//! descriptor number `FLOWCOACH_APP_TOKEN_FD` names: one `NAME=value` line each (a
+//! release that passed only the token wrote the bare token).
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io::{Read, Write};
@@ -11,8 +13,12 @@ use std::sync::OnceLock;
 
 use super::env;
 
-/// What the variable (or the predecessor's pipe) held, once taken.
-static TAKEN: OnceLock<Option<String>> = OnceLock::new();
+/// The variables taken out of the environment.
+pub const SECRET_VARIABLES: [&str; 2] = [env::APP_TOKEN, env::SIGNING_SECRET];
+
+/// What the variables (or the predecessor's pipe) held, once taken: one entry per
+/// variable that had a value, in the order of [`SECRET_VARIABLES`].
+static TAKEN: OnceLock<Vec<(&'static str, String)>> = OnceLock::new();
 
 /// More than any token: a bound on what a descriptor may make us read.
 const MAX_TOKEN_BYTES: u64 = 64 * 1024;
@@ -40,9 +46,10 @@ pub enum TakeError {
     },
 }
 
-/// Takes the token out of the environment: from the pipe a predecessor passed, else from
-/// `SLACK_APP_TOKEN`, whose bytes in the initial environment block are overwritten and
-/// which is then removed. From then on `ProcessEnv` gives the value kept here.
+/// Takes the secret variables out of the environment: from the pipe a predecessor passed,
+/// else from the variables themselves, whose bytes in the initial environment block are
+/// overwritten and which are then removed. From then on `ProcessEnv` gives the values
+/// kept here.
 ///
 /// # Safety
 ///
@@ -57,17 +64,56 @@ pub unsafe fn take_from_environment() -> Result<(), TakeError> {
         }
         None => None,
     };
-    // SAFETY: single-threaded, by this function's contract.
-    let from_variable = unsafe { erase_variable(env::APP_TOKEN) };
-    let value = from_pipe.or(from_variable).filter(|v| !v.is_empty());
-    let _ = TAKEN.set(value);
+    let from_pipe = from_pipe.map(|text| parse_pipe(&text));
+    let mut taken = Vec::new();
+    for name in SECRET_VARIABLES {
+        // SAFETY: single-threaded, by this function's contract.
+        let from_variable = unsafe { erase_variable(name) };
+        let passed = from_pipe
+            .as_ref()
+            .and_then(|values| values.iter().find(|(n, _)| *n == name))
+            .map(|(_, value)| value.clone());
+        if let Some(value) = passed.or(from_variable).filter(|v| !v.is_empty()) {
+            taken.push((name, value));
+        }
+    }
+    let _ = TAKEN.set(taken);
     Ok(())
 }
 
-/// `Some(value)` once [`take_from_environment`] ran (`value` is what it found), `None`
-/// before: read the environment then.
-pub(super) fn taken() -> Option<Option<String>> {
-    TAKEN.get().cloned()
+/// `Some(value)` for a secret variable once [`take_from_environment`] ran (`value` is
+/// what it found), `None` before or for another variable: read the environment then.
+pub(super) fn taken(name: &str) -> Option<Option<String>> {
+    let taken = TAKEN.get()?;
+    SECRET_VARIABLES.contains(&name).then(|| {
+        taken
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, value)| value.clone())
+    })
+}
+
+/// Everything taken, for a successor's pipe.
+pub fn taken_values() -> &'static [(&'static str, String)] {
+    TAKEN.get().map_or(&[], Vec::as_slice)
+}
+
+/// The pipe's `NAME=value` lines; a text without them is a bare token, from a release that
+/// passed only the token.
+fn parse_pipe(text: &str) -> Vec<(&'static str, String)> {
+    let values: Vec<_> = text
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.split_once('=')?;
+            let name = SECRET_VARIABLES.into_iter().find(|known| *known == name)?;
+            Some((name, value.to_owned()))
+        })
+        .collect();
+    if values.is_empty() {
+        vec![(env::APP_TOKEN, text.trim().to_owned())]
+    } else {
+        values
+    }
 }
 
 /// Reads `name`, then erases it from the environment and from the memory
@@ -134,20 +180,28 @@ fn read_pipe(value: &OsStr) -> Result<String, TakeError> {
     Ok(String::from_utf8_lossy(&token).into_owned())
 }
 
-/// A pipe holding `token` for a child, to its end: the read end, to be inherited by the
-/// child under the number given in `FLOWCOACH_APP_TOKEN_FD` (close-on-exec is set, so
-/// the child must clear it for that descriptor alone). The write end is closed already.
-pub fn pipe_for_child(token: &str) -> std::io::Result<OwnedFd> {
+/// A pipe holding `values` (`NAME=value` lines) for a child, to its end: the read end, to
+/// be inherited by the child under the number given in `FLOWCOACH_APP_TOKEN_FD`
+/// (close-on-exec is set, so the child must clear it for that descriptor alone). The
+/// write end is closed already.
+pub fn pipe_for_child(values: &[(&str, String)]) -> std::io::Result<OwnedFd> {
+    let mut text = String::new();
+    for (name, value) in values {
+        text.push_str(name);
+        text.push('=');
+        text.push_str(value.trim());
+        text.push('\n');
+    }
     // A pipe holds at least one page before a write blocks, and no one reads until the
-    // child runs: a longer value would block here.
-    if token.len() > 4096 {
+    // child runs: a longer text would block here.
+    if text.len() > 4096 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            "the token is too long to pass on through a pipe",
+            "the secrets are too long to pass on through a pipe",
         ));
     }
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    std::fs::File::from(write).write_all(token.as_bytes())?;
+    std::fs::File::from(write).write_all(text.as_bytes())?;
     Ok(read)
 }
 
@@ -158,12 +212,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_token_goes_through_the_pipe() {
-        let fd = pipe_for_child("xapp-1-A0PIPE-1-secret\n")
-            .unwrap()
-            .into_raw_fd();
-        let token = read_pipe(OsStr::new(&fd.to_string())).unwrap();
-        assert_eq!(token, "xapp-1-A0PIPE-1-secret\n");
+    fn the_secrets_go_through_the_pipe() {
+        let values = [
+            (env::APP_TOKEN, "xapp-1-A0PIPE-1-secret\n".to_owned()),
+            (env::SIGNING_SECRET, "8f742231b10e".to_owned()),
+        ];
+        let fd = pipe_for_child(&values).unwrap().into_raw_fd();
+        let text = read_pipe(OsStr::new(&fd.to_string())).unwrap();
+        assert_eq!(
+            parse_pipe(&text),
+            vec![
+                (env::APP_TOKEN, "xapp-1-A0PIPE-1-secret".to_owned()),
+                (env::SIGNING_SECRET, "8f742231b10e".to_owned()),
+            ]
+        );
+        // What a release that passed only the token wrote.
+        assert_eq!(
+            parse_pipe("xapp-1-A0PIPE-1-secret"),
+            vec![(env::APP_TOKEN, "xapp-1-A0PIPE-1-secret".to_owned())]
+        );
     }
 
     #[test]
@@ -176,6 +243,6 @@ mod tests {
             let error = read_pipe(OsStr::new(value)).unwrap_err();
             assert!(matches!(error, TakeError::BadDescriptor { .. }), "{error}");
         }
-        assert!(pipe_for_child(&"x".repeat(5000)).is_err());
+        assert!(pipe_for_child(&[(env::APP_TOKEN, "x".repeat(5000))]).is_err());
     }
 }

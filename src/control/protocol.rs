@@ -148,6 +148,12 @@ pub struct StatusReport {
     /// Where the token came from (a variable or file name, never the token).
     pub token_source: String,
     pub health: Health,
+    /// `[forward]`: the app's URL(s); none with the built-in bot.
+    #[serde(default)]
+    pub app_url: Option<String>,
+    /// `[forward]`: the app's latest failure.
+    #[serde(default)]
+    pub app_last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,6 +223,8 @@ mod tests {
             },
             token_source: "SLACK_APP_TOKEN".into(),
             health: Health::Degraded("why".into()),
+            app_url: Some("http://127.0.0.1:3000/slack/events".into()),
+            app_last_error: None,
         };
         for response in [
             Response::Status(Box::new(report)),

@@ -93,6 +93,19 @@ pub fn status(report: &StatusReport, now: u64) -> String {
             c.acks_failed
         ),
     );
+    if let Some(url) = &r.app_url {
+        let last = r
+            .app_last_error
+            .as_deref()
+            .map_or_else(String::new, |error| format!(" (last error: {error})"));
+        line(
+            "app",
+            format!(
+                "{url}: forwarded {}, failed {}, late {}{last}",
+                c.forwarded, c.forward_failed, c.late_responses
+            ),
+        );
+    }
     line("token", format!("from {}", r.token_source));
     line("health", health(&r.health));
     head + &out
@@ -168,6 +181,8 @@ mod tests {
             },
             token_source: "SLACK_APP_TOKEN".into(),
             health: Health::Healthy,
+            app_url: None,
+            app_last_error: None,
         };
         let text = status(&report, 1_796_026_213 + 2 * 3600 + 3 * 60);
         let expected = "\
@@ -190,6 +205,22 @@ health:       healthy
         assert!(
             status(&bare_hello, 1_796_026_213)
                 .contains("sockets:      1 ours, Slack's hello gave no count\n")
+        );
+        let forwarding = StatusReport {
+            app_url: Some("http://127.0.0.1:3000/slack/events".into()),
+            app_last_error: Some("the app answered HTTP 500".into()),
+            counters: CounterSnapshot {
+                forwarded: 7,
+                forward_failed: 2,
+                late_responses: 1,
+                ..report.counters
+            },
+            ..report.clone()
+        };
+        assert!(
+            status(&forwarding, 1_796_026_213).contains(
+                "\napp:          http://127.0.0.1:3000/slack/events: forwarded 7, failed 2, late 1 (last error: the app answered HTTP 500)\n"
+            )
         );
         let paced = StatusReport {
             pacing: Some("Slack ended 4 connections of socket 1 in a row".into()),

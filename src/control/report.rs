@@ -44,6 +44,8 @@ impl StatusReport {
             counters,
             token_source: ctx.token_source.borrow().clone(),
             health,
+            app_url: status.app_url,
+            app_last_error: status.app_last_error,
         }
     }
 }

@@ -14,7 +14,7 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use super::{DaemonError, EXTEND_STEP, Service, Serving};
-use crate::config::{EnvSource, ProcessEnv, env};
+use crate::config::token_variable;
 use crate::control::protocol::{Command, Response};
 use crate::control::server::HandoverCall;
 use crate::deadline::far_future;
@@ -169,7 +169,7 @@ impl<'a> Coordinator<'a> {
                     &self.service.exe,
                     self.service.config.path.as_ref(),
                     &self.service.config.settings.environment,
-                    ProcessEnv.var(env::APP_TOKEN).as_deref(),
+                    token_variable::taken_values(),
                 ) {
                     Ok(child) => {
                         let pid = child.id().unwrap_or(0);

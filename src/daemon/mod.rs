@@ -20,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 use crate::bot::FlowCoach;
 use crate::config::{Config, ProcessEnv, Settings};
 use crate::control::{ControlContext, server};
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, Handler};
 use crate::exit;
+use crate::forward::{self, Forwarder};
 use crate::logging::LogHandle;
 use crate::service::lock::{HolderInfo, InstanceLock, LockError};
 use crate::service::paths::{InstancePaths, UNKNOWN_APP, ensure_dir, runtime_dir};
@@ -40,6 +41,8 @@ pub enum DaemonError {
     Fatal(#[from] FatalError),
     #[error("cannot set up the Slack client: {0}")]
     Setup(#[from] OpenError),
+    #[error(transparent)]
+    Forward(#[from] forward::SetupError),
     /// Another instance holds this app on this host.
     #[error("{0}")]
     AlreadyRunning(String),
@@ -54,9 +57,10 @@ impl DaemonError {
         match self {
             DaemonError::Fatal(fatal) => fatal.exit_code(),
             DaemonError::AlreadyRunning(_) => exit::TEMPFAIL,
-            DaemonError::Setup(_) | DaemonError::Runtime(_) | DaemonError::Takeover(_) => {
-                exit::FAILURE
-            }
+            DaemonError::Setup(_)
+            | DaemonError::Forward(_)
+            | DaemonError::Runtime(_)
+            | DaemonError::Takeover(_) => exit::FAILURE,
         }
     }
 }
@@ -140,7 +144,11 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
     };
     let state = Arc::new(ServiceState::new(InstanceInfo::current(&environment)));
     let (live_tx, live) = watch::channel(config.settings.clone());
-    let handler = Arc::new(FlowCoach::new(state.clone()));
+    // The app behind `[forward]`, else the built-in bot.
+    let handler: Arc<dyn Handler> = match &config.forward {
+        Some(settings) => Arc::new(Forwarder::new(settings.clone(), state.clone())?),
+        None => Arc::new(FlowCoach::new(state.clone())),
+    };
     let dispatcher = Arc::new(if lock.is_none() && !config.settings.handover.strict {
         // Until the incumbent's deduplication state arrives, envelopes wait unacked.
         Dispatcher::held(handler, live.clone(), state.clone())
@@ -152,6 +160,8 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
         token = %config.token,
         token_source = %config.token_source,
         api_url = %config.api_url,
+        forward_url = config.forward.as_ref().map(|f| f.describe_urls()),
+        signing_secret_source = config.forward.as_ref().map(|f| f.secret_source.to_string()),
         lock = %paths.lock.display(),
         control_socket = %paths.socket.display(),
         version = env!("CARGO_PKG_VERSION"),

@@ -117,6 +117,7 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
         ("environments", old.environments != new.environments),
         ("control", old.control != new.control),
         ("log.format", old.log.format != new.log.format),
+        ("forward", old.forward != new.forward),
     ];
     checks
         .into_iter()

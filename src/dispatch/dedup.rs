@@ -59,6 +59,33 @@ impl Dedup {
         self.push(hash, now);
     }
 
+    /// Forgets `key`, recorded for an envelope whose handler did not take it: Slack's
+    /// redelivery must be handled again. Recent keys are found near the back, where the
+    /// search starts.
+    pub fn forget(&mut self, key: &str) {
+        let hash = self.hash(key);
+        if !self.live.remove(&hash) {
+            return;
+        }
+        let Some(position) = self.order.iter().rposition(|h| *h == hash) else {
+            return;
+        };
+        self.order.remove(position);
+        // The run holding `position`: runs cover `order` front to back.
+        let mut start = 0;
+        for index in 0..self.ages.len() {
+            let count = self.ages[index].1;
+            if position < start + count {
+                self.ages[index].1 -= 1;
+                if self.ages[index].1 == 0 {
+                    self.ages.remove(index);
+                }
+                return;
+            }
+            start += count;
+        }
+    }
+
     fn hash(&self, key: &str) -> u64 {
         let mut hasher = SipHasher13::new_with_keys(self.hash_key[0], self.hash_key[1]);
         hasher.write(key.as_bytes());
@@ -242,6 +269,26 @@ impl DedupSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forgotten_key_is_new_again_and_the_ages_stay_consistent() {
+        let start = Instant::now();
+        let mut dedup = Dedup::new(Duration::from_secs(60), 100);
+        dedup.insert("a", start);
+        dedup.insert("b", start);
+        dedup.insert("c", start + Duration::from_secs(2));
+        dedup.forget("b");
+        dedup.forget("c");
+        dedup.forget("never");
+        assert!(!dedup.contains("b", start) && !dedup.contains("c", start));
+        assert!(dedup.contains("a", start));
+        assert_eq!(dedup.len(), 1);
+        assert_eq!(dedup.order.len(), 1);
+        assert_eq!(dedup.ages.iter().map(|(_, n)| n).sum::<usize>(), 1);
+        dedup.insert("b", start + Duration::from_secs(3));
+        assert!(!dedup.contains("a", start + Duration::from_secs(61)));
+        assert!(dedup.contains("b", start + Duration::from_secs(61)));
+    }
 
     #[test]
     fn repeats_within_the_ttl_are_caught() {

@@ -6,8 +6,9 @@ mod handler;
 
 pub use ack::{AckSendError, AckSink, PendingAck, PendingAcks};
 pub use dedup::{Dedup, DedupSnapshot};
-pub use handler::{Handler, HandlerError, HandlerFuture, HandlerResult, Incoming};
+pub use handler::{AckPolicy, Handler, HandlerError, HandlerFuture, HandlerResult, Incoming};
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -19,6 +20,16 @@ use tokio_util::task::TaskTracker;
 use crate::config::{DispatchSettings, Settings};
 use crate::state::{Counters, ServiceState};
 use flowcoach_protocol::Envelope;
+
+/// The envelopes seen recently, under one lock.
+struct Seen {
+    /// Keys handled (or being handled): redeliveries are acked, not handled again.
+    dedup: Dedup,
+    /// Keys of envelopes whose [`AckPolicy::WhenHandled`] handler has not finished: a
+    /// redelivery meanwhile is neither handled again nor acked, since the first delivery
+    /// may still fail.
+    taking: HashSet<String>,
+}
 
 /// What happened to one envelope on arrival.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +51,7 @@ pub struct Dispatcher {
     /// Settings that a reload (SIGHUP) may change; the deadline is read per envelope.
     live: watch::Receiver<Settings>,
     state: Arc<ServiceState>,
-    dedup: std::sync::Mutex<Dedup>,
+    seen: Arc<std::sync::Mutex<Seen>>,
     /// Handlers running or queued; bounds memory.
     admitted: Arc<Semaphore>,
     /// Handlers running.
@@ -65,7 +76,10 @@ impl Dispatcher {
         let admitted = settings.max_concurrent_handlers + settings.max_queued_handlers;
         Dispatcher {
             handler,
-            dedup: std::sync::Mutex::new(Dedup::new(settings.dedup_ttl, settings.dedup_capacity)),
+            seen: Arc::new(std::sync::Mutex::new(Seen {
+                dedup: Dedup::new(settings.dedup_ttl, settings.dedup_capacity),
+                taking: HashSet::new(),
+            })),
             admitted: Arc::new(Semaphore::new(admitted)),
             running: Arc::new(Semaphore::new(settings.max_concurrent_handlers)),
             live,
@@ -93,9 +107,10 @@ impl Dispatcher {
         if let Some(snapshot) = predecessor {
             let entries = snapshot.len();
             let adopted = self
-                .dedup
+                .seen
                 .lock()
                 .expect("dedup lock poisoned")
+                .dedup
                 .adopt(snapshot, Instant::now());
             if adopted {
                 tracing::info!(entries, "took over the predecessor's deduplication state");
@@ -112,11 +127,16 @@ impl Dispatcher {
     }
 
     /// The deduplication state, for a successor (taken after the drain, so it is final).
+    /// Envelopes that a [`AckPolicy::WhenHandled`] handler still has (it outlasted the
+    /// drain) are left out, and forgotten here too: they were not taken, and their
+    /// redelivery must be handled, by the successor or, after a rollback, by us.
     pub fn dedup_snapshot(&self) -> DedupSnapshot {
-        self.dedup
-            .lock()
-            .expect("dedup lock poisoned")
-            .snapshot(Instant::now())
+        let mut seen = self.seen.lock().expect("dedup lock poisoned");
+        let Seen { dedup, taking } = &mut *seen;
+        for key in taking.iter() {
+            dedup.forget(key);
+        }
+        dedup.snapshot(Instant::now())
     }
 
     /// Takes envelopes again after [`Dispatcher::stop_accepting`] and a drain: a handover
@@ -154,9 +174,16 @@ impl Dispatcher {
         // slash commands and interactions have.
         let key = summary.event_id.as_deref().unwrap_or(&envelope.envelope_id);
         let now = Instant::now();
-        let mut dedup = self.dedup.lock().expect("dedup lock poisoned");
-        if dedup.contains(key, now) {
-            drop(dedup);
+        let mut seen = self.seen.lock().expect("dedup lock poisoned");
+        if seen.dedup.contains(key, now) {
+            let taking = seen.taking.contains(key);
+            drop(seen);
+            if taking {
+                return self.defer(
+                    &envelope,
+                    "a redelivery while the handler still has the first delivery",
+                );
+            }
             tracing::info!(
                 envelope_id = %envelope.envelope_id,
                 event_id = summary.event_id.as_deref(),
@@ -173,19 +200,28 @@ impl Dispatcher {
         let Ok(admission) = self.admitted.clone().try_acquire_owned() else {
             return self.defer(&envelope, "the handler queue is full");
         };
-        dedup.insert(key, now);
-        drop(dedup);
-
+        seen.dedup.insert(key, now);
         // The response rides in the ack only where Slack accepts one; everything else is
-        // acked now, before the handler runs, so a slow handler never costs a redelivery.
-        let pending = if envelope.accepts_response_payload {
-            Some(pending)
-        } else {
-            self.send_ack(pending, None);
-            None
+        // acked as the handler's policy says.
+        let policy = (!envelope.accepts_response_payload).then(|| self.handler.ack_policy());
+        if policy == Some(AckPolicy::WhenHandled) {
+            seen.taking.insert(key.to_owned());
+        }
+        drop(seen);
+        let owed = match policy {
+            None => Owed::Answer(pending),
+            Some(AckPolicy::OnAccept) => {
+                self.send_ack(pending, None);
+                Owed::Nothing
+            }
+            Some(AckPolicy::WhenHandled) => Owed::WhenHandled {
+                pending,
+                key: key.to_owned(),
+            },
         };
         let job = Job {
             handler: self.handler.clone(),
+            seen: self.seen.clone(),
             state: self.state.clone(),
             running: self.running.clone(),
             response_deadline: self.live.borrow().dispatch.response_deadline,
@@ -194,7 +230,7 @@ impl Dispatcher {
         Counters::bump(&counters.in_flight);
         self.tracker.spawn(async move {
             let _admission = admission;
-            job.run(Incoming { envelope, summary }, pending).await;
+            job.run(Incoming { envelope, summary }, owed).await;
         });
         Accepted::Dispatched
     }
@@ -244,9 +280,21 @@ fn send_ack(counters: &Counters, pending: PendingAck, payload: Option<serde_json
     }
 }
 
+/// What is still owed to Slack for a dispatched envelope.
+enum Owed {
+    /// Acked on accept.
+    Nothing,
+    /// The ack, with the handler's answer if it comes by the response deadline.
+    Answer(PendingAck),
+    /// The ack once the handler has taken the envelope ([`AckPolicy::WhenHandled`]);
+    /// `key` is its deduplication key, forgotten if the handler fails.
+    WhenHandled { pending: PendingAck, key: String },
+}
+
 /// One handler invocation and the ack that depends on it.
 struct Job {
     handler: Arc<dyn Handler>,
+    seen: Arc<std::sync::Mutex<Seen>>,
     state: Arc<ServiceState>,
     running: Arc<Semaphore>,
     response_deadline: Duration,
@@ -254,13 +302,30 @@ struct Job {
 }
 
 impl Job {
-    async fn run(self, incoming: Incoming, pending: Option<PendingAck>) {
+    async fn run(self, incoming: Incoming, owed: Owed) {
         let counters = &self.state.counters;
         let envelope_id = incoming.envelope.envelope_id.clone();
         let deadline = self.accepted_at + self.response_deadline;
-        let outcome = match pending {
-            None => self.invoke(incoming).await,
-            Some(pending) => {
+        let unacked_on_error = matches!(owed, Owed::WhenHandled { .. });
+        let outcome = match owed {
+            Owed::Nothing => self.invoke(incoming).await,
+            Owed::WhenHandled { pending, key } => {
+                let outcome = self.invoke(incoming).await;
+                let mut seen = self.seen.lock().expect("dedup lock poisoned");
+                match &outcome {
+                    Ok(_) => send_ack(counters, pending, None),
+                    Err(_) => {
+                        // Dropped unsent: Slack redelivers it, and the redelivery must not
+                        // be taken for a duplicate.
+                        seen.dedup.forget(&key);
+                        drop(pending);
+                    }
+                }
+                seen.taking.remove(&key);
+                drop(seen);
+                outcome
+            }
+            Owed::Answer(pending) => {
                 let invocation = self.invoke(incoming);
                 tokio::pin!(invocation);
                 tokio::select! {
@@ -287,7 +352,15 @@ impl Job {
         };
         if let Err(error) = outcome {
             Counters::bump(&counters.handler_errors);
-            tracing::error!(%envelope_id, %error, "handler failed");
+            if unacked_on_error {
+                tracing::warn!(
+                    %envelope_id,
+                    %error,
+                    "handler failed; envelope left unacked for Slack to redeliver"
+                );
+            } else {
+                tracing::error!(%envelope_id, %error, "handler failed");
+            }
         }
         counters
             .in_flight

@@ -15,13 +15,14 @@ const NOT_INHERITED: &[&str] = &["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "
 
 /// Starts `flowcoach run --takeover` with this process's configuration file, Slack
 /// environment name and process environment. Its output goes where ours goes (the
-/// journal, under systemd). What `SLACK_APP_TOKEN` held (`token_variable`) goes through an
-/// inherited pipe, never in argv or the child's environment.
+/// journal, under systemd). What the secret variables held (`secrets`, from
+/// `token_variable`) goes through an inherited pipe, never in argv or the child's
+/// environment.
 pub fn successor(
     exe: &Path,
     config: Option<&PathBuf>,
     environment: &str,
-    token_variable: Option<&str>,
+    secrets: &[(&str, String)],
 ) -> std::io::Result<Child> {
     let mut command = Command::new(exe);
     if let Some(config) = config {
@@ -32,11 +33,14 @@ pub fn successor(
     for name in NOT_INHERITED {
         command.env_remove(name);
     }
-    command.env_remove(env::APP_TOKEN);
+    for name in token_variable::SECRET_VARIABLES {
+        command.env_remove(name);
+    }
     // Our copy of the read end is closed when this returns; the child has its own.
-    let _token_pipe = match token_variable {
-        Some(token) => {
-            let pipe = token_variable::pipe_for_child(token)?;
+    let _token_pipe = match secrets {
+        [] => None,
+        secrets => {
+            let pipe = token_variable::pipe_for_child(secrets)?;
             let fd = pipe.as_raw_fd();
             command.env(env::APP_TOKEN_FD, fd.to_string());
             // SAFETY: runs in the forked child before exec, where only async-signal-safe
@@ -51,7 +55,6 @@ pub fn successor(
             }
             Some(pipe)
         }
-        None => None,
     };
     command.spawn()
 }

@@ -6,6 +6,7 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::config::is_loopback;
+use crate::http_body::{BodyError, read_capped};
 use crate::token::AppToken;
 
 /// Errors that mean the configuration must change; retrying cannot help.
@@ -169,30 +170,15 @@ impl SlackApi {
 }
 
 /// The body of a successful answer, at most [`MAX_ANSWER_BYTES`] of it.
-async fn read_answer(mut response: reqwest::Response) -> Result<Vec<u8>, OpenError> {
-    let too_large = || {
-        OpenError::Transient(format!(
-            "the answer exceeds the limit of {MAX_ANSWER_BYTES} bytes (Slack's is about 300)"
-        ))
-    };
-    if response
-        .content_length()
-        .is_some_and(|length| length > MAX_ANSWER_BYTES as u64)
-    {
-        return Err(too_large());
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
+async fn read_answer(response: reqwest::Response) -> Result<Vec<u8>, OpenError> {
+    read_capped(response, MAX_ANSWER_BYTES)
         .await
-        .map_err(|e| OpenError::Transient(format!("unreadable answer: {}", e.without_url())))?
-    {
-        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-            return Err(too_large());
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+        .map_err(|e| match e {
+            BodyError::TooLarge { .. } => {
+                OpenError::Transient(format!("{e} (Slack's is about 300)"))
+            }
+            BodyError::Read(ref source) => OpenError::Transient(format!("{e}: {source}")),
+        })
 }
 
 /// `Retry-After` in seconds, at most [`MAX_RETRY_AFTER`]; Slack sends integers. Missing

@@ -7,6 +7,7 @@ mod cli;
 mod control;
 mod dispatch;
 mod environments;
+mod forward;
 mod handover;
 mod instance_lock;
 mod logging;

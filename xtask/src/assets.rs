@@ -23,7 +23,7 @@ use clap_mangen::Man;
 use clap_mangen::roff::{Roff, bold, roman};
 
 use flowcoach::cli::DaemonCli;
-use flowcoach::config::{CREDENTIAL_NAME, env};
+use flowcoach::config::{CREDENTIAL_NAME, SIGNING_SECRET_CREDENTIAL, env};
 use flowcoach::control::cli::CtlCli;
 use flowcoach::service::paths::SYSTEM_RUNTIME_DIR;
 
@@ -148,9 +148,14 @@ fn daemon_sections() -> Roff {
     );
     item(
         &mut roff,
+        env::SIGNING_SECRET,
+        "The signing secret of the app behind [forward], when neither a systemd credential nor the environment's signing_secret_file provides one. Never give it on the command line.",
+    );
+    item(
+        &mut roff,
         env::CREDENTIALS_DIRECTORY,
         &format!(
-            "Set by systemd for LoadCredential=: the token is read from its file {CREDENTIAL_NAME} first."
+            "Set by systemd for LoadCredential=: the token is read from its file {CREDENTIAL_NAME} first, the signing secret from {SIGNING_SECRET_CREDENTIAL}."
         ),
     );
     item(

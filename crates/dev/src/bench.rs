@@ -17,6 +17,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::BenchArgs;
+use crate::noop_app::NoOpApp;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -29,6 +30,11 @@ pub struct BenchReport {
     pub rate: Option<f64>,
     /// The stream started on a connection that replaced a dropped one.
     pub after_reconnect: bool,
+    /// Each envelope was forwarded to a no-op app in HTTP mode and acked after its 200:
+    /// the ack latency includes that round trip.
+    pub forward: bool,
+    /// With `forward`: requests the app answered.
+    pub app_requests: Option<u64>,
     pub seconds: f64,
     pub envelopes_per_second: f64,
     pub cpu_us_per_envelope: f64,
@@ -90,6 +96,9 @@ fn print_table(r: &BenchReport) {
             ""
         }
     );
+    if let Some(requests) = r.app_requests {
+        println!("  forwarded to a no-op app in HTTP mode: {requests} requests answered");
+    }
     println!(
         "  throughput        {:>10.0} envelopes/s",
         r.envelopes_per_second
@@ -126,9 +135,28 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
     let sim = Simulator::start(config)
         .await
         .map_err(|e| format!("simulator: {e}"))?;
+    let app = if args.forward {
+        Some(
+            NoOpApp::start()
+                .await
+                .map_err(|e| format!("the no-op app: {e}"))?,
+        )
+    } else {
+        None
+    };
+    let config = app.as_ref().map_or_else(String::new, |app| {
+        format!(
+            "[forward]\nurl = \"{}\"\nmax_concurrent = {window}\n",
+            app.url
+        )
+    });
     // warn: the built-in handler's per-event info line is filtered out, which makes it the
     // no-op handler the figures are about.
-    let mut daemon = Daemon::launch(&sim, "", &[("FLOWCOACH_LOG", "warn")], &[], Logs::Collect);
+    let mut env = vec![("FLOWCOACH_LOG", "warn")];
+    if app.is_some() {
+        env.push(("SLACK_SIGNING_SECRET", "bench-signing-secret"));
+    }
+    let mut daemon = Daemon::launch(&sim, &config, &env, &[], Logs::Collect);
     let pid = daemon.pid() as u32;
     sim.wait_until(WAIT, |r| r.sockets.iter().any(|s| s.hello_at.is_some()))
         .await
@@ -198,6 +226,8 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
         window,
         rate: args.rate,
         after_reconnect: args.after_reconnect,
+        forward: args.forward,
+        app_requests: app.as_ref().map(NoOpApp::requests),
         seconds: elapsed.as_secs_f64(),
         envelopes_per_second: envelopes as f64 / elapsed.as_secs_f64(),
         cpu_us_per_envelope: cpu.as_secs_f64() * 1e6 / envelopes as f64,

@@ -5,6 +5,7 @@
 mod app;
 mod bench;
 mod demo;
+mod noop_app;
 mod sim;
 
 use std::net::SocketAddr;
@@ -53,6 +54,10 @@ pub struct BenchArgs {
     /// Drop the first connection and start the stream on its replacement.
     #[arg(long, conflicts_with = "handovers")]
     pub after_reconnect: bool,
+    /// Forward every envelope (`[forward]`) to a no-op app in HTTP mode run by the bench:
+    /// the cost of signing, sending and waiting for the app's 200 before the ack.
+    #[arg(long, conflicts_with = "handovers")]
+    pub forward: bool,
     /// Measure handovers instead: this many `flowcoachctl handover`s in a row under a
     /// steady event stream (time to complete, time with no socket open, envelopes lost or
     /// handled twice).
