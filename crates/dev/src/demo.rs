@@ -1,7 +1,9 @@
-//! `flowcoach-dev demo`: flowcoach against the built-in simulator, narrated. Shows a connect,
-//! events, a slash command answered in the ack, a zero-gap rotation, an abrupt drop and a
-//! clean stop.
+//! `flowcoach-dev demo`: flowcoach against the built-in simulator, narrated. Shows a
+//! connect, a real bot behind flowcoach (the demo app in HTTP mode: a mention answered with
+//! `chat.postMessage`, `/hello` answered in the ack), a zero-gap rotation, an abrupt drop
+//! and a clean stop.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -10,10 +12,12 @@ use tokio::time::{Instant, sleep};
 
 use flowcoach_harness::{Daemon, Logs};
 use flowcoach_sim::{
-    CloseKind, DEFAULT_APP_ID, EnvelopeSpec, LoadMix, LoadSpec, SimConfig, Simulator,
+    CloseKind, DEFAULT_APP_ID, EnvelopeSpec, LoadMix, LoadSpec, SIM_CHANNEL_ID, SimConfig,
+    Simulator, fake_bot_token, fake_signing_secret,
 };
 
 use crate::DemoArgs;
+use crate::app::{AppConfig, DemoApp};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -47,17 +51,43 @@ async fn demo(duration: Duration) -> Result<(), String> {
         "Socket Mode simulator listening, Web API at {}",
         sim.api_url()
     ));
-    // Defaults for everything: what a first run with only a token would do.
-    let mut daemon = Daemon::launch(&sim, "", &[], &[], Logs::Show);
+    let secret = fake_signing_secret(DEFAULT_APP_ID);
+    let app = DemoApp::start(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        AppConfig {
+            signing_secret: secret.clone(),
+            bot_token: fake_bot_token(DEFAULT_APP_ID),
+            api_url: sim.api_url(),
+        },
+    )
+    .await
+    .map_err(|e| format!("the demo app: {e}"))?;
+    say(format!(
+        "the demo app, a Slack app in HTTP mode as a Bolt app would be, serves {}; \
+         it calls the simulator's Web API back with its bot token",
+        app.url
+    ));
+    // Defaults for everything else: what a first run with only a token and an app would do.
+    // The signing secret goes through the environment, as the token does.
+    let config = format!("[forward]\nurl = \"{}\"\n", app.url);
+    let mut daemon = Daemon::launch(
+        &sim,
+        &config,
+        &[("SLACK_SIGNING_SECRET", secret.as_str())],
+        &[],
+        Logs::Show,
+    );
     let started = Instant::now();
     say(format!(
-        "started flowcoach (pid {}); its own log lines follow",
+        "started flowcoach (pid {}) forwarding to the app; its own log lines follow",
         daemon.pid()
     ));
     sim.wait_until(WAIT, |r| r.hellos() >= 1)
         .await
         .map_err(|e| format!("flowcoach did not connect: {e:?}"))?;
-    say("connected: the simulator sent hello; events start flowing at 3 per second");
+    say(
+        "connected: the simulator sent hello; events start flowing at 3 per second, each one forwarded to the app",
+    );
     let load = sim.start_load(
         DEFAULT_APP_ID,
         LoadSpec {
@@ -69,15 +99,36 @@ async fn demo(duration: Duration) -> Result<(), String> {
     );
 
     sleep(Duration::from_secs(1)).await;
-    let status = EnvelopeSpec::slash_command("/flowcoach", "status");
+    say("someone mentions the bot in a channel (an app_mention event)");
+    sim.inject(
+        DEFAULT_APP_ID,
+        EnvelopeSpec::app_mention("EvDEMOMENTION", DEFAULT_APP_ID, SIM_CHANNEL_ID, "hi"),
+    );
+    let record = sim
+        .wait_until(WAIT, |r| {
+            r.api_calls_of("chat.postMessage")
+                .any(|c| c.body["channel"] == SIM_CHANNEL_ID)
+        })
+        .await
+        .map_err(|e| format!("the app did not reply to the mention: {e:?}"))?;
+    let reply = record
+        .api_calls_of("chat.postMessage")
+        .find(|c| c.body["channel"] == SIM_CHANNEL_ID)
+        .map_or("", |c| c.body["text"].as_str().unwrap_or_default());
+    say(format!(
+        "flowcoach forwarded it, signed, to the app, which replied with chat.postMessage \
+         to the simulator's Web API: {reply:?} in {SIM_CHANNEL_ID}"
+    ));
+
+    let hello = EnvelopeSpec::slash_command("/hello", "");
     let answer = sim
-        .inject_and_wait_ack(DEFAULT_APP_ID, status, WAIT)
+        .inject_and_wait_ack(DEFAULT_APP_ID, hello, WAIT)
         .await
         .map_err(|e| format!("slash command not acked: {e:?}"))?
         .ack_payload
         .unwrap_or(json!(null));
     say(format!(
-        "`/flowcoach status` was answered in the ack: {}",
+        "`/hello` was answered by the app in its HTTP response, which flowcoach put in the ack: {}",
         answer["text"].as_str().unwrap_or("(no text)")
     ));
 
@@ -136,6 +187,16 @@ async fn demo(duration: Duration) -> Result<(), String> {
         record.envelopes.len(),
         record.sockets.len(),
     ));
+    say(format!(
+        "the app's replies: Web API calls {}, response_url posts {}",
+        record.api_calls.iter().filter(|c| c.ok()).count(),
+        record
+            .response_url_posts
+            .iter()
+            .filter(|p| !p.refused)
+            .count(),
+    ));
+    drop(app);
     sim.shutdown().await;
     if status.success() && clean_close {
         Ok(())

@@ -28,8 +28,9 @@ struct Cli {
 enum Tool {
     /// Run the Socket Mode simulator, a local stand-in for Slack.
     Sim(SimArgs),
-    /// Run flowcoach against the simulator and watch it work: events, a slash command, a
-    /// rotation, a dropped connection, a clean stop.
+    /// Run flowcoach against the simulator and watch it work: a bot in HTTP mode behind it
+    /// (a mention answered with chat.postMessage, /hello in the ack), a rotation, a dropped
+    /// connection, a clean stop.
     Demo(DemoArgs),
     /// Run a small Slack app in HTTP mode (signed requests on /slack/events, replies through
     /// the Web API), to put behind flowcoach's `[forward]`.
