@@ -270,15 +270,11 @@ async fn connection(mut stream: UnixStream, ctx: Arc<ControlContext>, limits: Li
                 return;
             }
             Err(_) => {
-                tracing::debug!(
-                    uid = peer.uid,
-                    pid = peer.pid,
-                    "control: dropping a client that sent no request within {request_timeout:?}"
+                timed_out(
+                    &stream,
+                    &peer,
+                    format!("the request line must arrive within {request_timeout:?}"),
                 );
-                let line = response_line(&Response::error(format!(
-                    "timed out: the request line must arrive within {request_timeout:?}"
-                )));
-                let _ = stream.try_write(&line);
                 return;
             }
         },
@@ -291,18 +287,24 @@ async fn connection(mut stream: UnixStream, ctx: Arc<ControlContext>, limits: Li
         Ok(Err(error)) => {
             tracing::debug!(%error, uid = peer.uid, pid = peer.pid, "control: connection failed");
         }
-        Err(_) => {
-            tracing::debug!(
-                uid = peer.uid,
-                pid = peer.pid,
-                "control: dropping a client that took longer than {exchange:?}"
-            );
-            let line = response_line(&Response::error(format!(
-                "timed out: the exchange must end within {exchange:?}"
-            )));
-            let _ = stream.try_write(&line);
-        }
+        Err(_) => timed_out(
+            &stream,
+            &peer,
+            format!("the exchange must end within {exchange:?}"),
+        ),
     }
+}
+
+/// Tells a client that broke a time rule so, without waiting for it to read, before it is
+/// dropped.
+fn timed_out(stream: &UnixStream, peer: &Peer, rule: String) {
+    tracing::debug!(
+        uid = peer.uid,
+        pid = peer.pid,
+        "control: dropping a client: {rule}"
+    );
+    let line = response_line(&Response::error(format!("timed out: {rule}")));
+    let _ = stream.try_write(&line);
 }
 
 /// What came in on a connection.
