@@ -58,10 +58,10 @@ impl Reloader {
                 "changed in the configuration, but takes effect only after a restart"
             );
         }
-        if new.log.level != old.log.level {
-            if let Err(error) = self.log.set_level(&new.log.level) {
-                tracing::error!(%error, "log level not changed");
-            }
+        if new.log.level != old.log.level
+            && let Err(error) = self.log.set_level(&new.log.level)
+        {
+            tracing::error!(%error, "log level not changed");
         }
         self.live.send_replace(new);
         tracing::info!(

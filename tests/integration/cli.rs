@@ -16,6 +16,19 @@ fn flowcoach(args: &[&str], env: &[(&str, &str)]) -> Output {
     command.output().unwrap()
 }
 
+/// `check-config` of the file at `path` (holding `file_text`) must exit 78 naming `field`;
+/// what it said.
+fn check_config_refused(path: &std::path::Path, file_text: &str, field: &str) -> String {
+    let output = flowcoach(
+        &["check-config", "--config", path.to_str().unwrap()],
+        &[("SLACK_APP_TOKEN", TOKEN)],
+    );
+    let out = text(&output);
+    assert_eq!(output.status.code(), Some(78), "{file_text}: {out}");
+    assert!(out.contains(field), "{file_text}: {out}");
+    out
+}
+
 fn config_file(text: &str) -> tempfile::NamedTempFile {
     let mut file = tempfile::NamedTempFile::new().unwrap();
     file.write_all(text.as_bytes()).unwrap();
@@ -64,13 +77,7 @@ fn check_config_names_the_bad_field_and_exits_78() {
             .tempfile()
             .unwrap();
         std::fs::write(file.path(), file_text).unwrap();
-        let output = flowcoach(
-            &["check-config", "--config", file.path().to_str().unwrap()],
-            &[("SLACK_APP_TOKEN", TOKEN)],
-        );
-        let out = text(&output);
-        assert_eq!(output.status.code(), Some(78), "{file_text}: {out}");
-        assert!(out.contains(field), "{file_text}: {out}");
+        check_config_refused(file.path(), file_text, field);
     }
 }
 
@@ -192,13 +199,7 @@ const OUT_OF_RANGE: &[(&str, &str)] = &[
 fn check_config_refuses_values_out_of_range_naming_the_field_and_the_range() {
     for (file_text, field) in OUT_OF_RANGE {
         let file = config_file(file_text);
-        let output = flowcoach(
-            &["check-config", "--config", file.path().to_str().unwrap()],
-            &[("SLACK_APP_TOKEN", TOKEN)],
-        );
-        let out = text(&output);
-        assert_eq!(output.status.code(), Some(78), "{file_text}: {out}");
-        assert!(out.contains(field), "{file_text}: {out}");
+        let out = check_config_refused(file.path(), file_text, field);
         let explained = out.contains("must be from") || out.contains("no group named");
         assert!(explained, "{file_text}: {out}");
     }

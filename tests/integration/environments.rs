@@ -59,6 +59,18 @@ async fn ctl(args: &[&str], runtime_dir: &Path) -> Output {
     flowcoach_harness::ctl::run(args, &[("FLOWCOACH_RUNTIME_DIR", dir.as_str())]).await
 }
 
+/// A token the simulator's app accepts besides the first: where a rotation moves to.
+const ROTATED: &str = "xapp-2-A0SIMAPP01-2-newsecret";
+
+/// A configuration whose environment prod is pinned to the simulator's app and reads its
+/// token from `token_file`.
+fn prod_config(token_file: &Path) -> String {
+    format!(
+        "{FAST_CONFIG}\n[environments.prod]\napp_id = \"{APP}\"\ntoken_file = {:?}\n",
+        token_file.display().to_string()
+    )
+}
+
 async fn hellos(sim: &Simulator, count: usize) -> Record {
     sim.wait_until(WAIT, |r| r.hellos() >= count)
         .await
@@ -142,10 +154,7 @@ async fn an_unknown_environment_is_refused_naming_the_known_ones() {
 async fn token_sources_in_order_and_where_the_token_came_from() {
     let sim = simulator(|_| {}).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        "{FAST_CONFIG}\n[environments.prod]\napp_id = \"{APP}\"\ntoken_file = {:?}\n",
-        dir.path().join("prod.token").display().to_string()
-    );
+    let config = prod_config(&dir.path().join("prod.token"));
 
     // A token file of the environment (mode 600) wins over the variable.
     write_token(dir.path(), "prod.token", &token(), 0o600);
@@ -294,14 +303,10 @@ async fn repeated_too_many_websockets_make_health_unhealthy_with_a_diagnosis() {
 
 #[tokio::test]
 async fn a_new_token_on_sighup_moves_the_connection_without_a_gap() {
-    let rotated = "xapp-2-A0SIMAPP01-2-newsecret";
-    let sim = simulator(|c| c.apps[0].tokens.push(rotated.into())).await;
+    let sim = simulator(|c| c.apps[0].tokens.push(ROTATED.into())).await;
     let dir = tempfile::tempdir().unwrap();
     let file = write_token(dir.path(), "prod.token", &token(), 0o600);
-    let config = format!(
-        "{FAST_CONFIG}\n[environments.prod]\napp_id = \"{APP}\"\ntoken_file = {:?}\n",
-        file.display().to_string()
-    );
+    let config = prod_config(&file);
     let mut daemon = Daemon::start_args(
         &sim,
         &config,
@@ -318,13 +323,13 @@ async fn a_new_token_on_sighup_moves_the_connection_without_a_gap() {
             mix: flowcoach_sim::LoadMix::EventsOnly,
         },
     );
-    write_token(dir.path(), "prod.token.new", rotated, 0o600);
+    write_token(dir.path(), "prod.token.new", ROTATED, 0o600);
     std::fs::rename(dir.path().join("prod.token.new"), &file).unwrap();
     daemon.signal(Signal::SIGHUP);
     let record = sim
         .wait_until(WAIT, |r| {
             r.hellos() >= 2
-                && r.open_calls.last().and_then(|c| c.token.as_deref()) == Some(rotated)
+                && r.open_calls.last().and_then(|c| c.token.as_deref()) == Some(ROTATED)
                 && r.sockets[0].closed_at.is_some()
         })
         .await
@@ -350,15 +355,11 @@ async fn a_new_token_on_sighup_moves_the_connection_without_a_gap() {
 
 #[tokio::test]
 async fn after_a_sighup_rotation_status_names_where_the_token_comes_from_now() {
-    let rotated = "xapp-2-A0SIMAPP01-2-newsecret";
-    let sim = simulator(|c| c.apps[0].tokens.push(rotated.into())).await;
+    let sim = simulator(|c| c.apps[0].tokens.push(ROTATED.into())).await;
     let dir = tempfile::tempdir().unwrap();
     // The environment names a token file that does not exist yet: the variable is used.
     let file = dir.path().join("prod.token");
-    let config = format!(
-        "{FAST_CONFIG}\n[environments.prod]\napp_id = \"{APP}\"\ntoken_file = {:?}\n",
-        file.display().to_string()
-    );
+    let config = prod_config(&file);
     let mut daemon = Daemon::start_args(&sim, &config, &[], &["--env", "prod"]);
     hellos(&sim, 1).await;
     let before = text(&ctl(&["status"], &daemon.runtime_dir).await);
@@ -366,11 +367,11 @@ async fn after_a_sighup_rotation_status_names_where_the_token_comes_from_now() {
         before.contains("token:        from SLACK_APP_TOKEN"),
         "{before}"
     );
-    write_token(dir.path(), "prod.token", rotated, 0o600);
+    write_token(dir.path(), "prod.token", ROTATED, 0o600);
     daemon.signal(Signal::SIGHUP);
     daemon.wait_log("new app token", |_| true).await;
     sim.wait_until(WAIT, |r| {
-        r.hellos() >= 2 && r.open_calls.last().and_then(|c| c.token.as_deref()) == Some(rotated)
+        r.hellos() >= 2 && r.open_calls.last().and_then(|c| c.token.as_deref()) == Some(ROTATED)
     })
     .await
     .expect("rotated to the token of the file");
@@ -389,14 +390,10 @@ async fn after_a_sighup_rotation_status_names_where_the_token_comes_from_now() {
 #[tokio::test]
 async fn token_rotations_under_a_mixed_stream_ack_every_envelope_in_time() {
     const ROTATIONS: usize = 10;
-    let rotated = "xapp-2-A0SIMAPP01-2-newsecret";
-    let sim = simulator(|c| c.apps[0].tokens.push(rotated.into())).await;
+    let sim = simulator(|c| c.apps[0].tokens.push(ROTATED.into())).await;
     let dir = tempfile::tempdir().unwrap();
     let file = write_token(dir.path(), "prod.token", &token(), 0o600);
-    let config = format!(
-        "{FAST_CONFIG}\n[environments.prod]\napp_id = \"{APP}\"\ntoken_file = {:?}\n",
-        file.display().to_string()
-    );
+    let config = prod_config(&file);
     let mut daemon = Daemon::start_args(
         &sim,
         &config,
@@ -416,7 +413,7 @@ async fn token_rotations_under_a_mixed_stream_ack_every_envelope_in_time() {
     let acked = |r: &Record| r.envelopes.iter().filter(|e| e.acked_at.is_some()).count();
     for round in 1..=ROTATIONS {
         let next = if round % 2 == 1 {
-            rotated.to_owned()
+            ROTATED.to_owned()
         } else {
             token()
         };

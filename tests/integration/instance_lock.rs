@@ -251,13 +251,11 @@ fn a_second_acquirer_is_told_who_holds_the_lock() {
     assert_eq!(read_holder(lock.path()).unwrap().pid, std::process::id());
 }
 
-#[test]
-fn exactly_one_of_twenty_simultaneous_starters_wins() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = lock_path(&dir);
+/// Twenty starters of the lock at `path`, released together; each one's report.
+fn twenty_at_once(path: &Path) -> (Vec<Child>, Vec<String>) {
     let (barrier, release) = io::pipe().unwrap();
     let children: Vec<Child> = (0..20)
-        .map(|_| Child::spawn_behind(&path, Stdio::from(barrier.try_clone().unwrap())))
+        .map(|_| Child::spawn_behind(path, Stdio::from(barrier.try_clone().unwrap())))
         .collect();
     drop(barrier);
     for child in &children {
@@ -265,7 +263,15 @@ fn exactly_one_of_twenty_simultaneous_starters_wins() {
     }
     // All twenty are waiting on the same pipe: closing its only writer starts them together.
     drop(release);
-    let reports: Vec<String> = children.iter().map(Child::next_report).collect();
+    let reports = children.iter().map(Child::next_report).collect();
+    (children, reports)
+}
+
+#[test]
+fn exactly_one_of_twenty_simultaneous_starters_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = lock_path(&dir);
+    let (children, reports) = twenty_at_once(&path);
     let winners: Vec<&Child> = children
         .iter()
         .zip(&reports)
@@ -469,16 +475,7 @@ fn every_loser_of_simultaneous_starts_names_the_live_winner() {
         } else {
             let _ = std::fs::remove_file(&path);
         }
-        let (barrier, release) = io::pipe().unwrap();
-        let children: Vec<Child> = (0..20)
-            .map(|_| Child::spawn_behind(&path, Stdio::from(barrier.try_clone().unwrap())))
-            .collect();
-        drop(barrier);
-        for child in &children {
-            assert_eq!(child.next_report(), "ready");
-        }
-        drop(release);
-        let reports: Vec<String> = children.iter().map(Child::next_report).collect();
+        let (children, reports) = twenty_at_once(&path);
         let winners: Vec<u32> = children
             .iter()
             .zip(&reports)
