@@ -46,16 +46,24 @@ pub mod env {
     pub const ENVIRONMENT: &str = "FLOWCOACH_ENV";
     /// Set by systemd for a unit with `LoadCredential=`.
     pub const CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
+
+    // Those that choose the inbox's directory (`InboxSettings::file`), in order.
+    /// Set by systemd for a unit with `StateDirectory=`; several are separated by ':'.
+    pub const STATE_DIRECTORY: &str = "STATE_DIRECTORY";
+    pub const XDG_STATE_HOME: &str = "XDG_STATE_HOME";
+    pub const HOME: &str = "HOME";
 }
 
 mod environments;
 mod forward;
+mod inbox;
 mod ranges;
 mod token_source;
 pub mod token_variable;
 
 pub use environments::{AppMismatch, AppPin, EnvironmentSettings, Whose};
 pub use forward::{Forward, ForwardSettings, describe_urls};
+pub use inbox::{InboxSettings, NoStateDirectory, default_file_name as inbox_file_name};
 pub use token_source::{CREDENTIAL_NAME, SIGNING_SECRET_CREDENTIAL, SecretKind, TokenSource};
 
 pub const DEFAULT_API_URL: &str = "https://slack.com/api";
@@ -80,6 +88,7 @@ pub struct Settings {
     /// `[forward]`: the app behind flowcoach, in HTTP mode. Without it, the built-in bot
     /// answers.
     pub forward: Option<ForwardSettings>,
+    pub inbox: InboxSettings,
 }
 
 /// What to do when Slack counts sockets of other clients for this app.
@@ -259,6 +268,7 @@ impl Default for Settings {
             handover: HandoverSettings::default(),
             log: LogSettings::default(),
             forward: None,
+            inbox: InboxSettings::default(),
         }
     }
 }
@@ -481,6 +491,7 @@ impl Settings {
         self.conflicts.validate()?;
         self.service.validate()?;
         self.handover.validate()?;
+        self.inbox.validate()?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(invalid("log.level", e.to_string()));
         }

@@ -8,6 +8,9 @@ pub const OK: u8 = 0;
 pub const FAILURE: u8 = 1;
 /// Bad command line.
 pub const USAGE: u8 = 64;
+/// The inbox's database is corrupt (EX_DATAERR): restarting will not help, an operator
+/// must move the file aside, hence `RestartPreventExitStatus=65` too.
+pub const DATAERR: u8 = 65;
 /// Another instance holds the app (EX_TEMPFAIL): try again later.
 pub const TEMPFAIL: u8 = 75;
 /// Bad configuration or a permanent Slack error (EX_CONFIG): restarting will not help,

@@ -38,6 +38,11 @@ pub fn evaluate(status: &ConnectionStatus, outage_budget: Duration, now: SystemT
     if let Some(conflict) = &status.conflict {
         return Health::Unhealthy(conflict.clone());
     }
+    // Nothing new can be acked; a restart would not free the disk (the watchdog stays
+    // fed), an operator has to.
+    if let Some(trouble) = &status.inbox_trouble {
+        return Health::Unhealthy(trouble.clone());
+    }
     match (
         evaluate_connection(status, outage_budget, now),
         &status.app_failing,

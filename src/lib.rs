@@ -13,6 +13,7 @@ pub mod handover;
 pub mod health;
 pub mod host;
 mod http_body;
+pub mod inbox;
 pub mod logging;
 pub mod signing_secret;
 pub mod slack;

@@ -79,6 +79,8 @@ pub struct ConnectionStatus {
     pub app_failing: Option<String>,
     /// The app's latest failure, kept after it recovered.
     pub app_last_error: Option<String>,
+    /// Why the inbox cannot store envelopes, until it can again (health: unhealthy).
+    pub inbox_trouble: Option<String>,
 }
 
 impl Default for ConnectionStatus {
@@ -99,6 +101,7 @@ impl Default for ConnectionStatus {
             app_url: None,
             app_failing: None,
             app_last_error: None,
+            inbox_trouble: None,
         }
     }
 }

@@ -19,14 +19,15 @@ use tokio_util::sync::CancellationToken;
 
 use self::conflict::AlreadyRunning;
 use crate::bot::FlowCoach;
-use crate::config::{Config, ProcessEnv, Settings};
+use crate::config::{Config, NoStateDirectory, ProcessEnv, Settings, inbox_file_name};
 use crate::control::{ControlContext, server};
 use crate::dispatch::{Dispatcher, Handler};
 use crate::exit;
 use crate::forward::{self, Forwarder};
 use crate::host::lock::{HolderInfo, InstanceLock, LockError};
-use crate::host::paths::{InstancePaths, UNKNOWN_APP, ensure_dir, runtime_dir};
+use crate::host::paths::{InstancePaths, UNKNOWN_APP, ensure_dir, runtime_dir, safe_name};
 use crate::host::systemd::{self, Systemd};
+use crate::inbox::{Inbox, InboxError, Trouble};
 use crate::logging::LogHandle;
 use crate::slack::api::{OpenError, SlackApi};
 use crate::slack::supervisor::{FatalError, Supervisor};
@@ -61,6 +62,14 @@ pub enum DaemonError {
     HandoverDescriptors(#[source] std::io::Error),
     #[error("takeover failed: {0}")]
     Takeover(#[from] takeover::TakeoverError),
+    #[error(transparent)]
+    NoStateDirectory(#[from] NoStateDirectory),
+    #[error(
+        "{0}. flowcoach does not start over on its own: the file may hold acked events not yet delivered. Move it (and its -wal and -shm files) aside, keep it for inspection with sqlite3 (its .recover command may save the envelopes), then start flowcoach again: it creates a new inbox"
+    )]
+    CorruptInbox(#[source] InboxError),
+    #[error("cannot open the inbox: {0}")]
+    Inbox(#[source] InboxError),
 }
 
 impl DaemonError {
@@ -68,6 +77,13 @@ impl DaemonError {
         match self {
             DaemonError::Fatal(fatal) => fatal.exit_code(),
             DaemonError::AlreadyRunning(_) => exit::TEMPFAIL,
+            DaemonError::NoStateDirectory(_) => exit::CONFIG,
+            DaemonError::CorruptInbox(_) => exit::DATAERR,
+            DaemonError::Inbox(error) => match error.trouble {
+                // The place is wrong, not the moment: restarting will not help.
+                Trouble::PermissionDenied | Trouble::ReadOnly => exit::CONFIG,
+                _ => exit::FAILURE,
+            },
             DaemonError::Setup(_)
             | DaemonError::Lock(_)
             | DaemonError::RuntimeDirectory(_)
@@ -179,12 +195,16 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
         Some(settings) => Arc::new(Forwarder::new(settings.clone(), state.clone())?),
         None => Arc::new(FlowCoach::new(state.clone())),
     };
-    let dispatcher = Arc::new(if lock.is_none() && !config.settings.handover.strict {
-        // Until the incumbent's deduplication state arrives, envelopes wait unacked.
-        Dispatcher::held(handler, live.clone(), state.clone())
-    } else {
-        Dispatcher::new(handler, live.clone(), state.clone())
-    });
+    let inbox = open_inbox(&config, &environment, &state)?;
+    let dispatcher = Arc::new(
+        if lock.is_none() && !config.settings.handover.strict {
+            // Until the incumbent's deduplication state arrives, envelopes wait unacked.
+            Dispatcher::held(handler, live.clone(), state.clone())
+        } else {
+            Dispatcher::new(handler, live.clone(), state.clone())
+        }
+        .with_inbox(inbox),
+    );
     tracing::info!(
         environment = %environment,
         token = %config.token,
@@ -193,6 +213,7 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
         forward_url = config.forward.as_ref().map(|f| f.describe_urls()),
         signing_secret_source = config.forward.as_ref().map(|f| f.secret_source.to_string()),
         lock = %paths.lock.display(),
+        inbox = dispatcher.inbox().map(|inbox| inbox.path().display().to_string()),
         control_socket = %paths.socket.display(),
         version = env!("CARGO_PKG_VERSION"),
         takeover = lock.is_none(),
@@ -232,6 +253,29 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
         None => takeover::take_over(&instance, control_listener, &shutdown).await?,
     };
     serve(instance, held, shutdown, reloads, reloader).await
+}
+
+/// The inbox of `[inbox]`, if on: a corrupt file stops the start (exit 65), never
+/// replaced silently.
+fn open_inbox(
+    config: &Config,
+    environment: &str,
+    state: &Arc<InstanceState>,
+) -> Result<Option<Arc<Inbox>>, DaemonError> {
+    let settings = &config.settings.inbox;
+    if !settings.enabled {
+        return Ok(None);
+    }
+    let file_name = inbox_file_name(
+        &safe_name(config.token.app_id_hint().unwrap_or(UNKNOWN_APP)),
+        &safe_name(environment),
+    );
+    let path = settings.file(&ProcessEnv, &file_name)?;
+    match Inbox::open(&path, settings, &config.settings.dispatch, state.clone()) {
+        Ok(inbox) => Ok(Some(Arc::new(inbox))),
+        Err(error) if error.trouble == Trouble::Corrupt => Err(DaemonError::CorruptInbox(error)),
+        Err(error) => Err(DaemonError::Inbox(error)),
+    }
 }
 
 /// Why the lock could not be taken: another instance holds the app (75, naming it), or the
@@ -289,6 +333,8 @@ async fn serve(
         serving,
     } = held;
     record_control_socket(&instance, &lock, &listener);
+    // The instance is ours: deliver from the inbox (a predecessor has stopped).
+    instance.dispatcher.start_delivery();
     let handed = coordinator::handed(&lock, &listener).map_err(DaemonError::HandoverDescriptors)?;
     // One call at a time: a second one is refused by the control server at once.
     let (calls_tx, calls) = mpsc::channel(1);

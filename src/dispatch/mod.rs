@@ -18,6 +18,8 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{DispatchSettings, Settings};
+use crate::inbox::Inbox;
+use crate::inbox::delivery::Running;
 use crate::state::{Counters, InstanceState};
 use flowcoach_protocol::Envelope;
 
@@ -36,6 +38,8 @@ struct Seen {
 pub enum Accepted {
     /// Handed to a handler.
     Dispatched,
+    /// Queued for the inbox: acked once on disk, delivered from there.
+    Kept,
     /// Seen before: acked again, not handled again.
     Duplicate,
     /// Not acked, so Slack redelivers it (queue full, or the service is stopping).
@@ -70,6 +74,10 @@ pub struct Dispatcher {
     /// wait here for another socket of this process, or for a successor.
     orphans: std::sync::Mutex<Vec<Envelope>>,
     orphan_added: Notify,
+    /// Where events and answerless interactions go when the inbox is on.
+    inbox: Option<Arc<Inbox>>,
+    /// Delivery from the inbox, while this process holds the instance.
+    delivery: std::sync::Mutex<Option<Running>>,
 }
 
 impl Dispatcher {
@@ -97,6 +105,30 @@ impl Dispatcher {
             held: std::sync::Mutex::new(None),
             orphans: std::sync::Mutex::new(Vec::new()),
             orphan_added: Notify::new(),
+            inbox: None,
+            delivery: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Events and interactions that take no answer go to `inbox` from now on.
+    pub fn with_inbox(mut self, inbox: Option<Arc<Inbox>>) -> Self {
+        self.inbox = inbox;
+        self
+    }
+
+    pub fn inbox(&self) -> Option<&Arc<Inbox>> {
+        self.inbox.as_ref()
+    }
+
+    /// Starts delivering from the inbox (if any): called once this process holds the
+    /// instance, so that one process at a time delivers.
+    pub fn start_delivery(&self) {
+        let Some(inbox) = &self.inbox else {
+            return;
+        };
+        let mut delivery = self.delivery.lock().expect("delivery lock poisoned");
+        if delivery.is_none() {
+            *delivery = Some(inbox.deliver(self.handler.clone()));
         }
     }
 
@@ -154,6 +186,7 @@ impl Dispatcher {
     pub fn resume(&self) {
         self.tracker.reopen();
         self.accepting.store(true, Ordering::Release);
+        self.start_delivery();
     }
 
     /// Takes one envelope from the connection `acks` belongs to.
@@ -182,6 +215,22 @@ impl Dispatcher {
         let summary = envelope.summary();
         // Slack's event_id survives redeliveries; the envelope id does not, but it is all
         // slash commands and interactions have.
+        if let Some(inbox) = self
+            .inbox
+            .as_ref()
+            .filter(|_| !envelope.accepts_response_payload)
+        {
+            // Deduplicated by the store, where the keys outlive this process.
+            if !self.accepting.load(Ordering::Acquire) {
+                drop(pending);
+                self.orphan(envelope);
+                return Accepted::Orphaned;
+            }
+            return match inbox.keep(&envelope, &summary, pending) {
+                Ok(()) => Accepted::Kept,
+                Err(full) => self.defer(&envelope, &full.to_string()),
+            };
+        }
         let key = summary.event_id.as_deref().unwrap_or(&envelope.envelope_id);
         let now = Instant::now();
         let mut seen = self.seen.lock().expect("dedup lock poisoned");
@@ -302,14 +351,22 @@ impl Dispatcher {
 
     /// Stops taking new envelopes: from now on they wait unacked with the orphans
     /// ([`Dispatcher::take_orphans`]), for a successor, or for Slack's redelivery.
+    /// Delivery from the inbox stops too: a successor delivers next.
     pub fn stop_accepting(&self) {
         self.accepting.store(false, Ordering::Release);
+        if let Some(delivery) = &*self.delivery.lock().expect("delivery lock poisoned") {
+            delivery.cancel();
+        }
     }
 
-    /// Resolves when every accepted envelope has been handled (call after
-    /// [`Dispatcher::stop_accepting`]).
+    /// Resolves when every accepted envelope has been handled, and deliveries from the
+    /// inbox have ended (call after [`Dispatcher::stop_accepting`]).
     pub async fn wait_idle(&self) {
         self.tracker.close();
+        let delivery = self.delivery.lock().expect("delivery lock poisoned").take();
+        if let Some(delivery) = delivery {
+            delivery.stop().await;
+        }
         self.tracker.wait().await;
     }
 
@@ -319,7 +376,11 @@ impl Dispatcher {
     }
 }
 
-fn send_ack(counters: &Counters, pending: PendingAck, payload: Option<serde_json::Value>) {
+pub(crate) fn send_ack(
+    counters: &Counters,
+    pending: PendingAck,
+    payload: Option<serde_json::Value>,
+) {
     match pending.send(payload) {
         Ok(()) => {}
         Err(AckSendError::Refused(error)) => {

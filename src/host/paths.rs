@@ -97,7 +97,7 @@ impl InstancePaths {
 
 /// `name` with every character outside `[A-Za-z0-9_-]` replaced by '_'; "_" for an empty
 /// name.
-fn safe_name(name: &str) -> String {
+pub(crate) fn safe_name(name: &str) -> String {
     if name.is_empty() {
         return "_".to_owned();
     }

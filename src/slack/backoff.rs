@@ -32,6 +32,13 @@ impl Backoff {
         }
     }
 
+    /// The backoff as it stands after `failures` failures in a row: for a retry schedule
+    /// kept elsewhere (the inbox keeps each envelope's attempts on disk).
+    pub fn after_failures(mut self, failures: u32) -> Self {
+        self.attempt = failures;
+        self
+    }
+
     /// The ceiling of the next delay, before jitter.
     pub fn ceiling(&self) -> Duration {
         let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);

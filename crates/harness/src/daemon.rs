@@ -151,9 +151,6 @@ impl Daemon {
         if let Some(dir) = &runtime {
             command.env("FLOWCOACH_RUNTIME_DIR", dir.path());
         }
-        for (key, value) in env {
-            command.env(key, value);
-        }
         let runtime_dir = match &runtime {
             Some(dir) => dir.path().to_owned(),
             None => env
@@ -162,6 +159,12 @@ impl Daemon {
                 .map(|(_, dir)| dir.into())
                 .unwrap(),
         };
+        // The inbox lives beside the runtime files unless the test places it: daemons
+        // sharing a runtime directory (one host) share it, as a successor does.
+        command.env("STATE_DIRECTORY", runtime_dir.join("state"));
+        for (key, value) in env {
+            command.env(key, value);
+        }
         let mut child = command.spawn().expect("spawn flowcoach");
         let (tx, logs) = watch::channel(Vec::new());
         let raw = Arc::new(Mutex::new(String::new()));
