@@ -220,12 +220,8 @@ impl Dispatcher {
             .as_ref()
             .filter(|_| !envelope.accepts_response_payload)
         {
-            // Deduplicated by the store, where the keys outlive this process.
-            if !self.accepting.load(Ordering::Acquire) {
-                drop(pending);
-                self.orphan(envelope);
-                return Accepted::Orphaned;
-            }
+            // Deduplicated by the store, where the keys outlive this process. Kept even
+            // while draining: once on disk, whoever holds the instance next delivers it.
             return match inbox.keep(&envelope, &summary, pending) {
                 Ok(()) => Accepted::Kept,
                 Err(full) => self.defer(&envelope, &full.to_string()),

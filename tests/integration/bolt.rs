@@ -62,10 +62,11 @@ async fn start_app(bolt: Bolt, port: u16, sim: &Simulator) -> BoltApp {
     BoltApp::start(bolt, port, &env).await
 }
 
-/// flowcoach forwarding to `app`, signing with `secret`, connected.
+/// flowcoach forwarding to `app`, signing with `secret`, connected; without the inbox,
+/// so that events the app did not take are left to Slack's redelivery.
 async fn flowcoach(sim: &Simulator, app: &BoltApp, secret: &str) -> Daemon {
     let config = format!(
-        "{FAST_CONFIG}\n[forward]\nurl = \"{}\"\nfallback_text = \"{FALLBACK}\"\n",
+        "{FAST_CONFIG}\n[forward]\nurl = \"{}\"\nfallback_text = \"{FALLBACK}\"\n[inbox]\nenabled = false\n",
         app.url()
     );
     let daemon = Daemon::start_with(sim, &config, &[("SLACK_SIGNING_SECRET", secret)]);

@@ -20,11 +20,11 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-const SECRET: &str = "fwd-s3cr3t-8f742231b10e8888abcd99";
+pub(crate) const SECRET: &str = "fwd-s3cr3t-8f742231b10e8888abcd99";
 
 /// What the app answers next.
 #[derive(Debug, Clone)]
-enum Reply {
+pub(crate) enum Reply {
     /// 200 with this content type and body.
     Ok(&'static str, String),
     Status(u16),
@@ -42,13 +42,13 @@ enum Reply {
 
 /// One request as the app saw it.
 #[derive(Debug, Clone)]
-struct Seen {
+pub(crate) struct Seen {
     path: String,
     content_type: String,
     retry_num: Option<String>,
     retry_reason: Option<String>,
-    body: Vec<u8>,
-    signature: Result<(), SignatureError>,
+    pub(crate) body: Vec<u8>,
+    pub(crate) signature: Result<(), SignatureError>,
 }
 
 impl Seen {
@@ -73,18 +73,18 @@ struct AppState {
 }
 
 /// The app: an HTTP server on loopback that records and verifies every request.
-struct App {
+pub(crate) struct App {
     addr: SocketAddr,
     state: Arc<AppState>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl App {
-    async fn start(reply: Reply) -> App {
+    pub(crate) async fn start(reply: Reply) -> App {
         Self::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), reply)
     }
 
-    fn start_on(listener: TcpListener, reply: Reply) -> App {
+    pub(crate) fn start_on(listener: TcpListener, reply: Reply) -> App {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(AppState {
             reply: Mutex::new(reply),
@@ -99,7 +99,7 @@ impl App {
         App { addr, state, task }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}/slack/events", self.addr)
     }
 
@@ -107,12 +107,12 @@ impl App {
         *self.state.reply.lock().unwrap() = reply;
     }
 
-    fn seen(&self) -> Vec<Seen> {
+    pub(crate) fn seen(&self) -> Vec<Seen> {
         self.state.seen.borrow().clone()
     }
 
     /// Waits until the app has seen `count` requests; all of them.
-    async fn wait_seen(&self, count: usize) -> Vec<Seen> {
+    pub(crate) async fn wait_seen(&self, count: usize) -> Vec<Seen> {
         let mut seen = self.state.seen.subscribe();
         tokio::time::timeout(WAIT, seen.wait_for(|s| s.len() >= count))
             .await
@@ -187,7 +187,11 @@ async fn respond(reply: Reply) -> Response {
     }
 }
 
-fn config(url: &str, extra: &str) -> String {
+/// After the `[forward]` settings: the path without the inbox, where an event the app did
+/// not take is left unacked for Slack's redelivery.
+const NO_INBOX: &str = "[inbox]\nenabled = false";
+
+pub(crate) fn config(url: &str, extra: &str) -> String {
     format!("{FAST_CONFIG}\n[forward]\nurl = \"{url}\"\n{extra}\n")
 }
 
@@ -203,7 +207,7 @@ async fn forwarding(sim: &Simulator, url: &str, extra: &str) -> Daemon {
 }
 
 /// An address where nothing listens (yet): the app is down.
-async fn vacant_address() -> (SocketAddr, String) {
+pub(crate) async fn vacant_address() -> (SocketAddr, String) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     (addr, format!("http://{addr}/slack/events"))
@@ -253,6 +257,8 @@ async fn envelopes_arrive_as_slack_sends_them_in_http_mode_signed() {
     )
     .await;
     assert_eq!(event.ack_payload, None);
+    // Acked once on disk, then delivered from the inbox: the app has it before the rest.
+    app.wait_seen(1).await;
     let slash = acked(
         &sim,
         EnvelopeSpec::slash_command("/deploy", "prod & more=1 é"),
@@ -316,7 +322,7 @@ async fn envelopes_arrive_as_slack_sends_them_in_http_mode_signed() {
 async fn a_failing_app_leaves_events_to_slacks_redelivery() {
     let sim = simulator(|c| c.ack_deadline = Duration::from_secs(1)).await;
     let app = App::start(Reply::Status(500)).await;
-    let mut daemon = forwarding(&sim, &app.url(), "").await;
+    let mut daemon = forwarding(&sim, &app.url(), NO_INBOX).await;
 
     let id = sim.inject(APP, event("EvFail1"));
     let failed = daemon
@@ -368,7 +374,7 @@ async fn a_failing_app_leaves_events_to_slacks_redelivery() {
 async fn a_stopped_app_gets_the_redelivery_once_it_is_back() {
     let sim = simulator(|c| c.ack_deadline = Duration::from_secs(1)).await;
     let (addr, url) = vacant_address().await;
-    let mut daemon = forwarding(&sim, &url, "").await;
+    let mut daemon = forwarding(&sim, &url, NO_INBOX).await;
 
     let id = sim.inject(APP, event("EvDown1"));
     let failed = daemon
@@ -701,7 +707,7 @@ async fn a_redelivery_while_the_app_still_has_the_event_waits_for_its_answer() {
         Box::new(Reply::Status(200)),
     ))
     .await;
-    let mut daemon = forwarding(&sim, &app.url(), "timeout = \"5s\"").await;
+    let mut daemon = forwarding(&sim, &app.url(), &format!("timeout = \"5s\"\n{NO_INBOX}")).await;
 
     let id = sim.inject(APP, event("EvSlow1"));
     // Slack redelivers before the app answered: neither forwarded again nor acked, since
@@ -730,7 +736,7 @@ async fn an_event_the_app_still_has_at_a_handover_is_forwarded_again_by_the_succ
     ))
     .await;
     // No drain: the incumbent hands over while the app still has the event.
-    let extra = "timeout = \"10s\"\n[dispatch]\ndrain_timeout = \"0s\"";
+    let extra = &format!("timeout = \"10s\"\n{NO_INBOX}\n[dispatch]\ndrain_timeout = \"0s\"");
     let mut daemon = forwarding(&sim, &app.url(), extra).await;
     let id = sim.inject(APP, event("EvHandedOver"));
     app.wait_seen(1).await;

@@ -662,7 +662,9 @@ async fn strict_mode_breaks_before_making_and_the_successor_acks_what_arrived_me
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_carries_a_deduplication_state_of_thousands_of_entries() {
     const EVENTS: u64 = 8000;
-    let (sim, host, mut incumbent) = connected_incumbent(FAST_CONFIG).await;
+    // The state in memory: with the inbox, the store holds it and nothing travels.
+    let config = format!("{FAST_CONFIG}\n[inbox]\nenabled = false\n");
+    let (sim, host, mut incumbent) = connected_incumbent(&config).await;
     acked(&sim, event("EvOldest", "first of all")).await;
     let load = sim.start_load(
         APP,
@@ -678,7 +680,7 @@ async fn a_takeover_carries_a_deduplication_state_of_thousands_of_entries() {
         .expect("the load is acked");
     load.await.unwrap();
     acked(&sim, event("EvNewest", "last before the takeover")).await;
-    let mut successor = host.takeover(&sim, FAST_CONFIG);
+    let mut successor = host.takeover(&sim, &config);
     let adopted = successor
         .wait_log("took over the predecessor's deduplication state", |_| true)
         .await;

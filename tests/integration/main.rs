@@ -10,6 +10,7 @@ mod dispatch;
 mod environments;
 mod forward;
 mod handover;
+mod inbox;
 mod instance_lock;
 mod logging;
 mod service;

@@ -1,0 +1,289 @@
+//! The durable inbox: what flowcoach acks survives kill -9, restarts and handovers, and
+//! reaches the app (an HTTP server in this process, behind `[forward]`) exactly once, even
+//! when the app is down for longer than Slack would retry.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use flowcoach_harness::{APP, Daemon, WAIT, acked, connected, event, simulator};
+use flowcoach_sim::{LoadMix, LoadSpec, Record, Simulator};
+use nix::sys::signal::Signal;
+use rand::Rng;
+use serde_json::Value;
+use tokio::net::TcpListener;
+
+use crate::forward::{App, Reply, SECRET, Seen, config, vacant_address};
+
+/// Retries fast enough for a test.
+const INBOX: &str = "[inbox]\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n";
+
+/// One host: the runtime directory and, under it, the state directory with the inbox,
+/// shared by every process a test starts.
+struct Host {
+    dir: tempfile::TempDir,
+}
+
+impl Host {
+    fn new() -> Host {
+        Host {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn dir(&self) -> String {
+        self.dir.path().display().to_string()
+    }
+
+    /// flowcoach forwarding to `url` with the inbox on, on this host.
+    fn start(&self, sim: &Simulator, url: &str, extra: &str) -> Daemon {
+        let dir = self.dir();
+        Daemon::start_with(
+            sim,
+            &config(url, &format!("{INBOX}{extra}")),
+            &[
+                ("FLOWCOACH_RUNTIME_DIR", dir.as_str()),
+                ("SLACK_SIGNING_SECRET", SECRET),
+            ],
+        )
+    }
+
+    fn inbox_file(&self) -> std::path::PathBuf {
+        self.dir
+            .path()
+            .join("state")
+            .join(format!("{APP}.test.inbox.sqlite"))
+    }
+}
+
+/// The app, started on `addr` (where it was down so far), answering 200.
+async fn app_on(addr: std::net::SocketAddr) -> App {
+    App::start_on(
+        TcpListener::bind(addr).await.unwrap(),
+        Reply::Ok("text/plain", String::new()),
+    )
+}
+
+fn event_id(seen: &Seen) -> String {
+    let body: Value = serde_json::from_slice(&seen.body).unwrap();
+    body["event_id"].as_str().unwrap().to_owned()
+}
+
+/// How many times the app saw each event.
+fn seen_counts(app: &App) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for seen in app.seen() {
+        *counts.entry(event_id(&seen)).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn acked_event_ids(record: &Record) -> Vec<String> {
+    record
+        .envelopes
+        .iter()
+        .filter(|e| e.acked_at.is_some())
+        .filter_map(|e| e.event_id.clone())
+        .collect()
+}
+
+fn acked_count(record: &Record) -> usize {
+    record
+        .envelopes
+        .iter()
+        .filter(|e| e.acked_at.is_some())
+        .count()
+}
+
+/// Waits until the simulator has nothing in flight (each envelope acked or given up);
+/// then until the app has seen every acked event; checks it saw each exactly once.
+async fn every_acked_event_reached_the_app_once(sim: &Simulator, app: &App) {
+    let record = sim
+        .wait_until(WAIT, |r| {
+            r.envelopes
+                .iter()
+                .all(|e| e.acked_at.is_some() || e.gave_up)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("envelopes still in flight: {e}"));
+    let acked = acked_event_ids(&record);
+    app.wait_seen(acked.len()).await;
+    let counts = seen_counts(app);
+    let missing: Vec<&String> = acked
+        .iter()
+        .filter(|id| !counts.contains_key(*id))
+        .collect();
+    let twice: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        missing.is_empty() && twice.is_empty(),
+        "{} acked events; missing at the app: {missing:?}; seen more than once: {twice:?}",
+        acked.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_events_survive_kill_9_and_reach_the_app_exactly_once() {
+    let sim = simulator(|_| {}).await;
+    let host = Host::new();
+    // The app is down through every crash: everything acked waits in the inbox.
+    let (addr, url) = vacant_address().await;
+    let load = sim.start_load(
+        APP,
+        LoadSpec {
+            count: 500 * 120,
+            rate_per_sec: Some(500.0),
+            max_outstanding: None,
+            mix: LoadMix::EventsOnly,
+        },
+    );
+    let mut rng = rand::rng();
+    for round in 0..20 {
+        let mut daemon = host.start(&sim, &url, "");
+        sim.wait_until(WAIT, |r| r.hellos() > round)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: no hello: {e}"));
+        // A random moment: after a random number of acks on this run.
+        let before = acked_count(&sim.record());
+        let more = rng.random_range(1..=150);
+        sim.wait_until(WAIT, |r| acked_count(r) >= before + more)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the stream stalled: {e}"));
+        daemon.signal(Signal::SIGKILL);
+        daemon.exit_code().await;
+    }
+    load.abort();
+    let acked_while_down = acked_event_ids(&sim.record()).len();
+    assert!(acked_while_down >= 20, "{acked_while_down}");
+
+    let app = app_on(addr).await;
+    let mut daemon = host.start(&sim, &url, "");
+    every_acked_event_reached_the_app_once(&sim, &app).await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn an_app_down_longer_than_slacks_retries_gets_every_event_in_order_when_back() {
+    // Slack gives up after its retries; the inbox does not.
+    let sim = simulator(|c| {
+        c.ack_deadline = Duration::from_millis(500);
+        c.max_retries = 1;
+    })
+    .await;
+    let host = Host::new();
+    let (addr, url) = vacant_address().await;
+    let mut daemon = host.start(&sim, &url, "[dispatch]\nmax_concurrent_handlers = 1\n");
+    connected(&sim).await;
+    let ids: Vec<String> = (0..30).map(|n| format!("EvDown{n:02}")).collect();
+    for id in &ids {
+        acked(&sim, event(id, "while the app is down")).await;
+    }
+    // Retried and failing, one probe at a time, for longer than Slack's retries.
+    daemon.wait_log("inbox: delivery failing", |_| true).await;
+    daemon
+        .wait_log_count("the app did not take the envelope", 3)
+        .await;
+    let failures_before = daemon.logs().len();
+
+    let app = app_on(addr).await;
+    let seen = app.wait_seen(ids.len()).await;
+    let order: Vec<String> = seen.iter().map(event_id).collect();
+    // The probe that found the app back comes first; then the rest, oldest first.
+    let probe = order[0].clone();
+    let rest: Vec<&String> = ids.iter().filter(|id| **id != probe).collect();
+    assert_eq!(order[1..].iter().collect::<Vec<_>>(), rest, "{order:?}");
+    assert!(seen.iter().all(|s| s.signature.is_ok()));
+    daemon
+        .wait_log("inbox: delivery works again", |_| true)
+        .await;
+    // A probe per failure, not one attempt per pending event per retry.
+    let failures = daemon.count_by("the app did not take the envelope", "kind");
+    assert!(
+        failures.values().sum::<usize>() < 30,
+        "{failures:?} ({failures_before} log lines before the app came back)"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_redelivery_after_a_restart_is_deduplicated_from_the_store() {
+    let sim = simulator(|_| {}).await;
+    let host = Host::new();
+    let (addr, url) = vacant_address().await;
+    let mut first = host.start(&sim, &url, "");
+    connected(&sim).await;
+    acked(&sim, event("EvOnce", "kept before the crash")).await;
+    first.signal(Signal::SIGKILL);
+    first.exit_code().await;
+
+    let app = app_on(addr).await;
+    let mut second = host.start(&sim, &url, "");
+    connected(&sim).await;
+    // Slack's redelivery of an event whose ack the crash took: acked, not kept again.
+    let again = acked(&sim, event("EvOnce", "the redelivery")).await;
+    assert_eq!(again.event_id.as_deref(), Some("EvOnce"));
+    second
+        .wait_log("duplicate delivery acked again", |l| {
+            l["event_id"] == "EvOnce"
+        })
+        .await;
+    acked(&sim, event("EvAfter", "a new one")).await;
+    app.wait_seen(2).await;
+    let counts = seen_counts(&app);
+    assert_eq!(counts.get("EvOnce"), Some(&1), "{counts:?}");
+    assert_eq!(counts.get("EvAfter"), Some(&1), "{counts:?}");
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_during_a_backlog_delivers_each_event_once() {
+    let sim = simulator(|_| {}).await;
+    let host = Host::new();
+    let (addr, url) = vacant_address().await;
+    let mut incumbent = host.start(&sim, &url, "");
+    connected(&sim).await;
+    for n in 0..40 {
+        acked(&sim, event(&format!("EvBacklog{n:02}"), "backlog")).await;
+    }
+    // The app comes back while the backlog waits for its next probe; the successor takes
+    // over meanwhile.
+    let app = app_on(addr).await;
+    let dir = host.dir();
+    let output = flowcoach_harness::ctl::run(
+        &["--timeout", "30s", "handover"],
+        &[("FLOWCOACH_RUNTIME_DIR", dir.as_str())],
+    )
+    .await;
+    assert!(
+        output.status.success(),
+        "{output:?}\n{}",
+        incumbent.stderr()
+    );
+    for n in 40..60 {
+        acked(
+            &sim,
+            event(&format!("EvBacklog{n:02}"), "after the handover"),
+        )
+        .await;
+    }
+    every_acked_event_reached_the_app_once(&sim, &app).await;
+    assert_eq!(incumbent.exit_code().await, 0, "{}", incumbent.stderr());
+}
+
+#[tokio::test]
+async fn a_corrupt_inbox_stops_the_start_with_exit_65_and_what_to_do() {
+    let sim = simulator(|_| {}).await;
+    let host = Host::new();
+    let file = host.inbox_file();
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, vec![b'x'; 16 * 1024]).unwrap();
+    let (_, url) = vacant_address().await;
+    let mut daemon = host.start(&sim, &url, "");
+    assert_eq!(daemon.exit_code().await, 65, "{}", daemon.stderr());
+    let said = daemon.stderr();
+    assert!(said.contains(&file.display().to_string()), "{said}");
+    assert!(
+        said.contains("is corrupt") && said.contains("Move it"),
+        "{said}"
+    );
+    // Not started over: the file is as it was.
+    assert_eq!(std::fs::read(&file).unwrap(), vec![b'x'; 16 * 1024]);
+}
