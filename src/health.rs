@@ -49,12 +49,40 @@ pub fn evaluate(status: &ConnectionStatus, outage_budget: Duration, now: SystemT
     ) {
         // Slack's side works, the app behind flowcoach does not: someone should look, but
         // a restart of flowcoach would not help (the watchdog stays fed).
-        (Health::Healthy, Some(error)) => Health::Degraded(format!(
-            "the app at {} is failing: {error}",
-            status.app_url.as_deref().unwrap_or("[forward] url")
-        )),
+        (Health::Healthy, app_failing) => {
+            let reasons: Vec<String> = app_failing
+                .iter()
+                .map(|error| {
+                    format!(
+                        "the app at {} is failing: {error}",
+                        status.app_url.as_deref().unwrap_or("[forward] url")
+                    )
+                })
+                .chain(inbox_backlog(status, now))
+                .collect();
+            if reasons.is_empty() {
+                Health::Healthy
+            } else {
+                Health::Degraded(reasons.join("; "))
+            }
+        }
         (health, _) => health,
     }
+}
+
+/// Why health is degraded when the inbox's oldest pending envelope is older than
+/// `inbox.stale_after`: delivery is stuck or far behind.
+fn inbox_backlog(status: &ConnectionStatus, now: SystemTime) -> Option<String> {
+    let (counts, stale_after) = status.inbox.as_ref()?;
+    let age = counts.oldest_pending_age(now)?;
+    (age > *stale_after).then(|| {
+        format!(
+            "the oldest event in the inbox has waited {} (inbox.stale_after is {}); {} pending",
+            humantime::format_duration(Duration::from_secs(age.as_secs())),
+            humantime::format_duration(*stale_after),
+            counts.pending + counts.delivering
+        )
+    })
 }
 
 fn evaluate_connection(

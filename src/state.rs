@@ -81,6 +81,9 @@ pub struct ConnectionStatus {
     pub app_last_error: Option<String>,
     /// Why the inbox cannot store envelopes, until it can again (health: unhealthy).
     pub inbox_trouble: Option<String>,
+    /// The inbox's depth as of its latest count, and how old its oldest pending envelope
+    /// may be before health is degraded (`inbox.stale_after`).
+    pub inbox: Option<(crate::inbox::Counts, Duration)>,
 }
 
 impl Default for ConnectionStatus {
@@ -102,6 +105,7 @@ impl Default for ConnectionStatus {
             app_failing: None,
             app_last_error: None,
             inbox_trouble: None,
+            inbox: None,
         }
     }
 }

@@ -108,7 +108,7 @@ impl InboxSettings {
             DurationIn {
                 field: "inbox.max_age",
                 value: self.max_age,
-                min: MINUTE,
+                min: secs(1),
                 max: 30 * 24 * HOUR,
                 why: "",
             },

@@ -42,4 +42,36 @@ pub enum CtlCommand {
     /// effect), with no gap: exit 0 once it holds the app, non-zero with the reason when
     /// the handover was rolled back and the running instance kept serving.
     Handover,
+    /// The durable inbox: how many envelopes wait (pending, being delivered, dead
+    /// letters) and for how long; `list`, `retry` and `drop` them.
+    Inbox {
+        #[command(subcommand)]
+        action: Option<InboxAction>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InboxAction {
+    /// List the envelopes waiting, oldest first: inbox id, state, kind, event type,
+    /// envelope id, attempts, age, last error. No payloads unless --payload.
+    List {
+        /// The dead letters instead: envelopes not delivered within inbox.max_age.
+        #[arg(long)]
+        dead: bool,
+        /// Show each envelope as received (it holds what users wrote).
+        #[arg(long)]
+        payload: bool,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Deliver a dead letter again (by its inbox id), or every dead letter (--dead).
+    Retry {
+        #[arg(required_unless_present = "dead", conflicts_with = "dead")]
+        id: Option<i64>,
+        #[arg(long)]
+        dead: bool,
+    },
+    /// Remove an envelope from the inbox for good (by its inbox id).
+    Drop { id: i64 },
 }

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use super::cli::{CtlCli, CtlCommand};
+use super::cli::{CtlCli, CtlCommand, InboxAction};
 use super::client;
 use super::discover::{self, Selector};
 use super::protocol::{Command, Response};
@@ -24,6 +24,7 @@ pub fn run(cli: &CtlCli) -> ExitCode {
         CtlCommand::Status { .. } => (Command::Status, exit::FAILURE),
         CtlCommand::Health => (Command::Health, HEALTH_NO_ANSWER),
         CtlCommand::Handover => (Command::Handover, exit::FAILURE),
+        CtlCommand::Inbox { ref action } => (inbox_command(action.as_ref()), exit::FAILURE),
     };
     let response = match ask(cli, command) {
         Ok(response) => response,
@@ -65,10 +66,56 @@ pub fn run(cli: &CtlCli) -> ExitCode {
             println!("handed over to pid {successor_pid} in {took_ms} ms");
             exit::code(exit::OK)
         }
+        (CtlCommand::Inbox { .. }, Response::Inbox(report)) => {
+            print!("{}", render::inbox(&report));
+            exit::code(exit::OK)
+        }
+        (
+            CtlCommand::Inbox { .. },
+            Response::InboxList {
+                envelopes,
+                truncated,
+            },
+        ) => {
+            print!("{}", render::inbox_list(&envelopes, truncated));
+            exit::code(exit::OK)
+        }
+        (CtlCommand::Inbox { action }, Response::InboxChanged { count }) => {
+            let done = match action {
+                Some(InboxAction::Drop { .. }) => "dropped",
+                _ => "pending again",
+            };
+            println!("{count} envelope(s) {done}");
+            // Naming an envelope that is not there (or being delivered) is a failure.
+            exit::code(
+                if count == 0 && !matches!(action, Some(InboxAction::Retry { dead: true, .. })) {
+                    exit::FAILURE
+                } else {
+                    exit::OK
+                },
+            )
+        }
         (_, other) => {
             eprintln!("flowcoachctl: unexpected answer from flowcoach: {other:?}");
             exit::code(failure)
         }
+    }
+}
+
+fn inbox_command(action: Option<&InboxAction>) -> Command {
+    match action {
+        None => Command::Inbox,
+        Some(&InboxAction::List {
+            dead,
+            payload,
+            limit,
+        }) => Command::InboxList {
+            dead,
+            payload,
+            limit,
+        },
+        Some(&InboxAction::Retry { id, .. }) => Command::InboxRetry { id },
+        Some(&InboxAction::Drop { id }) => Command::InboxDrop { id },
     }
 }
 

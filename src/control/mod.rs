@@ -23,6 +23,7 @@ pub mod cli;
 pub mod client;
 pub mod ctl;
 pub mod discover;
+mod inbox;
 mod listen;
 pub mod protocol;
 mod render;
@@ -44,4 +45,6 @@ pub struct ControlContext {
     pub access: access::AccessPolicy,
     /// Where handover requests go; `None` refuses them.
     pub handover: Option<tokio::sync::mpsc::Sender<server::HandoverCall>>,
+    /// The inbox, for `flowcoachctl inbox`; `None` with the inbox off.
+    pub inbox: Option<Arc<crate::inbox::Inbox>>,
 }

@@ -55,6 +55,19 @@ pub enum Command {
     /// Sent by a successor (`flowcoach --takeover`): the connection becomes a handover
     /// session (see `crate::handover`).
     Takeover { pid: u32, release: String },
+    /// The inbox's counts: [`Response::Inbox`].
+    Inbox,
+    /// The envelopes in the inbox, oldest first: the dead letters, or the others.
+    InboxList {
+        dead: bool,
+        /// With each envelope as received (it may hold user content).
+        payload: bool,
+        limit: u32,
+    },
+    /// Makes a dead letter (`id`), or every one (`None`), pending again.
+    InboxRetry { id: Option<i64> },
+    /// Removes an envelope for good.
+    InboxDrop { id: i64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +88,16 @@ pub enum Response {
         /// until the incumbent has closed them (one, from releases that did not say).
         #[serde(default = "one_socket")]
         sockets: u32,
+    },
+    Inbox(InboxReport),
+    /// Cut short (`truncated`) when the whole list would not fit in one answer.
+    InboxList {
+        envelopes: Vec<InboxEntry>,
+        truncated: bool,
+    },
+    /// How many envelopes a retry or a drop changed.
+    InboxChanged {
+        count: u64,
     },
     Error {
         message: String,
@@ -154,6 +177,39 @@ pub struct StatusReport {
     /// `[forward]`: the app's latest failure.
     #[serde(default)]
     pub app_last_error: Option<String>,
+    /// The inbox's depth as of its latest count (none with the inbox off).
+    #[serde(default)]
+    pub inbox: Option<InboxReport>,
+}
+
+/// The inbox's depth.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxReport {
+    /// The database file.
+    pub path: String,
+    pub pending: u64,
+    pub delivering: u64,
+    pub dead: u64,
+    /// How long the oldest envelope not yet delivered has waited.
+    pub oldest_pending_age_s: Option<u64>,
+}
+
+/// One envelope in the inbox, for `flowcoachctl inbox list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxEntry {
+    /// The inbox's own id, for `inbox retry` and `inbox drop`.
+    pub id: i64,
+    pub envelope_id: String,
+    pub kind: String,
+    pub event_type: Option<String>,
+    /// pending, delivering or dead.
+    pub state: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub age_s: u64,
+    /// The envelope as received, only when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,6 +281,7 @@ mod tests {
             health: Health::Degraded("why".into()),
             app_url: Some("http://127.0.0.1:3000/slack/events".into()),
             app_last_error: None,
+            inbox: None,
         };
         for response in [
             Response::Status(Box::new(report)),

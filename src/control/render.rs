@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::protocol::StatusReport;
+use super::protocol::{InboxEntry, InboxReport, StatusReport};
 use crate::health::Health;
 
 /// "healthy", "degraded: REASON" or "unhealthy: REASON".
@@ -106,9 +106,57 @@ pub fn status(report: &StatusReport, now: u64) -> String {
             ),
         );
     }
+    if let Some(inbox) = &r.inbox {
+        line("inbox", inbox_depth(inbox));
+    }
     line("token", format!("from {}", r.token_source));
     line("health", health(&r.health));
     head + &out
+}
+
+/// "3 pending (oldest waits 2m 5s), 1 delivering, 0 dead letters".
+fn inbox_depth(inbox: &InboxReport) -> String {
+    let oldest = inbox.oldest_pending_age_s.map_or_else(String::new, |age| {
+        format!(" (oldest waits {})", duration(age))
+    });
+    format!(
+        "{} pending{oldest}, {} delivering, {} dead letters",
+        inbox.pending, inbox.delivering, inbox.dead
+    )
+}
+
+/// `flowcoachctl inbox`: the depth and the file.
+pub fn inbox(report: &InboxReport) -> String {
+    format!("{}\nfile: {}\n", inbox_depth(report), report.path)
+}
+
+/// `flowcoachctl inbox list`: one line per envelope (then its payload, when asked for).
+pub fn inbox_list(envelopes: &[InboxEntry], truncated: bool) -> String {
+    let mut out = format!(
+        "{:<8} {:<12} {:<14} {:<20} {:<10} {:>8} {:>9}  {}\n",
+        "ID", "STATE", "KIND", "TYPE", "ENVELOPE", "ATTEMPTS", "AGE", "LAST ERROR"
+    );
+    for e in envelopes {
+        let _ = writeln!(
+            out,
+            "{:<8} {:<12} {:<14} {:<20} {:<10} {:>8} {:>9}  {}",
+            e.id,
+            e.state,
+            e.kind,
+            e.event_type.as_deref().unwrap_or("-"),
+            e.envelope_id,
+            e.attempts,
+            duration(e.age_s),
+            e.last_error.as_deref().unwrap_or("-"),
+        );
+        if let Some(payload) = &e.payload {
+            let _ = writeln!(out, "    {payload}");
+        }
+    }
+    if truncated {
+        out.push_str("(more: the list was cut to fit one answer; use --limit)\n");
+    }
+    out
 }
 
 fn timestamp(unix_seconds: u64) -> String {
@@ -183,6 +231,7 @@ mod tests {
             health: Health::Healthy,
             app_url: None,
             app_last_error: None,
+            inbox: None,
         };
         let text = status(&report, 1_796_026_213 + 2 * 3600 + 3 * 60);
         let expected = "\
@@ -222,6 +271,19 @@ health:       healthy
                 "\napp:          http://127.0.0.1:3000/slack/events: forwarded 7, failed 2, late 1 (last error: the app answered HTTP 500)\n"
             )
         );
+        let inbox = StatusReport {
+            inbox: Some(InboxReport {
+                path: "/var/lib/flowcoach/A1.prod.inbox.sqlite".into(),
+                pending: 12,
+                delivering: 2,
+                dead: 1,
+                oldest_pending_age_s: Some(125),
+            }),
+            ..report.clone()
+        };
+        assert!(status(&inbox, 1_796_026_213).contains(
+            "\ninbox:        12 pending (oldest waits 2m 5s), 2 delivering, 1 dead letters\n"
+        ));
         let paced = StatusReport {
             pacing: Some("Slack ended 4 connections of socket 1 in a row".into()),
             ..report

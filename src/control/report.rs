@@ -3,8 +3,9 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::ControlContext;
-use super::protocol::{HealthReport, StatusReport, phase_name};
+use super::protocol::{HealthReport, InboxEntry, InboxReport, StatusReport, phase_name};
 use crate::health;
+use crate::inbox::{Counts, Listed};
 
 fn unix_seconds(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH)
@@ -46,6 +47,42 @@ impl StatusReport {
             health,
             app_url: status.app_url,
             app_last_error: status.app_last_error,
+            inbox: ctx
+                .inbox
+                .as_ref()
+                .zip(status.inbox)
+                .map(|(inbox, (counts, _))| InboxReport::new(inbox.path(), &counts, now)),
+        }
+    }
+}
+
+impl InboxReport {
+    pub fn new(path: &std::path::Path, counts: &Counts, now: SystemTime) -> InboxReport {
+        InboxReport {
+            path: path.display().to_string(),
+            pending: counts.pending,
+            delivering: counts.delivering,
+            dead: counts.dead,
+            oldest_pending_age_s: counts.oldest_pending_age(now).map(|age| age.as_secs()),
+        }
+    }
+}
+
+impl InboxEntry {
+    pub fn new(listed: Listed, now: SystemTime) -> InboxEntry {
+        InboxEntry {
+            id: listed.id,
+            envelope_id: listed.envelope_id,
+            kind: listed.kind,
+            event_type: listed.event_type,
+            state: listed.state,
+            attempts: listed.attempts,
+            last_error: listed.last_error,
+            age_s: now
+                .duration_since(listed.received_at)
+                .unwrap_or_default()
+                .as_secs(),
+            payload: listed.body,
         }
     }
 }

@@ -352,6 +352,7 @@ async fn respond(
         )),
         Incoming::Line(line) => match answer(ctx, &line) {
             Answer::Now(response) => response,
+            Answer::Inbox(command) => super::inbox::answer(ctx, command).await,
             Answer::HandOff(command) => return Ok(Some(command)),
         },
     };
@@ -401,6 +402,8 @@ async fn read_request(stream: &mut UnixStream) -> std::io::Result<Incoming> {
 
 enum Answer {
     Now(Response),
+    /// Answered from the inbox's store, which takes a wait.
+    Inbox(Command),
     HandOff(Command),
 }
 
@@ -440,6 +443,10 @@ fn answer(ctx: &ControlContext, line: &[u8]) -> Answer {
         Command::Status => Response::Status(Box::new(StatusReport::collect(ctx))).into(),
         Command::Health => Response::Health(HealthReport::collect(ctx)).into(),
         command @ (Command::Handover | Command::Takeover { .. }) => Answer::HandOff(command),
+        command @ (Command::Inbox
+        | Command::InboxList { .. }
+        | Command::InboxRetry { .. }
+        | Command::InboxDrop { .. }) => Answer::Inbox(command),
     }
 }
 

@@ -348,6 +348,7 @@ async fn serve(
         outage_budget: instance.config.settings.service.outage_budget,
         access: instance.config.access.clone(),
         handover: Some(calls_tx),
+        inbox: instance.dispatcher.inbox().cloned(),
     };
     let control_task = tokio::spawn(server::serve(
         listener,

@@ -218,6 +218,14 @@ pub struct Inbox {
     path: PathBuf,
 }
 
+impl fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Inbox")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Inbox {
     /// Opens the store at `path` (creating its directory) and starts the writer.
     pub fn open(
@@ -246,6 +254,7 @@ impl Inbox {
                 bound: dispatch.max_queued_handlers,
                 dedup_window: dispatch.dedup_ttl,
                 max_bytes: settings.max_bytes,
+                stale_after: settings.stale_after,
             },
             state,
         )

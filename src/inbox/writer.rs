@@ -62,6 +62,8 @@ pub struct WriterSettings {
     /// How long dedup keys are remembered.
     pub dedup_window: Duration,
     pub max_bytes: u64,
+    /// Published with the counts, for health.
+    pub stale_after: Duration,
 }
 
 impl Writer {
@@ -175,6 +177,7 @@ struct Thread {
 
 impl Thread {
     fn run(mut self) {
+        self.upkeep();
         loop {
             let first = match self.queue.recv_timeout(IDLE) {
                 Ok(job) => job,
@@ -301,6 +304,13 @@ impl Thread {
                 .unwrap_or(SystemTime::UNIX_EPOCH),
             max_bytes: self.settings.max_bytes,
         };
+        match self.store.counts() {
+            Ok(counts) => {
+                let stale_after = self.settings.stale_after;
+                self.state.update(|s| s.inbox = Some((counts, stale_after)));
+            }
+            Err(error) => self.troubled(&error),
+        }
         match self.store.upkeep(upkeep) {
             Ok(done) => {
                 if done.dead_pruned > 0 {

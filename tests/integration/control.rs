@@ -49,6 +49,7 @@ fn connected_state() -> Arc<InstanceState> {
 
 fn context(state: Arc<InstanceState>, access: AccessPolicy) -> Arc<ControlContext> {
     Arc::new(ControlContext {
+        inbox: None,
         state,
         token_source: tokio::sync::watch::channel("SLACK_APP_TOKEN".to_owned()).1,
         started_at: SystemTime::now() - Duration::from_secs(7200),

@@ -287,3 +287,97 @@ async fn a_corrupt_inbox_stops_the_start_with_exit_65_and_what_to_do() {
     // Not started over: the file is as it was.
     assert_eq!(std::fs::read(&file).unwrap(), vec![b'x'; 16 * 1024]);
 }
+
+/// `flowcoachctl ARGS` for the daemon of `host`; its output, which must be a success.
+async fn ctl_ok(host: &Host, args: &[&str]) -> String {
+    let dir = host.dir();
+    let output =
+        flowcoach_harness::ctl::run(args, &[("FLOWCOACH_RUNTIME_DIR", dir.as_str())]).await;
+    assert!(output.status.success(), "flowcoachctl {args:?}: {output:?}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn flowcoachctl_inbox_shows_lists_retries_and_drops_dead_letters() {
+    let sim = simulator(|_| {}).await;
+    let host = Host::new();
+    let (addr, url) = vacant_address().await;
+    let mut daemon = host.start(&sim, &url, "max_age = \"1s\"\n");
+    connected(&sim).await;
+    acked(&sim, event("EvDead1", "secret words")).await;
+    acked(&sim, event("EvDead2", "more words")).await;
+    daemon
+        .wait_log_count("inbox: envelope kept as a dead letter", 2)
+        .await;
+
+    let counts = ctl_ok(&host, &["inbox"]).await;
+    assert!(
+        counts.contains("0 pending") && counts.contains("2 dead letters"),
+        "{counts}"
+    );
+    assert!(
+        counts.contains(&host.inbox_file().display().to_string()),
+        "{counts}"
+    );
+    let list = ctl_ok(&host, &["inbox", "list", "--dead"]).await;
+    let rows: Vec<&str> = list.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{list}");
+    assert!(
+        rows.iter()
+            .all(|r| r.contains("dead") && r.contains("message")),
+        "{list}"
+    );
+    assert!(
+        !list.contains("secret words"),
+        "no payloads unless asked: {list}"
+    );
+    let with_payload = ctl_ok(&host, &["inbox", "list", "--dead", "--payload"]).await;
+    assert!(with_payload.contains("secret words"), "{with_payload}");
+    assert!(ctl_ok(&host, &["inbox", "list"]).await.lines().count() == 1);
+
+    let first_id = rows[0].split_whitespace().next().unwrap();
+    let dropped = ctl_ok(&host, &["inbox", "drop", first_id]).await;
+    assert!(dropped.contains("1 envelope(s) dropped"), "{dropped}");
+    let app = app_on(addr).await;
+    let retried = ctl_ok(&host, &["inbox", "retry", "--dead"]).await;
+    assert!(retried.contains("1 envelope(s) pending again"), "{retried}");
+    let seen = app.wait_seen(1).await;
+    assert_eq!(event_id(&seen[0]), "EvDead2");
+
+    let status = daemon.status_json().await;
+    assert_eq!(status["inbox"]["dead"], 0, "{status}");
+    daemon.stop().await;
+    assert_eq!(seen_counts(&app).len(), 1);
+}
+
+#[tokio::test]
+async fn health_is_degraded_while_the_oldest_pending_event_is_older_than_stale_after() {
+    let sim = simulator(|_| {}).await;
+    let host = Host::new();
+    let (_addr, url) = vacant_address().await;
+    let mut daemon = host.start(&sim, &url, "stale_after = \"1s\"\n");
+    connected(&sim).await;
+    acked(&sim, event("EvStale", "waiting")).await;
+    // Bounded: the age grows by itself, the verdict follows the clock.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let health = loop {
+        let status = daemon.status_json().await;
+        let reason = status["health"]["reason"].as_str().unwrap_or_default();
+        if reason.contains("inbox.stale_after") {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never stale: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(health["health"]["health"], "degraded", "{health}");
+    assert!(
+        health["inbox"]["pending"].as_u64().unwrap()
+            + health["inbox"]["delivering"].as_u64().unwrap()
+            == 1,
+        "{health}"
+    );
+    daemon.stop().await;
+}
