@@ -233,7 +233,11 @@ impl Thread {
         match result {
             Ok(applied) => {
                 self.dirty = true;
-                self.recovered();
+                // Only a commit that stored envelopes proves the trouble over: on a full
+                // disk, small changes (a claim) can still fit in space the file has.
+                if accepts > 0 {
+                    self.recovered();
+                }
                 let mut kept = false;
                 for ((applied, waiting), change) in applied.into_iter().zip(waiting).zip(changes) {
                     match (waiting, applied) {

@@ -381,3 +381,189 @@ async fn health_is_degraded_while_the_oldest_pending_event_is_older_than_stale_a
     );
     daemon.stop().await;
 }
+
+/// A small tmpfs the test mounts (as root) and unmounts when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `None` (the test is skipped, loudly) when not root, unless FLOWCOACH_TMPFS_TESTS=1
+    /// requires it.
+    fn mount(size: &str) -> Option<Tmpfs> {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var("FLOWCOACH_TMPFS_TESTS").as_deref() != Ok("1"),
+                "FLOWCOACH_TMPFS_TESTS=1 but not running as root"
+            );
+            eprintln!(
+                "SKIPPED: mounting a tmpfs needs root; set FLOWCOACH_TMPFS_TESTS=1 to require it"
+            );
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount -t tmpfs: {status}");
+        Some(Tmpfs { dir })
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Writes a file until the file system is full; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.path().join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 4096];
+        loop {
+            match file.write_all(&chunk) {
+                Ok(()) => {}
+                Err(error) if error.raw_os_error() == Some(nix::libc::ENOSPC) => break,
+                Err(error) => panic!("filling the tmpfs: {error}"),
+            }
+        }
+        let _ = file.sync_all();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// A message event with `bytes` of text: a few of them need more room than a full disk
+/// has, whatever the database has preallocated.
+fn big_event(event_id: &str, bytes: usize) -> flowcoach_sim::EnvelopeSpec {
+    event(event_id, &"x".repeat(bytes))
+}
+
+#[tokio::test]
+async fn a_full_disk_acks_nothing_it_cannot_store_and_recovers_on_its_own() {
+    let Some(tmpfs) = Tmpfs::mount("4m") else {
+        return;
+    };
+    // Slack redelivers what is not acked, every 500 ms, for as long as the test needs.
+    let sim = simulator(|c| {
+        c.ack_deadline = Duration::from_millis(500);
+        c.max_retries = 1000;
+    })
+    .await;
+    let host = Host::new();
+    let app = App::start(Reply::Ok("text/plain", String::new())).await;
+    let state = tmpfs.path().display().to_string();
+    let dir = host.dir();
+    let mut daemon = Daemon::start_with(
+        &sim,
+        &config(&app.url(), INBOX),
+        &[
+            ("FLOWCOACH_RUNTIME_DIR", dir.as_str()),
+            ("STATE_DIRECTORY", state.as_str()),
+            ("SLACK_SIGNING_SECRET", SECRET),
+        ],
+    );
+    connected(&sim).await;
+    acked(&sim, event("EvRoom", "while there is room")).await;
+    app.wait_seen(1).await;
+
+    let filler = tmpfs.fill();
+    let ids: Vec<String> = (0..20).map(|n| format!("EvFull{n:02}")).collect();
+    let envelopes: Vec<String> = ids
+        .iter()
+        .map(|id| sim.inject(APP, big_event(id, 20_000)))
+        .collect();
+    let trouble = daemon
+        .wait_log("inbox cannot write", |l| l["cause"] == "the disk is full")
+        .await;
+    assert!(
+        trouble["path"].as_str().unwrap().starts_with(&state),
+        "{trouble}"
+    );
+    // Redelivered by Slack, and still not acked while the disk is full.
+    let record = sim
+        .wait_until(WAIT, |r| {
+            envelopes.iter().any(|id| {
+                r.envelope(id)
+                    .is_some_and(|e| e.deliveries.len() >= 3 && e.acked_at.is_none())
+            })
+        })
+        .await
+        .expect("an envelope redelivered and never acked");
+    let unacked = envelopes.iter().filter(|id| !record.is_acked(id)).count();
+    assert!(unacked > 0);
+    let status = daemon.status_json().await;
+    assert_eq!(status["health"]["health"], "unhealthy", "{status}");
+    assert!(
+        status["health"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the disk is full"),
+        "{status}"
+    );
+
+    std::fs::remove_file(filler).unwrap();
+    daemon.wait_log("inbox writes again", |_| true).await;
+    every_acked_event_reached_the_app_once(&sim, &app).await;
+    let record = sim.record();
+    assert!(
+        envelopes.iter().all(|id| record.is_acked(id)),
+        "all acked once there was room"
+    );
+    // One line for the cause, however many envelopes and retries it cost.
+    assert_eq!(
+        daemon
+            .count_by("inbox cannot write", "cause")
+            .get("the disk is full"),
+        Some(&1),
+        "{}",
+        daemon.stderr()
+    );
+    let status = daemon.status_json().await;
+    assert_eq!(status["health"]["health"], "healthy", "{status}");
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn past_max_bytes_the_oldest_dead_letters_are_pruned() {
+    let sim = simulator(|_| {}).await;
+    let host = Host::new();
+    let (_addr, url) = vacant_address().await;
+    let mut daemon = host.start(&sim, &url, "max_age = \"1s\"\nmax_bytes = 1048576\n");
+    connected(&sim).await;
+    let mut envelopes = Vec::new();
+    for n in 0..80 {
+        let record = acked(&sim, big_event(&format!("EvBig{n:02}"), 20_000)).await;
+        envelopes.push(record.envelope_id);
+    }
+    let pruned = daemon
+        .wait_log(
+            "inbox over inbox.max_bytes: pruned the oldest dead letters",
+            |_| true,
+        )
+        .await;
+    assert!(pruned["pruned"].as_u64().unwrap() > 0, "{pruned}");
+    let list = ctl_ok(&host, &["inbox", "list", "--dead", "--limit", "1000"]).await;
+    assert!(
+        !list.contains(&envelopes[0]),
+        "the oldest went first: {list}"
+    );
+    let counts = ctl_ok(&host, &["inbox"]).await;
+    assert!(!counts.contains("80 dead letters"), "{counts}");
+    daemon.stop().await;
+}
