@@ -52,8 +52,13 @@ pub mod env {
     pub const STATE_DIRECTORY: &str = "STATE_DIRECTORY";
     pub const XDG_STATE_HOME: &str = "XDG_STATE_HOME";
     pub const HOME: &str = "HOME";
+
+    /// The password of `[cluster]`'s PostgreSQL, libpq's variable; taken out of the
+    /// environment like `SLACK_APP_TOKEN`.
+    pub const PGPASSWORD: &str = "PGPASSWORD";
 }
 
+mod cluster;
 mod environments;
 mod forward;
 mod inbox;
@@ -61,6 +66,7 @@ mod ranges;
 mod token_source;
 pub mod token_variable;
 
+pub use cluster::{Cluster, ClusterSettings, PASSWORD_CREDENTIAL, SOCKETS_PER_APP};
 pub use environments::{AppMismatch, AppPin, EnvironmentSettings, Whose};
 pub use forward::{Forward, ForwardSettings, describe_urls};
 pub use inbox::{InboxSettings, NoStateDirectory, default_file_name as inbox_file_name};
@@ -89,6 +95,8 @@ pub struct Settings {
     /// answers.
     pub forward: Option<ForwardSettings>,
     pub inbox: InboxSettings,
+    /// `[cluster]`: several hosts on a shared PostgreSQL. Without it, one host.
+    pub cluster: Option<ClusterSettings>,
 }
 
 /// What to do when Slack counts sockets of other clients for this app.
@@ -269,6 +277,7 @@ impl Default for Settings {
             log: LogSettings::default(),
             forward: None,
             inbox: InboxSettings::default(),
+            cluster: None,
         }
     }
 }
@@ -341,6 +350,8 @@ pub struct Config {
     pub access: AccessPolicy,
     /// `[forward]` validated, with the app's signing secret.
     pub forward: Option<Forward>,
+    /// `[cluster]` validated, with the store's password.
+    pub cluster: Option<Cluster>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -744,6 +755,10 @@ impl Config {
             })?),
             None => None,
         };
+        let cluster = match &settings.cluster {
+            Some(cluster) => Some(cluster.validate(env)?),
+            None => None,
+        };
         if let Some(hint) = token.app_id_hint() {
             AppPin::new(
                 &settings.environment,
@@ -761,6 +776,7 @@ impl Config {
             path,
             access,
             forward,
+            cluster,
         })
     }
 

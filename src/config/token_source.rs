@@ -89,7 +89,7 @@ pub fn read_signing_secret(
     })
 }
 
-fn read_secret<T>(
+pub(super) fn read_secret<T>(
     env: &dyn EnvSource,
     file: Option<&Path>,
     kind: &'static SecretKind,

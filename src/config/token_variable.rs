@@ -1,4 +1,4 @@
-//! The secret variables (`SLACK_APP_TOKEN`, `SLACK_SIGNING_SECRET`), taken out of the
+//! The secret variables (`SLACK_APP_TOKEN`, `SLACK_SIGNING_SECRET`, `PGPASSWORD`), taken out of the
 //! process environment at start: read once, erased from the environment block that
 //! `/proc/PID/environ` shows, and removed from the environment children inherit. A
 //! successor started for a handover gets them through an inherited pipe instead, whose
@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use super::env;
 
 /// The variables taken out of the environment.
-pub const SECRET_VARIABLES: [&str; 2] = [env::APP_TOKEN, env::SIGNING_SECRET];
+pub const SECRET_VARIABLES: [&str; 3] = [env::APP_TOKEN, env::SIGNING_SECRET, env::PGPASSWORD];
 
 /// What the variables (or the predecessor's pipe) held, once taken: one entry per
 /// variable that had a value, in the order of [`SECRET_VARIABLES`].
