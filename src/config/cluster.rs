@@ -103,7 +103,7 @@ pub struct Cluster {
 impl ClusterSettings {
     /// Checks every field, then looks for the password (none is fine: a unix socket with
     /// peer authentication needs none).
-    pub(super) fn validate(&self, env: &dyn EnvSource) -> Result<Cluster, ConfigError> {
+    pub fn validate(&self, env: &dyn EnvSource) -> Result<Cluster, ConfigError> {
         let mut store = postgres::Config::from_str(&self.store).map_err(|e| {
             invalid(
                 "cluster.store",

@@ -263,6 +263,11 @@ fn open_inbox(
     state: &Arc<InstanceState>,
 ) -> Result<Option<Arc<Inbox>>, DaemonError> {
     let settings = &config.settings.inbox;
+    if let Some(cluster) = &config.cluster {
+        return Inbox::open_shared(cluster, settings, &config.settings.dispatch, state.clone())
+            .map(|inbox| Some(Arc::new(inbox)))
+            .map_err(DaemonError::Inbox);
+    }
     if !settings.enabled {
         return Ok(None);
     }

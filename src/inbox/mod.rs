@@ -7,9 +7,10 @@
 //! successor, is acked and not delivered again.
 //!
 //! [`Store`] is the whole interface to the database: nothing above it knows SQL or SQLite
-//! (a shared store for several hosts can implement it later).
+//! ([`sqlite`] on one host, [`postgres`] shared by the members of a `[cluster]`).
 
 pub mod delivery;
+pub mod postgres;
 pub mod sqlite;
 pub mod writer;
 
@@ -20,7 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::config::{DispatchSettings, InboxSettings};
+use crate::config::{Cluster, DispatchSettings, InboxSettings};
 use crate::dispatch::{Handler, PendingAck};
 use crate::host::paths::ensure_dir;
 use crate::state::InstanceState;
@@ -36,6 +37,10 @@ pub enum Trouble {
     PermissionDenied,
     Corrupt,
     Locked,
+    /// The shared store (PostgreSQL) does not answer: down, restarting, unreachable.
+    Unreachable,
+    /// The shared store's schema is newer than this build can use.
+    Incompatible,
     /// Any other failure of the store or the disk under it.
     Io,
 }
@@ -48,6 +53,8 @@ impl fmt::Display for Trouble {
             Trouble::PermissionDenied => "permission denied",
             Trouble::Corrupt => "the database is corrupt",
             Trouble::Locked => "the database stays locked by another process",
+            Trouble::Unreachable => "the shared store cannot be reached",
+            Trouble::Incompatible => "the shared store's schema is too new for this version",
             Trouble::Io => "input/output error",
         })
     }
@@ -248,8 +255,49 @@ impl Inbox {
             ensure_dir(dir).map_err(io_error)?;
         }
         let store = sqlite::SqliteStore::open(path)?;
+        Inbox::start(Box::new(store), path, settings, dispatch, state).map_err(io_error)
+    }
+
+    /// Opens the shared store of `[cluster]` and starts the writer. A database that
+    /// cannot be reached yet is not an error: envelopes stay unacked (Slack redelivers
+    /// them, possibly to another member) until it can be.
+    pub fn open_shared(
+        cluster: &Cluster,
+        settings: &InboxSettings,
+        dispatch: &DispatchSettings,
+        state: Arc<InstanceState>,
+    ) -> Result<Inbox, InboxError> {
+        let (store, connected) = postgres::PostgresStore::open(cluster);
+        match connected {
+            Err(error) if error.trouble == Trouble::Unreachable => tracing::warn!(
+                store = %cluster.store_description,
+                detail = %error.detail,
+                "the cluster's store cannot be reached yet: events stay unacked until it can"
+            ),
+            other => other?,
+        }
+        let place = PathBuf::from(format!(
+            "{} (cluster {})",
+            cluster.store_description, cluster.name
+        ));
+        Inbox::start(Box::new(store), &place, settings, dispatch, state).map_err(|error| {
+            InboxError {
+                trouble: Trouble::Io,
+                path: place.clone(),
+                detail: error.to_string(),
+            }
+        })
+    }
+
+    fn start(
+        store: Box<dyn Store>,
+        place: &Path,
+        settings: &InboxSettings,
+        dispatch: &DispatchSettings,
+        state: Arc<InstanceState>,
+    ) -> std::io::Result<Inbox> {
         let writer = writer::Writer::start(
-            Box::new(store),
+            store,
             writer::WriterSettings {
                 bound: dispatch.max_queued_handlers,
                 dedup_window: dispatch.dedup_ttl,
@@ -257,8 +305,7 @@ impl Inbox {
                 stale_after: settings.stale_after,
             },
             state,
-        )
-        .map_err(io_error)?;
+        )?;
         Ok(Inbox {
             writer,
             delivery: delivery::DeliverySettings {
@@ -267,10 +314,11 @@ impl Inbox {
                 retry_max: settings.retry_max,
                 max_age: settings.max_age,
             },
-            path: path.to_owned(),
+            path: place.to_owned(),
         })
     }
 
+    /// Where the store is: the SQLite file, or the shared database and cluster.
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -56,7 +56,7 @@ impl Host {
 }
 
 /// The app, started on `addr` (where it was down so far), answering 200.
-async fn app_on(addr: std::net::SocketAddr) -> App {
+pub(crate) async fn app_on(addr: std::net::SocketAddr) -> App {
     App::start_on(
         TcpListener::bind(addr).await.unwrap(),
         Reply::Ok("text/plain", String::new()),
@@ -69,7 +69,7 @@ fn event_id(seen: &Seen) -> String {
 }
 
 /// How many times the app saw each event.
-fn seen_counts(app: &App) -> HashMap<String, usize> {
+pub(crate) fn seen_counts(app: &App) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
     for seen in app.seen() {
         *counts.entry(event_id(&seen)).or_insert(0) += 1;
@@ -77,7 +77,7 @@ fn seen_counts(app: &App) -> HashMap<String, usize> {
     counts
 }
 
-fn acked_event_ids(record: &Record) -> Vec<String> {
+pub(crate) fn acked_event_ids(record: &Record) -> Vec<String> {
     record
         .envelopes
         .iter()
@@ -86,7 +86,7 @@ fn acked_event_ids(record: &Record) -> Vec<String> {
         .collect()
 }
 
-fn acked_count(record: &Record) -> usize {
+pub(crate) fn acked_count(record: &Record) -> usize {
     record
         .envelopes
         .iter()
@@ -96,7 +96,7 @@ fn acked_count(record: &Record) -> usize {
 
 /// Waits until the simulator has nothing in flight (each envelope acked or given up);
 /// then until the app has seen every acked event; checks it saw each exactly once.
-async fn every_acked_event_reached_the_app_once(sim: &Simulator, app: &App) {
+pub(crate) async fn every_acked_event_reached_the_app_once(sim: &Simulator, app: &App) {
     let record = sim
         .wait_until(WAIT, |r| {
             r.envelopes

@@ -5,6 +5,7 @@
 mod bad_input;
 mod bolt;
 mod cli;
+mod cluster;
 mod control;
 mod dispatch;
 mod environments;

@@ -8,6 +8,7 @@ pub mod cargo;
 pub mod ctl;
 mod daemon;
 pub mod logs;
+pub mod postgres;
 pub mod process;
 
 pub use daemon::*;

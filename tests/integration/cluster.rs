@@ -1,0 +1,298 @@
+//! `[cluster]`: members on separate runtime and state directories, one app token, one
+//! simulator spreading envelopes over their sockets, one real PostgreSQL started by the
+//! test. Each acked event reaches the app once, whichever member received it, through a
+//! member's kill -9 and a restart of PostgreSQL.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use flowcoach::config::ClusterSettings;
+use flowcoach::inbox::postgres::PostgresStore;
+use flowcoach::inbox::{Applied, Change, NewEnvelope, Settlement, Store};
+use flowcoach_harness::postgres::{self, Postgres};
+use flowcoach_harness::{APP, Daemon, WAIT, acked, simulator, slash};
+use flowcoach_sim::{LoadMix, LoadSpec, Simulator};
+use nix::sys::signal::Signal;
+use tokio::net::TcpListener;
+
+use crate::forward::{App, Reply, SECRET, config, vacant_address};
+use crate::inbox::{acked_count, app_on, every_acked_event_reached_the_app_once};
+
+/// Retries fast enough for a test.
+const INBOX: &str = "[inbox]\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n";
+
+/// One member: a host of its own (runtime and state directories).
+struct Member {
+    dir: tempfile::TempDir,
+    name: String,
+}
+
+impl Member {
+    fn new(name: &str) -> Member {
+        Member {
+            dir: tempfile::tempdir().unwrap(),
+            name: name.to_owned(),
+        }
+    }
+
+    /// flowcoach forwarding to `url` (`extra` may add per-kind URLs), a member of the
+    /// cluster `it` in `pg` over TCP, with the password in `PGPASSWORD`.
+    fn start(&self, sim: &Simulator, pg: &Postgres, url: &str, lease: &str, extra: &str) -> Daemon {
+        let dir = self.dir.path().display().to_string();
+        let cluster = format!(
+            "[cluster]\nstore = \"{}\"\nname = \"it\"\nmember = \"{}\"\nlease = \"{lease}\"\n",
+            pg.tcp_url(),
+            self.name
+        );
+        Daemon::start_with(
+            sim,
+            &config(url, &format!("{extra}\n{INBOX}{cluster}")),
+            &[
+                ("FLOWCOACH_RUNTIME_DIR", dir.as_str()),
+                ("SLACK_SIGNING_SECRET", SECRET),
+                ("PGPASSWORD", postgres::PASSWORD),
+            ],
+        )
+    }
+}
+
+fn load(count: u64) -> LoadSpec {
+    LoadSpec {
+        count,
+        rate_per_sec: Some(500.0),
+        max_outstanding: None,
+        mix: LoadMix::EventsOnly,
+    }
+}
+
+fn store_of(pg: &Postgres, member: &str, lease: Duration) -> PostgresStore {
+    store_in(pg, "store-test", member, lease)
+}
+
+fn store_in(pg: &Postgres, cluster: &str, member: &str, lease: Duration) -> PostgresStore {
+    let cluster = ClusterSettings {
+        store: pg.socket_url(),
+        name: cluster.to_owned(),
+        member: Some(member.to_owned()),
+        max_members: 3,
+        lease,
+        password_file: None,
+    }
+    .validate(&[])
+    .unwrap();
+    let (store, connected) = PostgresStore::open(&cluster);
+    connected.unwrap();
+    store
+}
+
+fn accept(key: &str) -> Change {
+    Change::Accept(NewEnvelope {
+        envelope_id: format!("env-{key}"),
+        kind: "events_api",
+        event_type: Some("message".into()),
+        dedup_key: key.into(),
+        body: format!("{{\"envelope_id\":\"env-{key}\"}}"),
+        received_at: SystemTime::now(),
+    })
+}
+
+fn fresh(applied: &[Applied]) -> Vec<bool> {
+    applied
+        .iter()
+        .map(|a| match a {
+            Applied::Accepted { fresh } => *fresh,
+            other => panic!("not an accept: {other:?}"),
+        })
+        .collect()
+}
+
+fn claim(store: &mut PostgresStore, limit: usize) -> Vec<i64> {
+    let applied = store
+        .apply(&[Change::Claim {
+            limit,
+            probe: false,
+            now: SystemTime::now(),
+        }])
+        .unwrap();
+    match &applied[..] {
+        [Applied::Claimed(due)] => due.iter().map(|d| d.id).collect(),
+        other => panic!("not a claim: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_store_dedups_across_members_claims_once_and_frees_a_dead_members_claims_after_its_lease()
+ {
+    if !postgres::runnable("cluster store") {
+        return;
+    }
+    let pg = Postgres::start().await;
+    let lease = Duration::from_secs(1);
+    tokio::task::spawn_blocking(move || {
+        let mut a = store_of(&pg, "a", lease);
+        let mut b = store_of(&pg, "b", lease);
+        // One insert wins, across members and within a batch.
+        assert_eq!(
+            fresh(
+                &a.apply(&[accept("k1"), accept("k2"), accept("k1")])
+                    .unwrap()
+            ),
+            [true, true, false]
+        );
+        assert_eq!(
+            fresh(&b.apply(&[accept("k2"), accept("k3")]).unwrap()),
+            [false, true]
+        );
+        // Two members accepting the same keys at once, in opposite orders: each key is
+        // kept once, and neither transaction fails (no deadlock).
+        let keys: Vec<String> = (0..400).map(|i| format!("race-{i:03}")).collect();
+        let racers: Vec<_> = [false, true]
+            .into_iter()
+            .map(|reversed| {
+                let mut keys = keys.clone();
+                if reversed {
+                    keys.reverse();
+                }
+                let mut store = store_of(&pg, if reversed { "b" } else { "a" }, lease);
+                std::thread::spawn(move || {
+                    let mut kept = 0;
+                    for batch in keys.chunks(40) {
+                        let changes: Vec<Change> = batch.iter().map(|k| accept(k)).collect();
+                        kept += fresh(&store.apply(&changes).unwrap())
+                            .into_iter()
+                            .filter(|f| *f)
+                            .count();
+                    }
+                    kept
+                })
+            })
+            .collect();
+        let kept: usize = racers.into_iter().map(|r| r.join().unwrap()).sum();
+        assert_eq!(kept, keys.len());
+        let counts = b.counts().unwrap();
+        assert_eq!(counts.pending, 3 + 400);
+
+        // Claims are exclusive: what one member holds, the other does not get.
+        let held_by_a = claim(&mut a, 2);
+        assert_eq!(held_by_a.len(), 2);
+        let held_by_b = claim(&mut b, 1000);
+        assert_eq!(held_by_b.len(), 401);
+        assert!(held_by_b.iter().all(|id| !held_by_a.contains(id)));
+        for id in &held_by_b {
+            b.apply(&[Change::Settle {
+                id: *id,
+                settlement: Settlement::Delivered,
+            }])
+            .unwrap();
+        }
+        // `a` dies holding its two: they stay its own until the lease runs out…
+        drop(a);
+        assert_eq!(claim(&mut b, 10), Vec::<i64>::new());
+        // …then they are b's (bounded wait: the lease is 1 s).
+        let deadline = std::time::Instant::now() + WAIT;
+        let taken = loop {
+            let taken = claim(&mut b, 10);
+            if !taken.is_empty() || std::time::Instant::now() >= deadline {
+                break taken;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(
+            taken.iter().collect::<HashSet<_>>(),
+            held_by_a.iter().collect()
+        );
+        // Another cluster in the same database sees none of it.
+        let mut other = store_in(&pg, "another", "a", lease);
+        assert_eq!(other.counts().unwrap(), Default::default());
+        assert_eq!(claim(&mut other, 10), Vec::<i64>::new());
+        drop(pg);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_deliver_each_event_once_through_a_members_kill_9() {
+    if !postgres::runnable("cluster kill -9") {
+        return;
+    }
+    let pg = Postgres::start().await;
+    let sim = simulator(|_| {}).await;
+    // The app is down while a member dies: what it had acked waits in the shared store,
+    // and what it had not, Slack gives to the others.
+    let (addr, url) = vacant_address().await;
+    let members: Vec<Member> = ["m1", "m2", "m3"].map(Member::new).into();
+    let mut daemons: Vec<Daemon> = members
+        .iter()
+        .map(|m| m.start(&sim, &pg, &url, "2s", ""))
+        .collect();
+    sim.wait_until(WAIT, |r| r.hellos() >= 3)
+        .await
+        .unwrap_or_else(|e| panic!("not every member connected: {e}"));
+    let stream = sim.start_load(APP, load(3000));
+    sim.wait_until(WAIT, |r| acked_count(r) >= 800)
+        .await
+        .unwrap_or_else(|e| panic!("the stream stalled: {e}"));
+    daemons[0].signal(Signal::SIGKILL);
+    daemons[0].exit_code().await;
+    stream.await.unwrap();
+
+    let app = app_on(addr).await;
+    every_acked_event_reached_the_app_once(&sim, &app).await;
+    for daemon in &mut daemons[1..] {
+        daemon.stop().await;
+    }
+    drop(pg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgresql_restart_acks_nothing_uncommitted_and_slash_commands_are_still_answered() {
+    if !postgres::runnable("cluster PostgreSQL restart") {
+        return;
+    }
+    let mut pg = Postgres::start().await;
+    let sim = simulator(|_| {}).await;
+    let app = App::start_on(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        Reply::Ok("text/plain", String::new()),
+    );
+    // Slash commands to an app of their own, so the events' app counts events only.
+    let commands = App::start_on(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        Reply::Ok("application/json", "{\"text\":\"pong\"}".to_owned()),
+    );
+    let extra = format!("commands_url = \"{}\"", commands.url());
+    let members: Vec<Member> = ["m1", "m2"].map(Member::new).into();
+    let mut daemons: Vec<Daemon> = members
+        .iter()
+        .map(|m| m.start(&sim, &pg, &app.url(), "5s", &extra))
+        .collect();
+    sim.wait_until(WAIT, |r| r.hellos() >= 2)
+        .await
+        .unwrap_or_else(|e| panic!("not every member connected: {e}"));
+    let stream = sim.start_load(APP, load(3000));
+    sim.wait_until(WAIT, |r| acked_count(r) >= 500)
+        .await
+        .unwrap_or_else(|e| panic!("the stream stalled: {e}"));
+    pg.stop().await;
+    // Down: no commit, so no ack (the count at the end proves it: every acked event
+    // reaches the app); yet a slash command needs no store.
+    for daemon in &mut daemons {
+        daemon
+            .wait_log("inbox cannot write", |l| {
+                l["cause"] == "the shared store cannot be reached"
+            })
+            .await;
+    }
+    acked(&sim, slash("ping")).await;
+    commands.wait_seen(1).await;
+    pg.restart().await;
+    for daemon in &mut daemons {
+        daemon.wait_log("inbox writes again", |_| true).await;
+    }
+    stream.await.unwrap();
+    every_acked_event_reached_the_app_once(&sim, &app).await;
+    for daemon in &mut daemons {
+        daemon.stop().await;
+    }
+}
