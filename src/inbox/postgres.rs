@@ -92,7 +92,7 @@ pub struct PostgresStore {
     config: postgres::Config,
     cluster: String,
     member: String,
-    lease_ms: i64,
+    lease_secs: f64,
     /// Where the store is, for errors: no password.
     place: PathBuf,
     connection: Option<Connection>,
@@ -115,7 +115,7 @@ impl PostgresStore {
             config,
             cluster: cluster.name.clone(),
             member: cluster.member.clone(),
-            lease_ms: i64::try_from(cluster.lease.as_millis()).unwrap_or(i64::MAX),
+            lease_secs: cluster.lease.as_secs_f64(),
             place: PathBuf::from(format!(
                 "{} (cluster {})",
                 cluster.store_description, cluster.name
@@ -167,12 +167,12 @@ impl PostgresStore {
         let scope = Scope {
             cluster: self.cluster.clone(),
             member: self.member.clone(),
-            lease_ms: self.lease_ms,
+            lease_secs: self.lease_secs,
         };
         let place = self.place.clone();
         let connection = self.connection()?;
         work(connection, &scope).map_err(|e| {
-            if e.as_db_error().is_none() {
+            if e.is_closed() || io_cause(&e) {
                 self.connection = None;
             }
             pg_error(&place, &e)
@@ -184,7 +184,7 @@ impl PostgresStore {
 struct Scope {
     cluster: String,
     member: String,
-    lease_ms: i64,
+    lease_secs: f64,
 }
 
 enum Migration {
@@ -271,13 +271,19 @@ fn pg_error(place: &std::path::Path, error: &postgres::Error) -> InboxError {
         }
         Some(_) => Trouble::Io,
         // No answer from the server: it is down, restarting, or not reachable.
-        None => Trouble::Unreachable,
+        None if error.is_closed() || io_cause(error) => Trouble::Unreachable,
+        None => Trouble::Io,
     };
     InboxError {
         trouble,
         path: place.to_owned(),
         detail: error.to_string(),
     }
+}
+
+/// Whether the connection itself failed (refused, reset, timed out).
+fn io_cause(error: &postgres::Error) -> bool {
+    std::error::Error::source(error).is_some_and(|source| source.is::<std::io::Error>())
 }
 
 fn millis(time: SystemTime) -> i64 {
@@ -307,7 +313,7 @@ const CLAIM: &str = "WITH due AS (
              OR (state = 'delivering' AND claimed_until < now()))
          ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)
      UPDATE flowcoach_envelopes e
-     SET state = 'delivering', claimed_by = $4, claimed_until = now() + $5 * interval '1 millisecond'
+     SET state = 'delivering', claimed_by = $4, claimed_until = now() + $5::float8 * interval '1 second'
      FROM due WHERE e.id = due.id
      RETURNING e.id, e.attempts, e.received_at, e.payload";
 const PROBE: &str = "WITH due AS (
@@ -315,7 +321,7 @@ const PROBE: &str = "WITH due AS (
          WHERE cluster = $1 AND state = 'pending' AND $2::bigint = $2
          ORDER BY next_attempt_at, id LIMIT $3 FOR UPDATE SKIP LOCKED)
      UPDATE flowcoach_envelopes e
-     SET state = 'delivering', claimed_by = $4, claimed_until = now() + $5 * interval '1 millisecond'
+     SET state = 'delivering', claimed_by = $4, claimed_until = now() + $5::float8 * interval '1 second'
      FROM due WHERE e.id = due.id
      RETURNING e.id, e.attempts, e.received_at, e.payload";
 const DELIVERED: &str = "DELETE FROM flowcoach_envelopes WHERE cluster = $1 AND id = $2";
@@ -454,7 +460,7 @@ fn apply_one(
                     &millis(*now),
                     &limit,
                     &scope.member,
-                    &scope.lease_ms,
+                    &scope.lease_secs,
                 ],
             )?;
             Applied::Claimed(claimed(rows))
