@@ -267,7 +267,14 @@ impl Inbox {
         dispatch: &DispatchSettings,
         state: Arc<InstanceState>,
     ) -> Result<Inbox, InboxError> {
-        let (store, connected) = postgres::PostgresStore::open(cluster);
+        // The synchronous client runs a runtime of its own, which cannot start on a thread
+        // of ours: it connects on a thread of its own (as the writer uses it later).
+        let (store, connected) = std::thread::scope(|scope| {
+            scope
+                .spawn(|| postgres::PostgresStore::open(cluster))
+                .join()
+                .expect("opening the store does not panic")
+        });
         match connected {
             Err(error) if error.trouble == Trouble::Unreachable => tracing::warn!(
                 store = %cluster.store_description,

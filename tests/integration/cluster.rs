@@ -228,7 +228,7 @@ async fn three_members_deliver_each_event_once_through_a_members_kill_9() {
         .collect();
     sim.wait_until(WAIT, |r| r.hellos() >= 3)
         .await
-        .unwrap_or_else(|e| panic!("not every member connected: {e}"));
+        .unwrap_or_else(|e| panic!("not every member connected: {e}\n{}", daemons[0].stderr()));
     let stream = sim.start_load(APP, load(3000));
     sim.wait_until(WAIT, |r| acked_count(r) >= 800)
         .await
@@ -269,7 +269,7 @@ async fn a_postgresql_restart_acks_nothing_uncommitted_and_slash_commands_are_st
         .collect();
     sim.wait_until(WAIT, |r| r.hellos() >= 2)
         .await
-        .unwrap_or_else(|e| panic!("not every member connected: {e}"));
+        .unwrap_or_else(|e| panic!("not every member connected: {e}\n{}", daemons[0].stderr()));
     let stream = sim.start_load(APP, load(3000));
     sim.wait_until(WAIT, |r| acked_count(r) >= 500)
         .await
