@@ -756,6 +756,12 @@ impl Config {
             None => None,
         };
         let cluster = match &settings.cluster {
+            Some(_) if !settings.inbox.enabled => {
+                return Err(invalid(
+                    "inbox.enabled",
+                    "is false, but [cluster] keeps the members' inbox in its shared store: remove one of them",
+                ));
+            }
             Some(cluster) => Some(cluster.validate(env)?),
             None => None,
         };

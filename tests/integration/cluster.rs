@@ -127,7 +127,7 @@ async fn the_shared_store_dedups_across_members_claims_once_and_frees_a_dead_mem
         return;
     }
     let pg = Postgres::start().await;
-    let lease = Duration::from_secs(1);
+    let lease = Duration::from_secs(3);
     tokio::task::spawn_blocking(move || {
         let mut a = store_of(&pg, "a", lease);
         let mut b = store_of(&pg, "b", lease);
@@ -173,22 +173,23 @@ async fn the_shared_store_dedups_across_members_claims_once_and_frees_a_dead_mem
         assert_eq!(counts.pending, 3 + 400);
 
         // Claims are exclusive: what one member holds, the other does not get.
-        let held_by_a = claim(&mut a, 2);
-        assert_eq!(held_by_a.len(), 2);
-        let held_by_b = claim(&mut b, 1000);
+        let held_by_b = claim(&mut b, 401);
         assert_eq!(held_by_b.len(), 401);
+        let held_by_a = claim(&mut a, 1000);
+        assert_eq!(held_by_a.len(), 2);
         assert!(held_by_b.iter().all(|id| !held_by_a.contains(id)));
-        for id in &held_by_b {
-            b.apply(&[Change::Settle {
+        let settled: Vec<Change> = held_by_b
+            .iter()
+            .map(|id| Change::Settle {
                 id: *id,
                 settlement: Settlement::Delivered,
-            }])
-            .unwrap();
-        }
+            })
+            .collect();
+        b.apply(&settled).unwrap();
         // `a` dies holding its two: they stay its own until the lease runs out…
         drop(a);
         assert_eq!(claim(&mut b, 10), Vec::<i64>::new());
-        // …then they are b's (bounded wait: the lease is 1 s).
+        // …then they are b's (bounded wait: the lease is 3 s).
         let deadline = std::time::Instant::now() + WAIT;
         let taken = loop {
             let taken = claim(&mut b, 10);
@@ -239,6 +240,14 @@ async fn three_members_deliver_each_event_once_through_a_members_kill_9() {
 
     let app = app_on(addr).await;
     every_acked_event_reached_the_app_once(&sim, &app).await;
+    // The simulator spread the stream over every member's socket.
+    let acking: HashSet<_> = sim
+        .record()
+        .envelopes
+        .iter()
+        .filter_map(|e| e.ack_socket)
+        .collect();
+    assert!(acking.len() >= 3, "acks came from {acking:?}");
     for daemon in &mut daemons[1..] {
         daemon.stop().await;
     }
@@ -284,8 +293,12 @@ async fn a_postgresql_restart_acks_nothing_uncommitted_and_slash_commands_are_st
             })
             .await;
     }
-    acked(&sim, slash("ping")).await;
-    commands.wait_seen(1).await;
+    let answered = acked(&sim, slash("ping")).await;
+    assert_eq!(
+        answered.ack_payload.as_ref().map(|p| p["text"].clone()),
+        Some("pong".into()),
+        "{answered:?}"
+    );
     pg.restart().await;
     for daemon in &mut daemons {
         daemon.wait_log("inbox writes again", |_| true).await;
