@@ -36,6 +36,8 @@ pub struct BenchReport {
     pub forward: bool,
     /// With `forward`: requests the app answered.
     pub app_requests: Option<u64>,
+    /// Events were acked once on disk (the durable inbox), not on accept.
+    pub inbox: bool,
     pub seconds: f64,
     pub envelopes_per_second: f64,
     pub cpu_us_per_envelope: f64,
@@ -111,6 +113,9 @@ fn print_table(r: &BenchReport) {
             ""
         }
     );
+    if r.inbox {
+        println!("  durable inbox on: events acked once committed to disk (fsync)");
+    }
     if let Some(requests) = r.app_requests {
         println!("  forwarded to a no-op app in HTTP mode: {requests} requests answered");
     }
@@ -159,12 +164,15 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
     } else {
         None
     };
-    let config = app.as_ref().map_or_else(String::new, |app| {
+    let mut config = app.as_ref().map_or_else(String::new, |app| {
         format!(
             "[forward]\nurl = \"{}\"\nmax_concurrent = {window}\n",
             app.url
         )
     });
+    if args.no_inbox {
+        config.push_str("[inbox]\nenabled = false\n");
+    }
     // warn: the built-in handler's per-event info line is filtered out, which makes it the
     // no-op handler the figures are about.
     let mut env = vec![("FLOWCOACH_LOG", "warn")];
@@ -243,6 +251,7 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
         after_reconnect: args.after_reconnect,
         forward: args.forward,
         app_requests: app.as_ref().map(NoOpApp::requests),
+        inbox: !args.no_inbox,
         seconds: elapsed.as_secs_f64(),
         envelopes_per_second: envelopes as f64 / elapsed.as_secs_f64(),
         cpu_us_per_envelope: cpu.as_secs_f64() * 1e6 / envelopes as f64,

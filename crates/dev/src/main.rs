@@ -60,6 +60,11 @@ pub struct BenchArgs {
     /// the cost of signing, sending and waiting for the app's 200 before the ack.
     #[arg(long, conflicts_with = "handovers")]
     pub forward: bool,
+    /// Turn the durable inbox off (`[inbox] enabled = false`): events are acked on accept
+    /// instead of once on disk. With it on (the default), it lives in a temporary
+    /// directory under $TMPDIR: on the disk to measure.
+    #[arg(long, conflicts_with = "handovers")]
+    pub no_inbox: bool,
     /// Measure handovers instead: this many `flowcoachctl handover`s in a row under a
     /// steady event stream (time to complete, time with no socket open, envelopes lost or
     /// handled twice).
