@@ -237,19 +237,18 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, change: &Change) -> rusqlite::Resul
         }
         Change::Claim { limit, probe, now } => {
             let limit = i64::try_from(*limit).unwrap_or(i64::MAX);
-            let mut select = if *probe {
-                tx.prepare_cached(
-                    "SELECT id, attempts, received_at, payload FROM envelopes
-                     WHERE state = 'pending' AND ?1 = ?1 ORDER BY next_attempt_at, id LIMIT ?2",
-                )?
+            // A probe takes the envelope whose retry comes first, due or not.
+            let (order, due_by) = if *probe {
+                ("next_attempt_at, id", i64::MAX)
             } else {
-                tx.prepare_cached(
-                    "SELECT id, attempts, received_at, payload FROM envelopes
-                     WHERE state = 'pending' AND next_attempt_at <= ?1 ORDER BY id LIMIT ?2",
-                )?
+                ("id", millis(*now))
             };
+            let mut select = tx.prepare_cached(&format!(
+                "SELECT id, attempts, received_at, payload FROM envelopes
+                 WHERE state = 'pending' AND next_attempt_at <= ?1 ORDER BY {order} LIMIT ?2"
+            ))?;
             let due = select
-                .query_map(params![millis(*now), limit], |row| {
+                .query_map(params![due_by, limit], |row| {
                     Ok(Due {
                         id: row.get(0)?,
                         attempts: row.get(1)?,
