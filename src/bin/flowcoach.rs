@@ -101,6 +101,14 @@ fn check_config(cli: &DaemonCli) -> ExitCode {
         }
         None => println!("  forward to:   none (the built-in bot answers)"),
     }
+    match flowcoach::inbox::file(&config, &ProcessEnv) {
+        Ok(Some(path)) => println!("  inbox:        {}", path.display()),
+        Ok(None) => println!("  inbox:        off (events acked on accept)"),
+        Err(error) => {
+            eprintln!("flowcoach: {error}");
+            return exit::code(exit::CONFIG);
+        }
+    }
     println!("  lock file:    {}", paths.lock.display());
     println!("  control:      {}", paths.socket.display());
     if !others.is_empty() {

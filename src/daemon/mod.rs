@@ -19,15 +19,15 @@ use tokio_util::sync::CancellationToken;
 
 use self::conflict::AlreadyRunning;
 use crate::bot::FlowCoach;
-use crate::config::{Config, NoStateDirectory, ProcessEnv, Settings, inbox_file_name};
+use crate::config::{Config, NoStateDirectory, ProcessEnv, Settings};
 use crate::control::{ControlContext, server};
 use crate::dispatch::{Dispatcher, Handler};
 use crate::exit;
 use crate::forward::{self, Forwarder};
 use crate::host::lock::{HolderInfo, InstanceLock, LockError};
-use crate::host::paths::{InstancePaths, UNKNOWN_APP, ensure_dir, runtime_dir, safe_name};
+use crate::host::paths::{InstancePaths, UNKNOWN_APP, ensure_dir, runtime_dir};
 use crate::host::systemd::{self, Systemd};
-use crate::inbox::{Inbox, InboxError, Trouble};
+use crate::inbox::{self, Inbox, InboxError, Trouble};
 use crate::logging::LogHandle;
 use crate::slack::api::{OpenError, SlackApi};
 use crate::slack::supervisor::{FatalError, Supervisor};
@@ -195,7 +195,7 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
         Some(settings) => Arc::new(Forwarder::new(settings.clone(), state.clone())?),
         None => Arc::new(FlowCoach::new(state.clone())),
     };
-    let inbox = open_inbox(&config, &environment, &state)?;
+    let inbox = open_inbox(&config, &state)?;
     let dispatcher = Arc::new(
         if lock.is_none() && !config.settings.handover.strict {
             // Until the incumbent's deduplication state arrives, envelopes wait unacked.
@@ -259,18 +259,12 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
 /// replaced silently.
 fn open_inbox(
     config: &Config,
-    environment: &str,
     state: &Arc<InstanceState>,
 ) -> Result<Option<Arc<Inbox>>, DaemonError> {
-    let settings = &config.settings.inbox;
-    if !settings.enabled {
+    let Some(path) = inbox::file(config, &ProcessEnv)? else {
         return Ok(None);
-    }
-    let file_name = inbox_file_name(
-        &safe_name(config.token.app_id_hint().unwrap_or(UNKNOWN_APP)),
-        &safe_name(environment),
-    );
-    let path = settings.file(&ProcessEnv, &file_name)?;
+    };
+    let settings = &config.settings.inbox;
     match Inbox::open(&path, settings, &config.settings.dispatch, state.clone()) {
         Ok(inbox) => Ok(Some(Arc::new(inbox))),
         Err(error) if error.trouble == Trouble::Corrupt => Err(DaemonError::CorruptInbox(error)),

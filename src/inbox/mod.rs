@@ -20,9 +20,11 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::config::{DispatchSettings, InboxSettings};
+use crate::config::{
+    Config, DispatchSettings, EnvSource, InboxSettings, NoStateDirectory, inbox_file_name,
+};
 use crate::dispatch::{Handler, PendingAck};
-use crate::host::paths::ensure_dir;
+use crate::host::paths::{UNKNOWN_APP, ensure_dir, safe_name};
 use crate::state::InstanceState;
 use flowcoach_protocol::{Envelope, EnvelopeKind, PayloadSummary};
 
@@ -209,6 +211,19 @@ pub trait Store: Send + 'static {
     /// Oldest first; dead letters only, or all but them.
     fn list(&mut self, dead: bool, bodies: bool, limit: usize) -> Result<Vec<Listed>, InboxError>;
     fn upkeep(&mut self, upkeep: Upkeep) -> Result<UpkeepDone, InboxError>;
+}
+
+/// Where the inbox of `config`'s app and environment is (`None`: the inbox is off).
+pub fn file(config: &Config, env: &dyn EnvSource) -> Result<Option<PathBuf>, NoStateDirectory> {
+    let settings = &config.settings.inbox;
+    if !settings.enabled {
+        return Ok(None);
+    }
+    let name = inbox_file_name(
+        &safe_name(config.token.app_id_hint().unwrap_or(UNKNOWN_APP)),
+        &safe_name(&config.settings.environment),
+    );
+    settings.file(env, &name).map(Some)
 }
 
 /// The inbox of one running instance: its writer thread, and what delivery needs.
