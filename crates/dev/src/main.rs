@@ -33,8 +33,10 @@ enum Tool {
     /// connection, a clean stop.
     Demo(DemoArgs),
     /// Run a small Slack app in HTTP mode (signed requests on /slack/events, replies through
-    /// the Web API), to put behind flowcoach's `[forward]`.
-    App(AppArgs),
+    /// the Web API), to put behind flowcoach's `[forward]`. Configured by its environment,
+    /// as a Bolt app is: SLACK_SIGNING_SECRET, SLACK_BOT_TOKEN, HOST (127.0.0.1), PORT
+    /// (3001), SLACK_API_URL (http://127.0.0.1:3000/api, the simulator's).
+    App,
     /// Measure flowcoach (as a child process) against the simulator: throughput, CPU per
     /// envelope, ack latency, resident memory; or handovers.
     Bench(BenchArgs),
@@ -119,18 +121,6 @@ pub struct SimArgs {
     pub mention_every: Option<Duration>,
 }
 
-/// The signing secret and the bot token come from `SLACK_SIGNING_SECRET` and
-/// `SLACK_BOT_TOKEN`, never from the command line.
-#[derive(Debug, Args)]
-pub struct AppArgs {
-    /// Address to serve `/slack/events` on.
-    #[arg(long, default_value = "127.0.0.1:3001")]
-    pub listen: SocketAddr,
-    /// The Web API base the app calls (`chat.postMessage`): the simulator's by default.
-    #[arg(long, default_value = "http://127.0.0.1:3000/api")]
-    pub api_url: String,
-}
-
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// How long the demo runs before stopping flowcoach with SIGTERM.
@@ -148,7 +138,7 @@ fn main() -> ExitCode {
     }
     match cli.tool {
         Tool::Sim(args) => sim::run(&args),
-        Tool::App(args) => app::run(&args),
+        Tool::App => app::run(),
         Tool::Demo(args) => demo::run(&args),
         Tool::Bench(args) => bench::run(&args),
     }
