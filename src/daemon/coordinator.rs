@@ -22,6 +22,7 @@ use crate::handover::incumbent::{self, Handed, Outcome, Terms};
 use crate::handover::{Session, spawn};
 use crate::host::lock::InstanceLock;
 use crate::host::systemd;
+use crate::metrics::labels::HandoverOutcome;
 
 /// Copies of the descriptors a successor receives.
 pub fn handed(lock: &InstanceLock, listener: &UnixListener) -> std::io::Result<Handed> {
@@ -311,6 +312,7 @@ impl<'a> Coordinator<'a> {
                 Finished::Exit
             }
             Outcome::RolledBack { reason, .. } => {
+                self.count_failed();
                 if let Some(child) = child {
                     reap(child).await;
                 }
@@ -326,6 +328,16 @@ impl<'a> Coordinator<'a> {
                 Finished::ServeAgain
             }
         }
+    }
+
+    /// A failed handover is counted here, by the incumbent that serves on; a completed one
+    /// by the successor.
+    fn count_failed(&self) {
+        self.instance
+            .state
+            .counters
+            .handovers
+            .bump(HandoverOutcome::Failed);
     }
 
     async fn spawned_exited(&mut self, status: ExitStatus) {
@@ -371,6 +383,7 @@ impl<'a> Coordinator<'a> {
         } = std::mem::replace(&mut self.underway, Underway::Idle)
         {
             tracing::warn!(%reason, "handover failed; this instance keeps serving");
+            self.count_failed();
             reap(child).await;
             reply(
                 &mut caller,

@@ -12,6 +12,8 @@ use super::{DaemonError, Held, Instance, Serving, listen, lock_failure};
 use crate::handover::HandoverError;
 use crate::handover::successor::{Received, Takeover};
 use crate::host::lock::{InstanceLock, read_holder};
+use crate::metrics::labels::HandoverOutcome;
+use crate::metrics::timings;
 use crate::slack::supervisor::FatalError;
 
 /// Why a takeover failed (besides a fatal Slack error, which ends it as it ends a start).
@@ -47,6 +49,7 @@ pub async fn take_over(
         .map(|holder| holder.control_socket)
         .filter(|socket| !socket.as_os_str().is_empty())
         .unwrap_or_else(|| instance.paths.socket.clone());
+    let started = std::time::Instant::now();
     let mut takeover = match Takeover::request(&socket).await {
         Ok(takeover) => takeover,
         Err(HandoverError::Disconnected(why)) => {
@@ -113,6 +116,9 @@ pub async fn take_over(
         },
     };
     tracing::info!("took the app over");
+    let counters = &instance.state.counters;
+    counters.handovers.bump(HandoverOutcome::Completed);
+    timings::observe(&instance.state.timings.handover_duration, started.elapsed());
     Ok(Held {
         lock,
         listener,
