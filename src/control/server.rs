@@ -21,7 +21,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-pub use super::listen::{bind, from_systemd};
+pub use super::listen::{Passed, bind, from_systemd};
 
 use super::ControlContext;
 use super::access::Peer;

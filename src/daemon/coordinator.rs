@@ -25,10 +25,17 @@ use crate::host::systemd;
 use crate::metrics::labels::HandoverOutcome;
 
 /// Copies of the descriptors a successor receives.
-pub fn handed(lock: &InstanceLock, listener: &UnixListener) -> std::io::Result<Handed> {
+pub fn handed(
+    lock: &InstanceLock,
+    listener: &UnixListener,
+    metrics: Option<&std::net::TcpListener>,
+) -> std::io::Result<Handed> {
     Ok(Handed {
         lock: lock.as_fd().try_clone_to_owned()?,
         listener: listener.as_fd().try_clone_to_owned()?,
+        metrics: metrics
+            .map(|listener| listener.as_fd().try_clone_to_owned())
+            .transpose()?,
     })
 }
 
@@ -255,12 +262,9 @@ impl<'a> Coordinator<'a> {
         caller: Option<UnixStream>,
         started: Instant,
     ) {
-        let handed = match (
-            self.handed.lock.try_clone(),
-            self.handed.listener.try_clone(),
-        ) {
-            (Ok(lock), Ok(listener)) => Handed { lock, listener },
-            (Err(error), _) | (_, Err(error)) => {
+        let handed = match self.handed.try_clone() {
+            Ok(handed) => handed,
+            Err(error) => {
                 tracing::error!(%error, "cannot copy the descriptors for a handover");
                 return;
             }
