@@ -327,7 +327,9 @@ async fn serve(
         Vec::new(),
     ));
     let metrics_task = metrics.map(|listener| {
-        tracing::info!(address = ?listener.local_addr().ok(), "metrics endpoint on");
+        if let Ok(address) = listener.local_addr() {
+            tracing::info!(%address, "metrics endpoint on");
+        }
         tokio::spawn(metrics::server::serve(
             listener,
             exposition.clone(),

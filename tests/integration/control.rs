@@ -23,6 +23,8 @@ use flowcoach::control::protocol::{
 };
 use flowcoach::control::server::{self, Limits};
 use flowcoach::health::Health;
+use flowcoach::metrics::Exposition;
+use flowcoach::metrics::labels::EnvelopeType;
 use flowcoach::state::{Counters, InstanceInfo, InstanceState, Phase};
 
 /// Bound for anything a test waits on.
@@ -40,8 +42,11 @@ fn connected_state() -> Arc<InstanceState> {
         status.last_disconnect = Some("refresh_requested".to_owned());
     });
     for _ in 0..3 {
-        Counters::bump(&state.counters.envelopes_received);
-        Counters::bump(&state.counters.envelopes_acked);
+        state
+            .counters
+            .envelopes_received
+            .bump(EnvelopeType::EventsApi);
+        state.counters.envelopes_acked.bump(EnvelopeType::EventsApi);
     }
     Counters::bump(&state.counters.rotations);
     state
@@ -49,6 +54,11 @@ fn connected_state() -> Arc<InstanceState> {
 
 fn context(state: Arc<InstanceState>, access: AccessPolicy) -> Arc<ControlContext> {
     Arc::new(ControlContext {
+        exposition: Arc::new(Exposition::new(
+            state.clone(),
+            Duration::from_secs(300),
+            Vec::new(),
+        )),
         state,
         token_source: tokio::sync::watch::channel("SLACK_APP_TOKEN".to_owned()).1,
         started_at: SystemTime::now() - Duration::from_secs(7200),
@@ -749,6 +759,7 @@ fn systemd_child() {
     }
     let listener = server::from_systemd()
         .expect("from_systemd")
+        .control
         .expect("a socket named control");
     assert!(server::from_systemd().is_err(), "taken twice");
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -765,7 +776,8 @@ fn systemd_child() {
 #[test]
 fn without_socket_activation_there_is_nothing_to_take() {
     // The test process is not socket-activated (LISTEN_PID is not ours, if set at all).
-    assert!(server::from_systemd().unwrap().is_none());
+    let passed = server::from_systemd().unwrap();
+    assert!(passed.control.is_none() && passed.metrics.is_none());
 }
 
 #[tokio::test]

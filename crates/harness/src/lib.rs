@@ -7,7 +7,9 @@ pub mod bolt;
 pub mod cargo;
 pub mod ctl;
 mod daemon;
+pub mod gate;
 pub mod logs;
 pub mod process;
+pub mod prometheus;
 
 pub use daemon::*;
