@@ -72,6 +72,63 @@ pub async fn promtool(args: &[&str], stdin: &str) -> Output {
         .expect("promtool ran")
 }
 
+/// `GET http://TARGET/metrics` with `accept`, as a scraper asks: the content type and the
+/// body of a 200 answer.
+pub async fn scrape(target: SocketAddr, accept: Option<&str>) -> (String, String) {
+    let mut request = reqwest::Client::new().get(format!("http://{target}/metrics"));
+    if let Some(accept) = accept {
+        request = request.header("Accept", accept);
+    }
+    let response = tokio::time::timeout(WAIT, request.send())
+        .await
+        .expect("the endpoint answers in time")
+        .expect("the endpoint answers");
+    assert_eq!(response.status(), 200, "{target}/metrics");
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    (content_type, response.text().await.unwrap())
+}
+
+/// Scrapes `target` until the exposition satisfies `done`, at most [`WAIT`]: a counter is
+/// bumped just after the write it counts, which its peer may see first.
+pub async fn scrape_until(target: SocketAddr, done: impl Fn(&str) -> bool) -> String {
+    let mut last = String::new();
+    let waited = tokio::time::timeout(WAIT, async {
+        let mut every = tokio::time::interval(QUERY_EVERY);
+        loop {
+            every.tick().await;
+            last = scrape(target, None).await.1;
+            if done(&last) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        waited.is_ok(),
+        "{target}/metrics never satisfied the wait:\n{last}"
+    );
+    last
+}
+
+/// The value of `series` (its name and labels, exactly as exposed) in `exposition`.
+pub fn value(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?.strip_prefix(' ')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// The series in `exposition`: its lines that are not comments.
+pub fn series_count(exposition: &str) -> usize {
+    exposition
+        .lines()
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .count()
+}
+
 /// One sample of a PromQL answer: its labels and value.
 #[derive(Debug, Clone)]
 pub struct Sample {
