@@ -8,11 +8,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use flowcoach_harness::activation::Activation;
 use flowcoach_harness::process::{self, Strays};
 use flowcoach_harness::prometheus::{
     self, Prometheus, promtool, scrape, scrape_until, series_count, value,
 };
-use flowcoach_harness::{APP, Daemon, WAIT, connected, ctl, event, simulator, slash};
+use flowcoach_harness::{
+    APP, Daemon, FAST_CONFIG, Logs, WAIT, connected, ctl, event, simulator, slash,
+};
 use flowcoach_sim::{EnvelopeSpec, Simulator};
 use nix::sys::signal::Signal;
 use serde_json::json;
@@ -181,6 +184,27 @@ async fn the_series_count_stays_fixed_under_varied_users_and_channels() {
     })
     .await;
     assert_eq!(series_count(&after), before, "{after}");
+    daemon.stop().await;
+}
+
+/// Under systemd the socket unit holds the port (`FileDescriptorName=metrics`): flowcoach
+/// serves on what it is passed, with no `[metrics]` setting and no right to bind.
+#[tokio::test]
+async fn serves_on_the_socket_systemd_passes() {
+    let sim = simulator(|_| {}).await;
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = socket.local_addr().unwrap();
+    let activation = Activation::new(&[(&socket, "metrics")]);
+    let mut daemon =
+        Daemon::launch_activated(&sim, FAST_CONFIG, &[], &[], Logs::Collect, Some(activation));
+    drop(socket);
+    connected(&sim).await;
+    daemon.wait_log("metrics endpoint on", |_| true).await;
+    let text = scrape_until(address, |text| {
+        value(text, "flowcoach_phase{phase=\"connected\"}") == Some(1.0)
+    })
+    .await;
+    assert_eq!(value(&text, "flowcoach_sockets_open"), Some(1.0));
     daemon.stop().await;
 }
 

@@ -2,6 +2,7 @@
 //! process and flowcoach as a real child process, its JSON log lines collected so callers
 //! wait on events instead of sleeping.
 
+pub mod activation;
 pub mod binaries;
 pub mod bolt;
 pub mod cargo;
