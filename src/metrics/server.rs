@@ -24,12 +24,11 @@ const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Binds `address` (the `[metrics] listen` setting), for [`serve`].
 pub fn bind(address: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let listener = std::net::TcpListener::bind(address)?;
-    listener.set_nonblocking(true)?;
-    Ok(listener)
+    std::net::TcpListener::bind(address)
 }
 
-/// Serves `/metrics` on `listener` until `stop`.
+/// Serves `/metrics` on `listener` (bound here, passed by systemd or by a predecessor)
+/// until `stop`.
 pub async fn serve(
     listener: std::net::TcpListener,
     exposition: Arc<Exposition>,
