@@ -68,7 +68,8 @@ pub struct Passed {
 /// and the fd named `metrics`. Both `None` without socket activation.
 ///
 /// Call it once, early in `main`, before the runtime starts; it leaves the environment
-/// alone. The listeners are already non-blocking: hand them to tokio inside the runtime.
+/// alone. The control listener is already non-blocking: hand it to tokio inside the
+/// runtime; the metrics server makes its own so.
 pub fn from_systemd() -> io::Result<Passed> {
     let fds: Vec<_> = sd_notify::listen_fds_with_names()?.collect();
     let names_given = std::env::var_os("LISTEN_FDNAMES").is_some();
@@ -97,9 +98,6 @@ pub fn from_systemd() -> io::Result<Passed> {
         .map(StdTcpListener::from);
     if let Some(control) = &control {
         control.set_nonblocking(true)?;
-    }
-    if let Some(metrics) = &metrics {
-        metrics.set_nonblocking(true)?;
     }
     Ok(Passed { control, metrics })
 }

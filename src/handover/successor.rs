@@ -122,12 +122,8 @@ impl Takeover {
         listener
             .set_nonblocking(true)
             .map_err(HandoverError::AdoptListener)?;
+        // Made non-blocking by the metrics server, as any listener it is given.
         let metrics = fds.next().map(std::net::TcpListener::from);
-        if let Some(metrics) = &metrics {
-            metrics
-                .set_nonblocking(true)
-                .map_err(HandoverError::AdoptListener)?;
-        }
         Ok(Received {
             lock,
             listener,
