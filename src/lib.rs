@@ -14,6 +14,7 @@ pub mod health;
 pub mod host;
 mod http_body;
 pub mod logging;
+pub mod metrics;
 pub mod signing_secret;
 pub mod slack;
 pub mod state;

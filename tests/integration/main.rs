@@ -12,6 +12,7 @@ mod forward;
 mod handover;
 mod instance_lock;
 mod logging;
+mod metrics;
 mod readme;
 mod service;
 mod socket_mode;

@@ -62,6 +62,10 @@ pub struct BenchArgs {
     /// the cost of signing, sending and waiting for the app's 200 before the ack.
     #[arg(long, conflicts_with = "handovers")]
     pub forward: bool,
+    /// Turn the Prometheus endpoint on (`[metrics] listen`) and scrape it every second
+    /// during the run, as Prometheus would: the cost of the metrics.
+    #[arg(long, conflicts_with = "handovers")]
+    pub metrics: bool,
     /// Measure handovers instead: this many `flowcoachctl handover`s in a row under a
     /// steady event stream (time to complete, time with no socket open, envelopes lost or
     /// handled twice).

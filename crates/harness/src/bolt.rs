@@ -2,7 +2,6 @@
 //! processes, one way for both languages: whether their packages are installed, start one on
 //! a port and wait until it listens, stop it.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -14,7 +13,7 @@ use tokio::sync::watch;
 use crate::WAIT;
 
 /// Set to `1` (as CI does), a Bolt test whose packages are missing fails instead of
-/// skipping: CI can never pass them without running them.
+/// skipping ([`crate::gate`]).
 pub const MANDATORY_VARIABLE: &str = "FLOWCOACH_BOLT";
 
 /// The line an example app prints on stdout once it listens, followed by its URL.
@@ -84,21 +83,9 @@ impl Bolt {
         ))
     }
 
-    /// Whether a test of this app should run: yes when its packages are installed; when they
-    /// are not, a failure if [`MANDATORY_VARIABLE`] is `1`, else a `SKIPPED` line on stderr
-    /// (written past the test runner's capture, so it shows) and no.
+    /// Whether a test of this app should run: see [`crate::gate::runnable`].
     pub fn runnable(self, test: &str) -> bool {
-        let Some(why) = self.missing() else {
-            return true;
-        };
-        if std::env::var(MANDATORY_VARIABLE).is_ok_and(|v| v == "1") {
-            panic!("{test}: {why} ({MANDATORY_VARIABLE}=1 makes this test mandatory)");
-        }
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED {test}: {why}; set {MANDATORY_VARIABLE}=1 to make it fail instead"
-        );
-        false
+        crate::gate::runnable(test, self.missing(), MANDATORY_VARIABLE)
     }
 }
 
