@@ -93,7 +93,8 @@ pub async fn compare(seconds: u64, rate: f64) -> Result<BoltCompareReport, Strin
 /// The running app, and flowcoach in front of it when there is one.
 enum Running {
     SocketMode(SocketModeBoltApp),
-    BehindFlowcoach(BoltApp, Daemon),
+    /// Boxed: a daemon handle is large, and there is one of these.
+    BehindFlowcoach(BoltApp, Box<Daemon>),
 }
 
 impl Running {
@@ -122,7 +123,7 @@ impl Running {
                     &[],
                     Logs::Collect,
                 );
-                Running::BehindFlowcoach(app, daemon)
+                Running::BehindFlowcoach(app, Box::new(daemon))
             }
         }
     }
