@@ -1,7 +1,8 @@
 //! `flowcoach-dev bench`: throughput, CPU per envelope, ack latency and resident memory of a
 //! flowcoach process (the child, not the simulator) under a steady envelope stream; with
 //! `--handovers N`, what N handovers in a row cost under a steady stream of events, slash
-//! commands and interactions.
+//! commands and interactions; with `--bolt-compare SECONDS`, a Bolt app in Socket Mode
+//! against the same app behind flowcoach.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,7 +20,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::noop_app::NoOpApp;
-use crate::{BenchArgs, StreamMix, outages};
+use crate::{BenchArgs, StreamMix, bolt_compare, outages};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -63,6 +64,13 @@ pub fn run(args: &BenchArgs) -> ExitCode {
             outages::drops(drops, args.sockets),
             args.json,
             outages::print_drops,
+        );
+    }
+    if let Some(seconds) = args.bolt_compare {
+        return report(
+            bolt_compare::compare(seconds, args.rate.unwrap_or(20.0)),
+            args.json,
+            bolt_compare::print_table,
         );
     }
     if let Some(seconds) = args.storm {
@@ -275,13 +283,8 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
     let _ = tokio::time::timeout(WAIT, daemon.child.wait()).await;
     sim.shutdown().await;
 
-    let mut latencies: Vec<u64> = record
-        .envelopes
-        .iter()
-        .filter_map(|e| Some((e.acked_at? - e.deliveries.first()?.at).as_micros() as u64))
-        .collect();
-    latencies.sort_unstable();
-    let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
+    let latencies = AckLatencies::of(&record);
+    let percentile = |p| latencies.percentile_us(p);
     let cpu = loaded.cpu.saturating_sub(idle.cpu);
     Ok(BenchReport {
         envelopes,
@@ -303,6 +306,29 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
         rss_anon_idle_kib: idle.rss_anon_kib,
         rss_anon_peak_under_load_kib: peak_anon,
     })
+}
+
+/// From each acked envelope's first delivery to its ack, sorted.
+pub struct AckLatencies(Vec<u64>);
+
+impl AckLatencies {
+    pub fn of(record: &Record) -> AckLatencies {
+        let mut micros: Vec<u64> = record
+            .envelopes
+            .iter()
+            .filter_map(|e| Some(e.ack_delay()?.as_micros() as u64))
+            .collect();
+        micros.sort_unstable();
+        AckLatencies(micros)
+    }
+
+    /// The `p`th quantile (0.5: the median) in µs; 0 when nothing was acked.
+    pub fn percentile_us(&self, p: f64) -> u64 {
+        match self.0.len() {
+            0 => 0,
+            n => self.0[((n - 1) as f64 * p) as usize],
+        }
+    }
 }
 
 /// What `--handovers N` measures.

@@ -4,6 +4,7 @@
 
 mod app;
 mod bench;
+mod bolt_compare;
 mod demo;
 mod noop_app;
 mod outages;
@@ -86,6 +87,12 @@ pub struct BenchArgs {
     /// seconds (calls to apps.connections.open a minute).
     #[arg(long, value_name = "SECONDS", conflicts_with = "handovers")]
     pub storm: Option<u64>,
+    /// Compare instead, for this many seconds of mentions: the Bolt for Python example in
+    /// Socket Mode with its own SocketModeHandler, and in HTTP mode behind flowcoach, against
+    /// a Slack that rotates and drops connections (acks past the deadline, events handled
+    /// twice, ack p99). With --rate: mentions per second, 20 by default.
+    #[arg(long, value_name = "SECONDS", conflicts_with_all = ["handovers", "drops", "storm", "forward", "after_reconnect"])]
+    pub bolt_compare: Option<u64>,
     /// With --storm: the disconnect reason.
     #[arg(long, default_value = "refresh_requested", requires = "storm")]
     pub storm_reason: String,
