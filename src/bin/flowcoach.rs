@@ -133,8 +133,8 @@ fn run(cli: &DaemonCli) -> ExitCode {
         }
     };
     // Before the runtime starts: no other thread may be reading the environment.
-    let control_listener = match from_systemd() {
-        Ok(listener) => listener,
+    let passed = match from_systemd() {
+        Ok(passed) => passed,
         Err(error) => {
             eprintln!("flowcoach: socket activation: {error}");
             return exit::code(exit::FAILURE);
@@ -155,7 +155,7 @@ fn run(cli: &DaemonCli) -> ExitCode {
     };
     let startup = Startup {
         config,
-        control_listener,
+        passed,
         log,
         exe,
         takeover: cli.takeover,

@@ -68,7 +68,7 @@ pub struct InboxError {
 #[derive(Debug, Clone)]
 pub struct NewEnvelope {
     pub envelope_id: String,
-    pub kind: &'static str,
+    pub kind: EnvelopeKind,
     /// `event.type` of an event, `type` of an interaction.
     pub event_type: Option<String>,
     /// What identifies it across Slack's redeliveries: the event id, else the envelope id.
@@ -304,7 +304,7 @@ impl Inbox {
         };
         let kept = NewEnvelope {
             envelope_id: envelope.envelope_id.clone(),
-            kind: envelope.kind.as_str(),
+            kind: envelope.kind,
             event_type,
             dedup_key: summary
                 .event_id

@@ -226,7 +226,7 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, change: &Change) -> rusqlite::Resul
                 )?
                 .execute(params![
                     new.envelope_id,
-                    new.kind,
+                    new.kind.as_str(),
                     new.event_type,
                     new.dedup_key,
                     new.body,
@@ -434,7 +434,7 @@ mod tests {
     fn envelope(key: &str) -> Change {
         Change::Accept(NewEnvelope {
             envelope_id: format!("env-{key}"),
-            kind: "events_api",
+            kind: flowcoach_protocol::EnvelopeKind::EventsApi,
             event_type: Some("message".into()),
             dedup_key: key.into(),
             body: format!("{{\"envelope_id\":\"env-{key}\"}}"),
