@@ -37,6 +37,7 @@ units='/lib/systemd/system/flowcoach.service
 /lib/systemd/system/flowcoach.socket
 /lib/systemd/system/flowcoach@.service
 /lib/systemd/system/flowcoach@.socket
+/lib/systemd/system/flowcoach-metrics.socket
 /lib/systemd/system/flowcoach.service.d/10-common.conf
 /lib/systemd/system/flowcoach@.service.d/10-common.conf'
 common='/usr/bin/flowcoach
@@ -49,7 +50,9 @@ common='/usr/bin/flowcoach
 /usr/share/bash-completion/completions/flowcoach
 /usr/share/bash-completion/completions/flowcoachctl
 /usr/share/fish/vendor_completions.d/flowcoach.fish
-/usr/share/fish/vendor_completions.d/flowcoachctl.fish'
+/usr/share/fish/vendor_completions.d/flowcoachctl.fish
+/usr/share/flowcoach/prometheus/flowcoach-rules.yml
+/usr/share/flowcoach/prometheus/flowcoach-rules.test.yml'
 expect_lines "deb" "$files" "$units
 $common
 /usr/share/zsh/vendor-completions/_flowcoach
@@ -87,7 +90,7 @@ cp -a /lib/systemd/system "$root/lib/systemd/"
 dpkg-deb -x "$deb" "$root"
 # The programs the units run besides ours: ExecStop= uses the shell.
 install -D -m 0755 "$(readlink -f /bin/sh)" "$root/bin/sh"
-to_check=(flowcoach.service flowcoach.socket flowcoach@ci.service flowcoach@ci.socket)
+to_check=(flowcoach.service flowcoach.socket flowcoach-metrics.socket flowcoach@ci.service flowcoach@ci.socket)
 
 echo "== systemd-analyze verify ${to_check[*]}"
 # It exits 0 on unknown keys and other warnings: any message is a failure.

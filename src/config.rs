@@ -91,6 +91,7 @@ pub struct Settings {
     pub control: ControlSettings,
     pub handover: HandoverSettings,
     pub log: LogSettings,
+    pub metrics: MetricsSettings,
     /// `[forward]`: the app behind flowcoach, in HTTP mode. Without it, the built-in bot
     /// answers.
     pub forward: Option<ForwardSettings>,
@@ -178,6 +179,15 @@ impl Default for ServiceSettings {
             outage_budget: Duration::from_secs(300),
         }
     }
+}
+
+/// `[metrics]`: the Prometheus endpoint, off unless `listen` is set or systemd passes a
+/// socket named `metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// Where `/metrics` listens, e.g. `127.0.0.1:9464`.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -275,6 +285,7 @@ impl Default for Settings {
             control: ControlSettings::default(),
             handover: HandoverSettings::default(),
             log: LogSettings::default(),
+            metrics: MetricsSettings::default(),
             forward: None,
             inbox: InboxSettings::default(),
             cluster: None,

@@ -145,6 +145,37 @@ mod tests {
     }
 
     #[test]
+    fn an_old_inbox_backlog_degrades_and_a_store_that_cannot_write_is_unhealthy() {
+        let now = SystemTime::now();
+        let counts = crate::inbox::Counts {
+            pending: 3,
+            oldest_pending: Some(now - Duration::from_secs(600)),
+            ..Default::default()
+        };
+        let backlog = ConnectionStatus {
+            inbox: Some((counts, Duration::from_secs(300))),
+            ..connected()
+        };
+        assert!(
+            matches!(evaluate(&backlog, BUDGET, now), Health::Degraded(r) if r.contains("waited 10m") && r.contains("inbox.stale_after"))
+        );
+        let fresh = ConnectionStatus {
+            inbox: Some((counts, Duration::from_secs(900))),
+            ..connected()
+        };
+        assert_eq!(evaluate(&fresh, BUDGET, now), Health::Healthy);
+        let full = ConnectionStatus {
+            inbox_trouble: Some("inbox /x: the disk is full: database or disk is full".into()),
+            ..backlog
+        };
+        assert!(
+            matches!(evaluate(&full, BUDGET, now), Health::Unhealthy(r) if r.contains("disk is full"))
+        );
+        // A restart would not free the disk: the watchdog stays fed.
+        assert!(watchdog_verdict(&full, BUDGET, now).is_ok());
+    }
+
+    #[test]
     fn other_clients_degrade() {
         let status = ConnectionStatus {
             num_connections: Some(3),

@@ -15,6 +15,7 @@ pub mod host;
 mod http_body;
 pub mod inbox;
 pub mod logging;
+pub mod metrics;
 pub mod signing_secret;
 pub mod slack;
 pub mod state;

@@ -9,6 +9,11 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::metrics::labels::{
+    ByLabel, DisconnectLabel, EnvelopeType, HandoverOutcome, OpenOutcome, ReconnectCause,
+};
+use crate::metrics::timings::Timings;
+
 /// The lifecycle: `starting → connecting → connected ⇄ reconnecting → draining → stopped`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "phase", rename_all = "snake_case")]
@@ -110,14 +115,15 @@ impl Default for ConnectionStatus {
     }
 }
 
-/// Monotonic counters. Relaxed atomics: each is read on its own, for reporting.
+/// Monotonic counters, the one record of each figure: `status` reads their totals, the
+/// metrics endpoint every labelled value. Relaxed atomics: each is read on its own.
 #[derive(Debug, Default)]
 pub struct Counters {
-    pub envelopes_received: AtomicU64,
-    pub envelopes_acked: AtomicU64,
-    pub envelopes_deduplicated: AtomicU64,
+    pub envelopes_received: ByLabel<EnvelopeType>,
+    pub envelopes_acked: ByLabel<EnvelopeType>,
+    pub envelopes_deduplicated: ByLabel<EnvelopeType>,
     /// Left unacked because the handler queue was full; Slack redelivers them.
-    pub envelopes_deferred: AtomicU64,
+    pub envelopes_deferred: ByLabel<EnvelopeType>,
     pub handler_errors: AtomicU64,
     /// Handler answers that came after the response deadline (acked without payload).
     pub late_responses: AtomicU64,
@@ -128,8 +134,17 @@ pub struct Counters {
     pub frames_binary: AtomicU64,
     pub frames_oversized: AtomicU64,
     pub connects: AtomicU64,
-    pub reconnects: AtomicU64,
+    pub reconnects: ByLabel<ReconnectCause>,
     pub rotations: AtomicU64,
+    /// `disconnect` messages from Slack, by reason.
+    pub disconnects: ByLabel<DisconnectLabel>,
+    /// `too_many_websockets` refusals, at connect time or as a disconnect.
+    pub too_many_websockets: AtomicU64,
+    /// `apps.connections.open` calls, by outcome.
+    pub connection_opens: ByLabel<OpenOutcome>,
+    /// Handovers: completed ones counted by the successor, failed ones by the incumbent
+    /// (each by the process that lives on).
+    pub handovers: ByLabel<HandoverOutcome>,
     pub in_flight: AtomicU64,
     /// `[forward]`: envelopes the app took (2xx).
     pub forwarded: AtomicU64,
@@ -168,10 +183,10 @@ impl Counters {
     pub fn snapshot(&self) -> CounterSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CounterSnapshot {
-            envelopes_received: get(&self.envelopes_received),
-            envelopes_acked: get(&self.envelopes_acked),
-            envelopes_deduplicated: get(&self.envelopes_deduplicated),
-            envelopes_deferred: get(&self.envelopes_deferred),
+            envelopes_received: self.envelopes_received.total(),
+            envelopes_acked: self.envelopes_acked.total(),
+            envelopes_deduplicated: self.envelopes_deduplicated.total(),
+            envelopes_deferred: self.envelopes_deferred.total(),
             handler_errors: get(&self.handler_errors),
             late_responses: get(&self.late_responses),
             acks_failed: get(&self.acks_failed),
@@ -180,7 +195,7 @@ impl Counters {
             frames_binary: get(&self.frames_binary),
             frames_oversized: get(&self.frames_oversized),
             connects: get(&self.connects),
-            reconnects: get(&self.reconnects),
+            reconnects: self.reconnects.total(),
             rotations: get(&self.rotations),
             in_flight: get(&self.in_flight),
             forwarded: get(&self.forwarded),
@@ -218,6 +233,8 @@ impl InstanceInfo {
 pub struct InstanceState {
     pub instance: InstanceInfo,
     pub counters: Counters,
+    /// Latency histograms, for the metrics endpoint.
+    pub timings: Timings,
     /// Sockets of a predecessor this instance is taking over from: Slack counts them in
     /// `hello.num_connections`, but they are not another client.
     pub predecessor_sockets: std::sync::atomic::AtomicU32,
@@ -229,6 +246,7 @@ impl InstanceState {
         InstanceState {
             instance,
             counters: Counters::default(),
+            timings: Timings::default(),
             predecessor_sockets: std::sync::atomic::AtomicU32::new(0),
             status: watch::Sender::new(ConnectionStatus::default()),
         }

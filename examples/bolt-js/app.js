@@ -25,14 +25,25 @@ const app = new App({
 
 const TEAMS = ['engineering', 'design', 'sales', 'support'];
 
-app.event('app_mention', async ({ event, say }) => {
-  // Answered with chat.postMessage.
-  await say(`Hello <@${event.user}>! You said: ${event.text}`);
+app.event('app_mention', async ({ event, context, say }) => {
+  // Answered with chat.postMessage. Slack redelivers an event it got no 200 for (the app
+  // was down, say) with X-Slack-Retry-Num; the reply says so.
+  const redelivered = context.retryNum ? ` (Slack's retry ${context.retryNum})` : '';
+  await say(`Hello <@${event.user}>! You said: ${event.text}${redelivered}`);
 });
 
 app.command('/hello', async ({ command, ack }) => {
   // Answered in the HTTP response: the message the user sees.
   await ack(`Hello, <@${command.user_id}>! (${command.text})`);
+});
+
+app.command('/slow', async ({ command, ack }) => {
+  // Slow work before the answer: `/slow 2` takes 2 seconds (at most 2.5, within Bolt's
+  // own 3-second ack timeout). Past flowcoach's response_deadline Slack gets the ack
+  // without this answer.
+  const seconds = Math.min(Number(command.text || '2'), 2.5);
+  await new Promise((resolve) => { setTimeout(resolve, seconds * 1000); });
+  await ack(`Done after ${seconds} s.`);
 });
 
 app.action('approve', async ({ body, ack, respond }) => {

@@ -14,6 +14,7 @@ Environment:
 
 import os
 import re
+import time
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIServer, make_server
 
@@ -34,15 +35,28 @@ TEAMS = ["engineering", "design", "sales", "support"]
 
 
 @app.event("app_mention")
-def mention(event, say):
-    # Answered with chat.postMessage.
-    say(f"Hello <@{event['user']}>! You said: {event['text']}")
+def mention(event, say, request):
+    # Answered with chat.postMessage. Slack redelivers an event it got no 200 for (the app
+    # was down, say) with X-Slack-Retry-Num; the reply says so.
+    retry = request.headers.get("x-slack-retry-num", [None])[0]
+    redelivered = f" (Slack's retry {retry})" if retry else ""
+    say(f"Hello <@{event['user']}>! You said: {event['text']}{redelivered}")
 
 
 @app.command("/hello")
 def hello(command, ack):
     # Answered in the HTTP response: the message the user sees.
     ack(f"Hello, <@{command['user_id']}>! ({command['text']})")
+
+
+@app.command("/slow")
+def slow(command, ack):
+    # Slow work before the answer: `/slow 2` takes 2 seconds (at most 2.5, within Bolt's
+    # own 3-second ack timeout). Past flowcoach's response_deadline Slack gets the ack
+    # without this answer.
+    seconds = min(float(command["text"] or "2"), 2.5)
+    time.sleep(seconds)
+    ack(f"Done after {seconds:g} s.")
 
 
 @app.action("approve")

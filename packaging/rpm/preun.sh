@@ -2,7 +2,8 @@
 # and stop the units, and stop every instance of the templates. On an upgrade nothing
 # stops: %postun hands the running daemons over to the new binary.
 if [ "$1" -eq 0 ]; then
-    systemctl --no-reload disable --now flowcoach.service flowcoach.socket >/dev/null 2>&1 || :
+    systemctl --no-reload disable --now flowcoach.service flowcoach.socket \
+        flowcoach-metrics.socket >/dev/null 2>&1 || :
     if [ -d /run/systemd/system ]; then
         systemctl stop 'flowcoach@*.service' 'flowcoach@*.socket' >/dev/null 2>&1 || :
     fi

@@ -101,6 +101,14 @@ fn check_config(cli: &DaemonCli) -> ExitCode {
         }
         None => println!("  forward to:   none (the built-in bot answers)"),
     }
+    match flowcoach::inbox::file(&config, &ProcessEnv) {
+        Ok(Some(path)) => println!("  inbox:        {}", path.display()),
+        Ok(None) => println!("  inbox:        off (events acked on accept)"),
+        Err(error) => {
+            eprintln!("flowcoach: {error}");
+            return exit::code(exit::CONFIG);
+        }
+    }
     println!("  lock file:    {}", paths.lock.display());
     println!("  control:      {}", paths.socket.display());
     if !others.is_empty() {
@@ -125,8 +133,8 @@ fn run(cli: &DaemonCli) -> ExitCode {
         }
     };
     // Before the runtime starts: no other thread may be reading the environment.
-    let control_listener = match from_systemd() {
-        Ok(listener) => listener,
+    let passed = match from_systemd() {
+        Ok(passed) => passed,
         Err(error) => {
             eprintln!("flowcoach: socket activation: {error}");
             return exit::code(exit::FAILURE);
@@ -147,7 +155,7 @@ fn run(cli: &DaemonCli) -> ExitCode {
     };
     let startup = Startup {
         config,
-        control_listener,
+        passed,
         log,
         exe,
         takeover: cli.takeover,

@@ -38,6 +38,13 @@ pub enum CtlCommand {
     /// Print the health; exit 0 when healthy, 1 when degraded or unhealthy, 2 when no
     /// daemon answers (for container health checks).
     Health,
+    /// Print the metrics in the Prometheus text format, as the `/metrics` endpoint serves
+    /// them (which need not be on).
+    Metrics {
+        /// Print OpenMetrics instead.
+        #[arg(long)]
+        openmetrics: bool,
+    },
     /// Hand the app over to a successor started from the binary on disk (an upgrade takes
     /// effect), with no gap: exit 0 once it holds the app, non-zero with the reason when
     /// the handover was rolled back and the running instance kept serving.

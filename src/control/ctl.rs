@@ -23,6 +23,7 @@ pub fn run(cli: &CtlCli) -> ExitCode {
     let (command, failure) = match cli.command {
         CtlCommand::Status { .. } => (Command::Status, exit::FAILURE),
         CtlCommand::Health => (Command::Health, HEALTH_NO_ANSWER),
+        CtlCommand::Metrics { openmetrics } => (Command::Metrics { openmetrics }, exit::FAILURE),
         CtlCommand::Handover => (Command::Handover, exit::FAILURE),
         CtlCommand::Inbox { ref action } => (inbox_command(action.as_ref()), exit::FAILURE),
     };
@@ -55,6 +56,10 @@ pub fn run(cli: &CtlCli) -> ExitCode {
             } else {
                 exit::FAILURE
             })
+        }
+        (CtlCommand::Metrics { .. }, Response::Metrics { exposition }) => {
+            print!("{exposition}");
+            exit::code(exit::OK)
         }
         (
             CtlCommand::Handover,

@@ -1,7 +1,8 @@
 //! Getting the control socket's listener: bound by the daemon, or passed by systemd.
 
 use std::io;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::net::TcpListener as StdTcpListener;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::Path;
@@ -12,6 +13,8 @@ use tokio::net::UnixListener;
 
 /// The `FileDescriptorName=` of the control socket in a `.socket` unit.
 const SYSTEMD_FD_NAME: &str = "control";
+/// The `FileDescriptorName=` of the metrics endpoint's socket.
+const SYSTEMD_METRICS_FD_NAME: &str = "metrics";
 
 /// Binds the control socket at `path` with mode 0660 (the owner and the control group).
 ///
@@ -51,46 +54,70 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 
 static TAKEN: AtomicBool = AtomicBool::new(false);
 
-/// The control socket passed by systemd's socket activation: the fd named
-/// `control` in `LISTEN_FDNAMES` (or the only fd when no names are given), if
-/// `LISTEN_PID` is this process. `None` without socket activation.
+/// The listeners systemd's socket activation passed.
+#[derive(Debug, Default)]
+pub struct Passed {
+    /// The control socket: the fd named `control` (or the only fd when none is named).
+    pub control: Option<StdUnixListener>,
+    /// The metrics endpoint: the fd named `metrics` (`flowcoach-metrics.socket`).
+    pub metrics: Option<StdTcpListener>,
+}
+
+/// The sockets passed by systemd's socket activation, if `LISTEN_PID` is this process:
+/// the fd named `control` in `LISTEN_FDNAMES` (or the only fd when no names are given)
+/// and the fd named `metrics`. Both `None` without socket activation.
 ///
 /// Call it once, early in `main`, before the runtime starts; it leaves the environment
-/// alone. The listener is already non-blocking: hand it to
-/// `tokio::net::UnixListener::from_std` inside the runtime.
-pub fn from_systemd() -> io::Result<Option<StdUnixListener>> {
+/// alone. The control listener is already non-blocking: hand it to tokio inside the
+/// runtime; the metrics server makes its own so.
+pub fn from_systemd() -> io::Result<Passed> {
     let fds: Vec<_> = sd_notify::listen_fds_with_names()?.collect();
     let names_given = std::env::var_os("LISTEN_FDNAMES").is_some();
-    let chosen = match fds.as_slice() {
+    let named = |wanted: &str| {
+        fds.iter()
+            .find(|(_, name)| name == wanted)
+            .map(|(fd, _)| *fd)
+    };
+    let control = match fds.as_slice() {
         [(fd, _)] if !names_given => Some(*fd),
-        fds => fds
-            .iter()
-            .find(|(_, name)| name == SYSTEMD_FD_NAME)
-            .map(|(fd, _)| *fd),
+        _ => named(SYSTEMD_FD_NAME),
     };
-    let Some(fd) = chosen else {
-        return Ok(None);
-    };
-    if TAKEN.swap(true, Ordering::SeqCst) {
+    let metrics = named(SYSTEMD_METRICS_FD_NAME);
+    if (control.is_some() || metrics.is_some()) && TAKEN.swap(true, Ordering::SeqCst) {
         return Err(io::Error::other(
-            "the control socket from systemd was already taken",
+            "the sockets from systemd were already taken",
         ));
     }
+    let control = control
+        .map(|fd| take(fd, SYSTEMD_FD_NAME, AddressFamily::Unix))
+        .transpose()?
+        .map(StdUnixListener::from);
+    let metrics = metrics
+        .map(|fd| take(fd, SYSTEMD_METRICS_FD_NAME, AddressFamily::Inet))
+        .transpose()?
+        .map(StdTcpListener::from);
+    if let Some(control) = &control {
+        control.set_nonblocking(true)?;
+    }
+    Ok(Passed { control, metrics })
+}
+
+/// Owns `fd` once it proved to be a listening stream socket of `family` (for TCP, IPv4
+/// or IPv6).
+fn take(fd: RawFd, name: &str, family: AddressFamily) -> io::Result<OwnedFd> {
     // SAFETY: systemd passed this fd to this process (LISTEN_PID matched) and nothing else
     // in the process claims the LISTEN_FDS range; TAKEN makes sure it is owned only once.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    check_listening_unix_stream(&owned).map_err(|reason| {
+    check_listening_stream(&owned, family).map_err(|reason| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("fd {fd} passed by systemd as {SYSTEMD_FD_NAME:?} {reason}"),
+            format!("fd {fd} passed by systemd as {name:?} {reason}"),
         )
     })?;
-    let listener = StdUnixListener::from(owned);
-    listener.set_nonblocking(true)?;
-    Ok(Some(listener))
+    Ok(owned)
 }
 
-fn check_listening_unix_stream(fd: &OwnedFd) -> Result<(), String> {
+fn check_listening_stream(fd: &OwnedFd, family: AddressFamily) -> Result<(), String> {
     let fd = fd.as_fd();
     let kind = nix::sys::socket::getsockopt(&fd, sockopt::SockType)
         .map_err(|e| format!("is not a socket ({e})"))?;
@@ -99,8 +126,19 @@ fn check_listening_unix_stream(fd: &OwnedFd) -> Result<(), String> {
     let address: SockaddrStorage =
         nix::sys::socket::getsockname(std::os::fd::AsRawFd::as_raw_fd(&fd))
             .map_err(|e| format!("cannot be inspected ({e})"))?;
-    if kind != SockType::Stream || address.family() != Some(AddressFamily::Unix) || !listening {
-        return Err("is not a listening unix stream socket".to_owned());
+    let family_matches = match family {
+        AddressFamily::Inet => matches!(
+            address.family(),
+            Some(AddressFamily::Inet | AddressFamily::Inet6)
+        ),
+        family => address.family() == Some(family),
+    };
+    if kind != SockType::Stream || !family_matches || !listening {
+        return Err(match family {
+            AddressFamily::Unix => "is not a listening unix stream socket",
+            _ => "is not a listening TCP socket",
+        }
+        .to_owned());
     }
     Ok(())
 }

@@ -34,6 +34,8 @@ pub mod server;
 #[derive(Debug)]
 pub struct ControlContext {
     pub state: Arc<InstanceState>,
+    /// The metrics, for `flowcoachctl metrics`.
+    pub exposition: Arc<crate::metrics::Exposition>,
     /// Where the current token came from (`Config::token_source`), for status output:
     /// a reload that finds the token elsewhere sends the new place here.
     pub token_source: tokio::sync::watch::Receiver<String>,

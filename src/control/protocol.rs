@@ -49,6 +49,12 @@ pub enum Command {
     Status,
     /// Only the health judgement, for health checks.
     Health,
+    /// The Prometheus exposition the `/metrics` endpoint serves, for hosts without
+    /// Prometheus (`flowcoachctl metrics`); OpenMetrics when `openmetrics` is set.
+    Metrics {
+        #[serde(default)]
+        openmetrics: bool,
+    },
     /// Start a successor from the binary on disk and hand the app over to it
     /// (`flowcoachctl handover`, `systemctl reload`). Answered when it is done.
     Handover,
@@ -75,6 +81,9 @@ pub enum Command {
 pub enum Response {
     Status(Box<StatusReport>),
     Health(HealthReport),
+    Metrics {
+        exposition: String,
+    },
     /// The handover is done: `successor_pid` holds the app now.
     HandedOver {
         successor_pid: u32,

@@ -21,13 +21,14 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-pub use super::listen::{bind, from_systemd};
+pub use super::listen::{Passed, bind, from_systemd};
 
 use super::ControlContext;
 use super::access::Peer;
 use super::protocol::{
     Command, HealthReport, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Request, Response, StatusReport,
 };
+use crate::metrics::Format;
 
 /// Bounds on what clients may cost the daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -442,6 +443,17 @@ fn answer(ctx: &ControlContext, line: &[u8]) -> Answer {
     match request.command {
         Command::Status => Response::Status(Box::new(StatusReport::collect(ctx))).into(),
         Command::Health => Response::Health(HealthReport::collect(ctx)).into(),
+        Command::Metrics { openmetrics } => {
+            let format = if openmetrics {
+                Format::OpenMetrics
+            } else {
+                Format::Text
+            };
+            Response::Metrics {
+                exposition: ctx.exposition.render(format),
+            }
+            .into()
+        }
         command @ (Command::Handover | Command::Takeover { .. }) => Answer::HandOff(command),
         command @ (Command::Inbox
         | Command::InboxList { .. }

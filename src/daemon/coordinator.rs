@@ -22,12 +22,20 @@ use crate::handover::incumbent::{self, Handed, Outcome, Terms};
 use crate::handover::{Session, spawn};
 use crate::host::lock::InstanceLock;
 use crate::host::systemd;
+use crate::metrics::labels::HandoverOutcome;
 
 /// Copies of the descriptors a successor receives.
-pub fn handed(lock: &InstanceLock, listener: &UnixListener) -> std::io::Result<Handed> {
+pub fn handed(
+    lock: &InstanceLock,
+    listener: &UnixListener,
+    metrics: Option<&std::net::TcpListener>,
+) -> std::io::Result<Handed> {
     Ok(Handed {
         lock: lock.as_fd().try_clone_to_owned()?,
         listener: listener.as_fd().try_clone_to_owned()?,
+        metrics: metrics
+            .map(|listener| listener.as_fd().try_clone_to_owned())
+            .transpose()?,
     })
 }
 
@@ -254,12 +262,9 @@ impl<'a> Coordinator<'a> {
         caller: Option<UnixStream>,
         started: Instant,
     ) {
-        let handed = match (
-            self.handed.lock.try_clone(),
-            self.handed.listener.try_clone(),
-        ) {
-            (Ok(lock), Ok(listener)) => Handed { lock, listener },
-            (Err(error), _) | (_, Err(error)) => {
+        let handed = match self.handed.try_clone() {
+            Ok(handed) => handed,
+            Err(error) => {
                 tracing::error!(%error, "cannot copy the descriptors for a handover");
                 return;
             }
@@ -311,6 +316,7 @@ impl<'a> Coordinator<'a> {
                 Finished::Exit
             }
             Outcome::RolledBack { reason, .. } => {
+                self.count_failed();
                 if let Some(child) = child {
                     reap(child).await;
                 }
@@ -326,6 +332,16 @@ impl<'a> Coordinator<'a> {
                 Finished::ServeAgain
             }
         }
+    }
+
+    /// A failed handover is counted here, by the incumbent that serves on; a completed one
+    /// by the successor.
+    fn count_failed(&self) {
+        self.instance
+            .state
+            .counters
+            .handovers
+            .bump(HandoverOutcome::Failed);
     }
 
     async fn spawned_exited(&mut self, status: ExitStatus) {
@@ -371,6 +387,7 @@ impl<'a> Coordinator<'a> {
         } = std::mem::replace(&mut self.underway, Underway::Idle)
         {
             tracing::warn!(%reason, "handover failed; this instance keeps serving");
+            self.count_failed();
             reap(child).await;
             reply(
                 &mut caller,

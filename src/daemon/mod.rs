@@ -7,6 +7,7 @@ mod reload;
 mod signals;
 mod takeover;
 
+use std::net::TcpListener as StdTcpListener;
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -19,16 +20,18 @@ use tokio_util::sync::CancellationToken;
 
 use self::conflict::AlreadyRunning;
 use crate::bot::FlowCoach;
-use crate::config::{Config, NoStateDirectory, ProcessEnv, Settings, inbox_file_name};
-use crate::control::{ControlContext, server};
+use crate::config::{Config, NoStateDirectory, ProcessEnv, Settings};
+use crate::control::ControlContext;
+use crate::control::server::{self, Passed};
 use crate::dispatch::{Dispatcher, Handler};
 use crate::exit;
 use crate::forward::{self, Forwarder};
 use crate::host::lock::{HolderInfo, InstanceLock, LockError};
-use crate::host::paths::{InstancePaths, UNKNOWN_APP, ensure_dir, runtime_dir, safe_name};
+use crate::host::paths::{InstancePaths, UNKNOWN_APP, ensure_dir, runtime_dir};
 use crate::host::systemd::{self, Systemd};
-use crate::inbox::{Inbox, InboxError, Trouble};
+use crate::inbox::{self, Inbox, InboxError, Trouble};
 use crate::logging::LogHandle;
+use crate::metrics::{self, Exposition};
 use crate::slack::api::{OpenError, SlackApi};
 use crate::slack::supervisor::{FatalError, Supervisor};
 use crate::state::{InstanceInfo, InstanceState};
@@ -58,6 +61,8 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
     #[error("control socket: {0}")]
     ControlSocket(#[source] std::io::Error),
+    #[error("cannot listen for the metrics endpoint on {0}: {1}")]
+    MetricsListener(std::net::SocketAddr, #[source] std::io::Error),
     #[error("cannot copy the lock and the control socket for handovers: {0}")]
     HandoverDescriptors(#[source] std::io::Error),
     #[error("takeover failed: {0}")]
@@ -89,6 +94,7 @@ impl DaemonError {
             | DaemonError::RuntimeDirectory(_)
             | DaemonError::Signals(_)
             | DaemonError::ControlSocket(_)
+            | DaemonError::MetricsListener(..)
             | DaemonError::HandoverDescriptors(_)
             | DaemonError::Forward(_)
             | DaemonError::Takeover(_) => exit::FAILURE,
@@ -99,8 +105,8 @@ impl DaemonError {
 /// What `main` prepares before the runtime starts.
 pub struct Startup {
     pub config: Config,
-    /// The control socket from systemd's socket activation, if any.
-    pub control_listener: Option<StdUnixListener>,
+    /// The control and metrics sockets from systemd's socket activation, if any.
+    pub passed: Passed,
     pub log: LogHandle,
     /// The binary on disk, for starting a successor after an upgrade.
     pub exe: PathBuf,
@@ -112,6 +118,8 @@ pub struct Startup {
 struct Held {
     lock: InstanceLock,
     listener: UnixListener,
+    /// The metrics endpoint's listener, when it is on.
+    metrics: Option<StdTcpListener>,
     serving: Serving,
 }
 
@@ -166,7 +174,7 @@ impl Instance {
 pub async fn run(startup: Startup) -> Result<(), DaemonError> {
     let Startup {
         config,
-        control_listener,
+        passed,
         log,
         exe,
         takeover,
@@ -195,7 +203,7 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
         Some(settings) => Arc::new(Forwarder::new(settings.clone(), state.clone())?),
         None => Arc::new(FlowCoach::new(state.clone())),
     };
-    let inbox = open_inbox(&config, &environment, &state)?;
+    let inbox = open_inbox(&config, &state)?;
     let dispatcher = Arc::new(
         if lock.is_none() && !config.settings.handover.strict {
             // Until the incumbent's deduplication state arrives, envelopes wait unacked.
@@ -246,11 +254,12 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
     let reloads = signals::watch(shutdown.clone()).map_err(DaemonError::Signals)?;
     let held = match lock {
         Some(lock) => Held {
-            listener: listen(control_listener, &instance.paths.socket)?,
+            listener: listen(passed.control, &instance.paths.socket)?,
+            metrics: listen_metrics(passed.metrics, &instance.config)?,
             serving: instance.start_serving()?,
             lock,
         },
-        None => takeover::take_over(&instance, control_listener, &shutdown).await?,
+        None => takeover::take_over(&instance, passed, &shutdown).await?,
     };
     serve(instance, held, shutdown, reloads, reloader).await
 }
@@ -259,23 +268,18 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
 /// replaced silently.
 fn open_inbox(
     config: &Config,
-    environment: &str,
     state: &Arc<InstanceState>,
 ) -> Result<Option<Arc<Inbox>>, DaemonError> {
-    let settings = &config.settings.inbox;
     if let Some(cluster) = &config.cluster {
+        let settings = &config.settings.inbox;
         return Inbox::open_shared(cluster, settings, &config.settings.dispatch, state.clone())
             .map(|inbox| Some(Arc::new(inbox)))
             .map_err(DaemonError::Inbox);
     }
-    if !settings.enabled {
+    let Some(path) = inbox::file(config, &ProcessEnv)? else {
         return Ok(None);
-    }
-    let file_name = inbox_file_name(
-        &safe_name(config.token.app_id_hint().unwrap_or(UNKNOWN_APP)),
-        &safe_name(environment),
-    );
-    let path = settings.file(&ProcessEnv, &file_name)?;
+    };
+    let settings = &config.settings.inbox;
     match Inbox::open(&path, settings, &config.settings.dispatch, state.clone()) {
         Ok(inbox) => Ok(Some(Arc::new(inbox))),
         Err(error) if error.trouble == Trouble::Corrupt => Err(DaemonError::CorruptInbox(error)),
@@ -303,6 +307,21 @@ fn listen(
         None => server::bind(path),
     }
     .map_err(DaemonError::ControlSocket)
+}
+
+/// The metrics endpoint's listener: the one systemd passed, else bound at `[metrics]
+/// listen`; none when neither is there (the endpoint is off).
+fn listen_metrics(
+    from_systemd: Option<StdTcpListener>,
+    config: &Config,
+) -> Result<Option<StdTcpListener>, DaemonError> {
+    match (from_systemd, config.settings.metrics.listen) {
+        (Some(listener), _) => Ok(Some(listener)),
+        (None, Some(address)) => metrics::server::bind(address)
+            .map(Some)
+            .map_err(|error| DaemonError::MetricsListener(address, error)),
+        (None, None) => Ok(None),
+    }
 }
 
 /// The PID file names the control socket for a second start's message: with socket
@@ -335,19 +354,37 @@ async fn serve(
     let Held {
         lock,
         listener,
+        metrics,
         serving,
     } = held;
     record_control_socket(&instance, &lock, &listener);
     // The instance is ours: deliver from the inbox (a predecessor has stopped).
     instance.dispatcher.start_delivery();
-    let handed = coordinator::handed(&lock, &listener).map_err(DaemonError::HandoverDescriptors)?;
+    let handed = coordinator::handed(&lock, &listener, metrics.as_ref())
+        .map_err(DaemonError::HandoverDescriptors)?;
     // One call at a time: a second one is refused by the control server at once.
     let (calls_tx, calls) = mpsc::channel(1);
     // Everything around the Slack side stops after the drain, so the drain is reported to
     // systemd, watched by its watchdog, and visible over the control socket.
     let after_drain = CancellationToken::new();
+    let exposition = Arc::new(Exposition::new(
+        instance.state.clone(),
+        instance.config.settings.service.outage_budget,
+        Vec::new(),
+    ));
+    let metrics_task = metrics.map(|listener| {
+        if let Ok(address) = listener.local_addr() {
+            tracing::info!(%address, "metrics endpoint on");
+        }
+        tokio::spawn(metrics::server::serve(
+            listener,
+            exposition.clone(),
+            after_drain.clone(),
+        ))
+    });
     let control = ControlContext {
         state: instance.state.clone(),
+        exposition,
         token_source: instance.token_source.subscribe(),
         started_at: instance.started_at,
         outage_budget: instance.config.settings.service.outage_budget,
@@ -394,6 +431,9 @@ async fn serve(
     after_drain.cancel();
     reload_task.abort();
     let _ = control_task.await;
+    if let Some(metrics_task) = metrics_task {
+        let _ = metrics_task.await;
+    }
     let _ = reporter.await;
     if let Some(watchdog) = watchdog {
         let _ = watchdog.await;

@@ -1,17 +1,18 @@
 //! The successor's path: take the app over from the running instance, or take it alone
 //! when none runs (any more).
 
-use std::os::unix::net::UnixListener as StdUnixListener;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
-use super::{DaemonError, Held, Instance, Serving, listen, lock_failure};
+use super::{DaemonError, Held, Instance, Passed, Serving, listen, listen_metrics, lock_failure};
 use crate::handover::HandoverError;
 use crate::handover::successor::{Received, Takeover};
 use crate::host::lock::{InstanceLock, read_holder};
+use crate::metrics::labels::HandoverOutcome;
+use crate::metrics::timings;
 use crate::slack::supervisor::FatalError;
 
 /// Why a takeover failed (besides a fatal Slack error, which ends it as it ends a start).
@@ -36,17 +37,18 @@ enum Outcome {
 }
 
 /// Takes the app over from the instance that holds it on this host; takes it alone when
-/// that instance goes away first. `from_systemd` is the control listener systemd passed, if
+/// that instance goes away first. `from_systemd`: the listeners systemd passed, if
 /// any: the app alone is taken as a first start takes it.
 pub async fn take_over(
     instance: &Instance,
-    from_systemd: Option<StdUnixListener>,
+    from_systemd: Passed,
     shutdown: &CancellationToken,
 ) -> Result<Held, DaemonError> {
     let socket = read_holder(&instance.paths.lock)
         .map(|holder| holder.control_socket)
         .filter(|socket| !socket.as_os_str().is_empty())
         .unwrap_or_else(|| instance.paths.socket.clone());
+    let started = std::time::Instant::now();
     let mut takeover = match Takeover::request(&socket).await {
         Ok(takeover) => takeover,
         Err(HandoverError::Disconnected(why)) => {
@@ -84,6 +86,7 @@ pub async fn take_over(
     let Received {
         lock,
         listener,
+        metrics,
         dedup,
         late,
     } = received;
@@ -113,9 +116,18 @@ pub async fn take_over(
         },
     };
     tracing::info!("took the app over");
+    let counters = &instance.state.counters;
+    counters.handovers.bump(HandoverOutcome::Completed);
+    timings::observe(&instance.state.timings.handover_duration, started.elapsed());
+    // The incumbent's endpoint, else (it had none) ours, as for a first start.
+    let metrics = match metrics {
+        Some(metrics) => Some(metrics),
+        None => listen_metrics(from_systemd.metrics, &instance.config)?,
+    };
     Ok(Held {
         lock,
         listener,
+        metrics,
         serving,
     })
 }
@@ -168,14 +180,15 @@ async fn with_incumbent(
 /// with no predecessor's state, and a connection (`serving`, if one runs already).
 pub(super) async fn alone(
     instance: &Instance,
-    from_systemd: Option<StdUnixListener>,
+    from_systemd: Passed,
     serving: Option<Serving>,
 ) -> Result<Held, DaemonError> {
     let lock = match InstanceLock::acquire(&instance.paths.lock, &instance.holder) {
         Ok(lock) => lock,
         Err(error) => return Err(lock_failure(error).await),
     };
-    let listener = listen(from_systemd, &instance.paths.socket)?;
+    let listener = listen(from_systemd.control, &instance.paths.socket)?;
+    let metrics = listen_metrics(from_systemd.metrics, &instance.config)?;
     instance.dispatcher.release(None);
     let serving = match serving {
         Some(serving) => serving,
@@ -184,6 +197,7 @@ pub(super) async fn alone(
     Ok(Held {
         lock,
         listener,
+        metrics,
         serving,
     })
 }

@@ -2,9 +2,11 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 use tokio::sync::{Notify, mpsc};
 
+use crate::metrics::labels::EnvelopeType;
 use flowcoach_protocol::{Ack, AckError};
 
 /// Acks waiting to be written, counted per connection so a connection being retired can
@@ -32,11 +34,20 @@ impl PendingAcks {
     }
 }
 
+/// An ack ready to be written, with what its metrics need: the envelope's type, and when
+/// it arrived (the ack latency ends when the frame is written).
+#[derive(Debug)]
+pub struct AckFrame {
+    pub text: String,
+    pub kind: EnvelopeType,
+    pub received_at: Instant,
+}
+
 /// The sending side of one connection's ack queue. Frames are written by the connection's
 /// own task, the only writer of its socket, so frames never interleave.
 #[derive(Debug, Clone)]
 pub struct AckSink {
-    frames: mpsc::UnboundedSender<String>,
+    frames: mpsc::UnboundedSender<AckFrame>,
     pending: Arc<PendingAcks>,
 }
 
@@ -49,7 +60,7 @@ pub enum AckSendError {
 }
 
 impl AckSink {
-    pub fn new(frames: mpsc::UnboundedSender<String>) -> (Self, Arc<PendingAcks>) {
+    pub fn new(frames: mpsc::UnboundedSender<AckFrame>) -> (Self, Arc<PendingAcks>) {
         let pending = Arc::new(PendingAcks::default());
         (
             AckSink {
@@ -60,11 +71,14 @@ impl AckSink {
         )
     }
 
-    /// Promises an ack for `envelope_id`: the connection stays open for it while retiring.
-    pub fn expect(&self, envelope_id: String) -> PendingAck {
+    /// Promises an ack for `envelope_id`, received now: the connection stays open for it
+    /// while retiring.
+    pub fn expect(&self, envelope_id: String, kind: EnvelopeType) -> PendingAck {
         self.pending.count.fetch_add(1, Ordering::AcqRel);
         PendingAck {
             envelope_id,
+            kind,
+            received_at: Instant::now(),
             sink: self.clone(),
         }
     }
@@ -75,6 +89,8 @@ impl AckSink {
 #[derive(Debug)]
 pub struct PendingAck {
     envelope_id: String,
+    kind: EnvelopeType,
+    received_at: Instant,
     sink: AckSink,
 }
 
@@ -89,7 +105,11 @@ impl PendingAck {
             envelope_id: self.envelope_id.clone(),
             payload,
         };
-        let frame = ack.to_frame()?;
+        let frame = AckFrame {
+            text: ack.to_frame()?,
+            kind: self.kind,
+            received_at: self.received_at,
+        };
         self.sink
             .frames
             .send(frame)
@@ -114,11 +134,11 @@ mod tests {
     async fn acks_are_queued_and_counted() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (sink, pending) = AckSink::new(tx);
-        let first = sink.expect("e1".into());
-        let second = sink.expect("e2".into());
+        let first = sink.expect("e1".into(), EnvelopeType::EventsApi);
+        let second = sink.expect("e2".into(), EnvelopeType::EventsApi);
         assert_eq!(pending.count(), 2);
         first.send(None).unwrap();
-        assert_eq!(rx.recv().await.unwrap(), r#"{"envelope_id":"e1"}"#);
+        assert_eq!(rx.recv().await.unwrap().text, r#"{"envelope_id":"e1"}"#);
         assert_eq!(pending.count(), 1);
         drop(second);
         tokio::time::timeout(std::time::Duration::from_secs(1), pending.wait_drained())
@@ -131,7 +151,10 @@ mod tests {
         let (tx, rx) = mpsc::unbounded_channel();
         let (sink, pending) = AckSink::new(tx);
         drop(rx);
-        let err = sink.expect("e9".into()).send(None).unwrap_err();
+        let err = sink
+            .expect("e9".into(), EnvelopeType::EventsApi)
+            .send(None)
+            .unwrap_err();
         assert!(matches!(err, AckSendError::ConnectionGone(id) if id == "e9"));
         assert_eq!(pending.count(), 0);
     }
@@ -141,7 +164,10 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (sink, _) = AckSink::new(tx);
         let huge = serde_json::json!({ "text": "x".repeat(30_000) });
-        let err = sink.expect("e1".into()).send(Some(huge)).unwrap_err();
+        let err = sink
+            .expect("e1".into(), EnvelopeType::EventsApi)
+            .send(Some(huge))
+            .unwrap_err();
         assert!(matches!(err, AckSendError::Refused(_)));
         assert!(rx.try_recv().is_err());
     }

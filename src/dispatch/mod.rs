@@ -4,7 +4,7 @@ mod ack;
 mod dedup;
 mod handler;
 
-pub use ack::{AckSendError, AckSink, PendingAck, PendingAcks};
+pub use ack::{AckFrame, AckSendError, AckSink, PendingAck, PendingAcks};
 pub use dedup::{Dedup, DedupSnapshot};
 pub use handler::{AckPolicy, Handler, HandlerError, HandlerFuture, HandlerResult, Incoming};
 
@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{DispatchSettings, Settings};
 use crate::inbox::Inbox;
 use crate::inbox::delivery::Running;
+use crate::metrics::labels::EnvelopeType;
 use crate::state::{Counters, InstanceState};
 use flowcoach_protocol::Envelope;
 
@@ -191,8 +192,9 @@ impl Dispatcher {
 
     /// Takes one envelope from the connection `acks` belongs to.
     pub fn accept(&self, envelope: Envelope, acks: &AckSink) -> Accepted {
-        Counters::bump(&self.state.counters.envelopes_received);
-        let pending = acks.expect(envelope.envelope_id.clone());
+        let kind = EnvelopeType::from(envelope.kind);
+        self.state.counters.envelopes_received.bump(kind);
+        let pending = acks.expect(envelope.envelope_id.clone(), kind);
         {
             let mut held = self.held.lock().expect("held lock poisoned");
             if let Some(queue) = held.as_mut() {
@@ -245,7 +247,9 @@ impl Dispatcher {
                 retry_attempt = envelope.retry_attempt,
                 "duplicate delivery acked again, not handled again"
             );
-            Counters::bump(&counters.envelopes_deduplicated);
+            counters
+                .envelopes_deduplicated
+                .bump(EnvelopeType::from(envelope.kind));
             self.send_ack(pending, None);
             return Accepted::Duplicate;
         }
@@ -333,7 +337,10 @@ impl Dispatcher {
     }
 
     fn defer(&self, envelope: &Envelope, why: &str) -> Accepted {
-        Counters::bump(&self.state.counters.envelopes_deferred);
+        self.state
+            .counters
+            .envelopes_deferred
+            .bump(EnvelopeType::from(envelope.kind));
         tracing::warn!(
             envelope_id = %envelope.envelope_id,
             "{why}: envelope left unacked for Slack to redeliver"

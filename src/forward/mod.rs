@@ -21,6 +21,7 @@ use url::Url;
 use crate::config::Forward;
 use crate::dispatch::{AckPolicy, Handler, HandlerFuture, HandlerResult, Incoming};
 use crate::http_body::{BodyError, read_capped};
+use crate::metrics::timings;
 use crate::state::{Counters, InstanceState};
 use flowcoach_protocol::signature::{SIGNATURE_HEADER, TIMESTAMP_HEADER, sign};
 use flowcoach_protocol::{Ack, AckError, Envelope, EnvelopeKind};
@@ -156,7 +157,9 @@ impl Inner {
     async fn forward(&self, envelope: &Envelope) -> HandlerResult {
         let started = Instant::now();
         let outcome = self.exchange(envelope).await;
-        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let elapsed = started.elapsed();
+        timings::observe(&self.state.timings.forward_latency, elapsed);
+        let elapsed_ms = elapsed.as_millis() as u64;
         let counters = &self.state.counters;
         let envelope_id = envelope.envelope_id.as_str();
         let kind = envelope.kind.as_str();

@@ -63,6 +63,19 @@ pub struct Terms {
 pub struct Handed {
     pub lock: OwnedFd,
     pub listener: OwnedFd,
+    /// The metrics endpoint's listener, when it is on: the successor serves it on, so a
+    /// reload keeps the endpoint (and a socket systemd passed) without a rebind.
+    pub metrics: Option<OwnedFd>,
+}
+
+impl Handed {
+    pub fn try_clone(&self) -> std::io::Result<Handed> {
+        Ok(Handed {
+            lock: self.lock.try_clone()?,
+            listener: self.listener.try_clone()?,
+            metrics: self.metrics.as_ref().map(OwnedFd::try_clone).transpose()?,
+        })
+    }
 }
 
 /// Runs one session with a successor whose takeover request was accepted.
@@ -129,9 +142,9 @@ pub async fn run(
             other => return Err(unexpected(other, "waiting for send_fds")),
         }
         fds_sent = true;
-        session
-            .send_fds(&[handed.lock.as_raw_fd(), handed.listener.as_raw_fd()])
-            .await?;
+        let mut fds = vec![handed.lock.as_raw_fd(), handed.listener.as_raw_fd()];
+        fds.extend(handed.metrics.as_ref().map(AsRawFd::as_raw_fd));
+        session.send_fds(&fds).await?;
         match session
             .step(terms.step_timeout, "waiting for adopted")
             .await?

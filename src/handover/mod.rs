@@ -4,7 +4,7 @@
 //! A TLS websocket cannot move between processes, but a flock (an open file description)
 //! and a listening socket can, over SCM_RIGHTS. So the successor opens its own Slack
 //! connection; the incumbent drains, acks, closes, and passes on its deduplication state,
-//! its lock and its control listener. The session runs over the control socket, one JSON
+//! its lock, its control listener and, when on, its metrics listener. The session runs over the control socket, one JSON
 //! line per step, each side waiting for the other (lockstep):
 //!
 //! ```text
@@ -21,8 +21,9 @@
 //!                                       ←    {"step":"state_part","dedup":{…}} (0 or more)
 //!                                       ←    {"step":"state","dedup":{…}}
 //! {"step":"send_fds"}                   →
-//!                                       ←    one byte + SCM_RIGHTS [lock, control listener]
-//! (adopts both, takes over the dedup
+//!                                       ←    one byte + SCM_RIGHTS [lock, control listener,
+//!                                            metrics listener if the endpoint is on]
+//! (adopts them, takes over the dedup
 //!  state, releases held envelopes, handles
 //!  and acks the handed-on ones)
 //! {"step":"adopted"}                    →

@@ -30,6 +30,8 @@ pub struct Takeover {
 pub struct Received {
     pub lock: InstanceLock,
     pub listener: StdUnixListener,
+    /// The metrics endpoint's listener, when the incumbent had it on.
+    pub metrics: Option<std::net::TcpListener>,
     pub dedup: DedupSnapshot,
     /// Envelopes that reached the incumbent after its Close: ours to handle and ack.
     pub late: Vec<Envelope>,
@@ -120,9 +122,12 @@ impl Takeover {
         listener
             .set_nonblocking(true)
             .map_err(HandoverError::AdoptListener)?;
+        // Made non-blocking by the metrics server, as any listener it is given.
+        let metrics = fds.next().map(std::net::TcpListener::from);
         Ok(Received {
             lock,
             listener,
+            metrics,
             dedup,
             late,
         })

@@ -110,7 +110,9 @@ impl Deliverer {
             let now = Instant::now();
             let room = match failing {
                 Some(probe_at) => usize::from(in_flight == 0 && now >= probe_at),
-                None => settings.max_concurrent.saturating_sub(in_flight),
+                // Refilled in batches, not one claim (one transaction) per delivery.
+                None if in_flight > settings.max_concurrent / 2 => 0,
+                None => settings.max_concurrent - in_flight,
             };
             let mut wait = POLL;
             if room > 0 {
@@ -148,8 +150,14 @@ impl Deliverer {
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
-                Some(delivered) = done.recv() => {
-                    in_flight -= 1;
+                Some(first) = done.recv() => {
+                    let mut outcomes = vec![first];
+                    while let Ok(delivered) = done.try_recv() {
+                        outcomes.push(delivered);
+                    }
+                    in_flight -= outcomes.len();
+                    // Any success says the target works; else the last failure counts.
+                    let delivered = outcomes.iter().any(|delivered| *delivered);
                     match (delivered, failing) {
                         (true, Some(_)) => {
                             failing = None;

@@ -21,9 +21,11 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::config::{Cluster, DispatchSettings, InboxSettings};
+use crate::config::{
+    Cluster, Config, DispatchSettings, EnvSource, InboxSettings, NoStateDirectory, inbox_file_name,
+};
 use crate::dispatch::{Handler, PendingAck};
-use crate::host::paths::ensure_dir;
+use crate::host::paths::{UNKNOWN_APP, ensure_dir, safe_name};
 use crate::state::InstanceState;
 use flowcoach_protocol::{Envelope, EnvelopeKind, PayloadSummary};
 
@@ -73,7 +75,7 @@ pub struct InboxError {
 #[derive(Debug, Clone)]
 pub struct NewEnvelope {
     pub envelope_id: String,
-    pub kind: &'static str,
+    pub kind: EnvelopeKind,
     /// `event.type` of an event, `type` of an interaction.
     pub event_type: Option<String>,
     /// What identifies it across Slack's redeliveries: the event id, else the envelope id.
@@ -218,6 +220,19 @@ pub trait Store: Send + 'static {
     fn upkeep(&mut self, upkeep: Upkeep) -> Result<UpkeepDone, InboxError>;
 }
 
+/// Where the inbox of `config`'s app and environment is (`None`: the inbox is off).
+pub fn file(config: &Config, env: &dyn EnvSource) -> Result<Option<PathBuf>, NoStateDirectory> {
+    let settings = &config.settings.inbox;
+    if !settings.enabled {
+        return Ok(None);
+    }
+    let name = inbox_file_name(
+        &safe_name(config.token.app_id_hint().unwrap_or(UNKNOWN_APP)),
+        &safe_name(&config.settings.environment),
+    );
+    settings.file(env, &name).map(Some)
+}
+
 /// The inbox of one running instance: its writer thread, and what delivery needs.
 pub struct Inbox {
     writer: writer::Writer,
@@ -344,7 +359,7 @@ impl Inbox {
         };
         let kept = NewEnvelope {
             envelope_id: envelope.envelope_id.clone(),
-            kind: envelope.kind.as_str(),
+            kind: envelope.kind,
             event_type,
             dedup_key: summary
                 .event_id

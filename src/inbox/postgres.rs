@@ -411,7 +411,7 @@ fn accept_all(
             &scope.cluster,
             &scope.member,
             &column(|n| Some(&n.envelope_id)),
-            &column(|n| Some(n.kind)),
+            &column(|n| Some(n.kind.as_str())),
             &column(|n| n.event_type.as_deref()),
             &column(|n| Some(&n.dedup_key)),
             &column(|n| Some(&n.body)),

@@ -46,6 +46,8 @@ const CACHE_PAGES: i64 = 64;
 /// How long a statement waits for another process's transaction (a handover's
 /// predecessor) before the store counts as locked.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The WAL file is cut back to this many bytes after a checkpoint that emptied it.
+const WAL_SIZE_LIMIT: i64 = 4 << 20;
 /// Dead letters pruned per statement while the file is over its cap.
 const PRUNE_STEP: i64 = 100;
 
@@ -107,6 +109,8 @@ impl SqliteStore {
         // Checkpoints run when the writer is idle (`upkeep`), never inside the commit an
         // ack waits for.
         self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        self.conn
+            .pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
         Ok(())
     }
 
@@ -222,7 +226,7 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, change: &Change) -> rusqlite::Resul
                 )?
                 .execute(params![
                     new.envelope_id,
-                    new.kind,
+                    new.kind.as_str(),
                     new.event_type,
                     new.dedup_key,
                     new.body,
@@ -233,19 +237,18 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, change: &Change) -> rusqlite::Resul
         }
         Change::Claim { limit, probe, now } => {
             let limit = i64::try_from(*limit).unwrap_or(i64::MAX);
-            let mut select = if *probe {
-                tx.prepare_cached(
-                    "SELECT id, attempts, received_at, payload FROM envelopes
-                     WHERE state = 'pending' AND ?1 = ?1 ORDER BY next_attempt_at, id LIMIT ?2",
-                )?
+            // A probe takes the envelope whose retry comes first, due or not.
+            let (order, due_by) = if *probe {
+                ("next_attempt_at, id", i64::MAX)
             } else {
-                tx.prepare_cached(
-                    "SELECT id, attempts, received_at, payload FROM envelopes
-                     WHERE state = 'pending' AND next_attempt_at <= ?1 ORDER BY id LIMIT ?2",
-                )?
+                ("id", millis(*now))
             };
+            let mut select = tx.prepare_cached(&format!(
+                "SELECT id, attempts, received_at, payload FROM envelopes
+                 WHERE state = 'pending' AND next_attempt_at <= ?1 ORDER BY {order} LIMIT ?2"
+            ))?;
             let due = select
-                .query_map(params![millis(*now), limit], |row| {
+                .query_map(params![due_by, limit], |row| {
                     Ok(Due {
                         id: row.get(0)?,
                         attempts: row.get(1)?,
@@ -304,7 +307,12 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, change: &Change) -> rusqlite::Resul
 impl Store for SqliteStore {
     fn apply(&mut self, changes: &[Change]) -> Result<Vec<Applied>, InboxError> {
         let path = self.path.clone();
+        // Acks wait for what this commit stores: it is on disk (fsync) before it returns.
+        // Deliveries' bookkeeping alone is not worth a sync: the next durable commit (or
+        // a checkpoint) writes it, and a crash before that at worst delivers again.
+        let durable = changes.iter().any(|c| matches!(c, Change::Accept(_)));
         let run = |conn: &mut Connection| -> rusqlite::Result<Vec<Applied>> {
+            conn.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" })?;
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let applied = changes
                 .iter()
@@ -401,11 +409,14 @@ impl Store for SqliteStore {
                 }
                 done.dead_pruned += pruned as u64;
             }
-            // The checkpoint the commits skip; TRUNCATE keeps the WAL file from growing.
-            // Busy (a reader holds an old snapshot) is fine: the next upkeep retries.
+            // The checkpoint the commits skip. PASSIVE: it never waits for another
+            // process (a successor); what it cannot copy now, the next upkeep does. The
+            // WAL file keeps its size (up to WAL_SIZE_LIMIT) and is written over from the
+            // start: an ack's sync then changes no file size, which would cost a journal
+            // commit of the file system on top.
             let _: (i64, i64, i64) =
                 self.conn
-                    .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                    .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
                         Ok((row.get(0)?, row.get(1)?, row.get(2)?))
                     })?;
             Ok(())
@@ -423,7 +434,7 @@ mod tests {
     fn envelope(key: &str) -> Change {
         Change::Accept(NewEnvelope {
             envelope_id: format!("env-{key}"),
-            kind: "events_api",
+            kind: flowcoach_protocol::EnvelopeKind::EventsApi,
             event_type: Some("message".into()),
             dedup_key: key.into(),
             body: format!("{{\"envelope_id\":\"env-{key}\"}}"),

@@ -11,7 +11,9 @@ use tokio::sync::{Notify, oneshot};
 
 use super::{Applied, Change, Counts, InboxError, Listed, NewEnvelope, Store, Trouble, Upkeep};
 use crate::dispatch::{PendingAck, send_ack};
-use crate::state::{Counters, InstanceState};
+use crate::metrics::labels::EnvelopeType;
+use crate::state::InstanceState;
+use flowcoach_protocol::EnvelopeKind;
 
 /// Most changes in one transaction: a bound on how long the first of them waits.
 const MAX_BATCH: usize = 2048;
@@ -156,7 +158,7 @@ impl Writer {
 
 /// A change's reply, waiting for its transaction.
 enum Waiting {
-    Ack(PendingAck),
+    Ack(PendingAck, EnvelopeKind),
     Reply(oneshot::Sender<Result<Applied, InboxError>>),
 }
 
@@ -196,8 +198,9 @@ impl Thread {
             while let Some(job) = next.take() {
                 match job {
                     Job::Accept { envelope, ack } => {
+                        let kind = envelope.kind;
                         changes.push(Change::Accept(envelope));
-                        waiting.push(Waiting::Ack(ack));
+                        waiting.push(Waiting::Ack(ack, kind));
                     }
                     Job::Change { change, reply } => {
                         changes.push(change);
@@ -241,11 +244,13 @@ impl Thread {
                 let mut kept = false;
                 for ((applied, waiting), change) in applied.into_iter().zip(waiting).zip(changes) {
                     match (waiting, applied) {
-                        (Waiting::Ack(ack), Applied::Accepted { fresh }) => {
+                        (Waiting::Ack(ack, _), Applied::Accepted { fresh }) => {
                             if fresh {
                                 kept = true;
                             } else if let Change::Accept(envelope) = change {
-                                Counters::bump(&counters.envelopes_deduplicated);
+                                counters
+                                    .envelopes_deduplicated
+                                    .bump(EnvelopeType::from(envelope.kind));
                                 tracing::info!(
                                     envelope_id = %envelope.envelope_id,
                                     event_id = %envelope.dedup_key,
@@ -257,7 +262,7 @@ impl Thread {
                         (Waiting::Reply(reply), applied) => {
                             let _ = reply.send(Ok(applied));
                         }
-                        (Waiting::Ack(_), _) => unreachable!("an accept answers with Accepted"),
+                        (Waiting::Ack(..), _) => unreachable!("an accept answers with Accepted"),
                     }
                 }
                 if kept {
@@ -269,8 +274,8 @@ impl Thread {
                 for waiting in waiting {
                     match waiting {
                         // Dropped unsent: Slack redelivers it, and it is tried again.
-                        Waiting::Ack(ack) => {
-                            Counters::bump(&counters.envelopes_deferred);
+                        Waiting::Ack(ack, kind) => {
+                            counters.envelopes_deferred.bump(EnvelopeType::from(kind));
                             drop(ack);
                         }
                         Waiting::Reply(reply) => {

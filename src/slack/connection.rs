@@ -20,7 +20,9 @@ use url::Url;
 
 use crate::config::ConnectionSettings;
 use crate::deadline::far_future;
-use crate::dispatch::{AckSink, Dispatcher, PendingAcks};
+use crate::dispatch::{AckFrame, AckSink, Dispatcher, PendingAcks};
+use crate::metrics::labels::{EnvelopeType, ReconnectCause};
+use crate::metrics::timings;
 use crate::state::{Counters, InstanceState};
 use flowcoach_protocol::{DisconnectReason, Envelope, FrameError, Hello, Inbound, parse_inbound};
 
@@ -79,6 +81,19 @@ impl std::fmt::Display for EndCause {
             EndCause::Stale => f.write_str("stale (no pong)"),
             EndCause::Oversized => f.write_str("oversized message"),
             EndCause::Lost(why) => write!(f, "lost: {why}"),
+        }
+    }
+}
+
+impl EndCause {
+    /// The bounded label of this cause, for `flowcoach_reconnects_total{cause}`.
+    pub fn metric_cause(&self) -> ReconnectCause {
+        match self {
+            EndCause::ClosedByUs => ReconnectCause::ClosedByUs,
+            EndCause::ClosedByServer => ReconnectCause::ClosedBySlack,
+            EndCause::Stale => ReconnectCause::Stale,
+            EndCause::Oversized => ReconnectCause::Oversized,
+            EndCause::Lost(_) => ReconnectCause::Lost,
         }
     }
 }
@@ -264,6 +279,7 @@ impl WebSocket {
             events,
             last_inbound: Instant::now(),
             ping_sent_at: None,
+            written: Vec::with_capacity(MAX_ACKS_PER_FLUSH),
         };
         let task = tokio::spawn(async move {
             let mut task = task;
@@ -290,7 +306,7 @@ enum Next {
 struct ConnectionTask {
     id: u64,
     ws: WebSocket,
-    frames: mpsc::UnboundedReceiver<String>,
+    frames: mpsc::UnboundedReceiver<AckFrame>,
     control: mpsc::UnboundedReceiver<Control>,
     acks: AckSink,
     pending: Arc<PendingAcks>,
@@ -300,6 +316,8 @@ struct ConnectionTask {
     events: mpsc::UnboundedSender<ConnEvent>,
     last_inbound: Instant,
     ping_sent_at: Option<Instant>,
+    /// The acks of the batch being written: type and receipt, recorded once it is out.
+    written: Vec<(EnvelopeType, std::time::Instant)>,
 }
 
 impl ConnectionTask {
@@ -493,23 +511,31 @@ impl ConnectionTask {
     /// Acks an envelope we cannot handle: redelivery would not change that, so Slack
     /// should stop retrying.
     fn ack_unhandled(&self, envelope_id: String) {
-        if let Err(error) = self.acks.expect(envelope_id).send(None) {
+        if let Err(error) = self
+            .acks
+            .expect(envelope_id, EnvelopeType::Unknown)
+            .send(None)
+        {
             tracing::warn!(%error, "ack not sent");
         }
     }
 
-    /// Writes `first` and whatever else is queued, then flushes once.
-    async fn write_acks(&mut self, first: String) -> Result<(), tungstenite::Error> {
-        let mut written = 1u64;
+    /// Writes `first` and whatever else is queued, then flushes once; counts them acked
+    /// once they are written.
+    async fn write_acks(&mut self, first: AckFrame) -> Result<(), tungstenite::Error> {
         let bound = self.settings.pong_timeout;
         let ws = &mut self.ws.ws;
         let frames = &mut self.frames;
+        let written = &mut self.written;
+        written.clear();
         let batch = async {
-            ws.feed(Message::text(first)).await?;
-            while written < MAX_ACKS_PER_FLUSH as u64 {
-                let Ok(frame) = frames.try_recv() else { break };
-                ws.feed(Message::text(frame)).await?;
-                written += 1;
+            let mut next = Some(first);
+            while let Some(frame) = next.take() {
+                ws.feed(Message::text(frame.text)).await?;
+                written.push((frame.kind, frame.received_at));
+                if written.len() < MAX_ACKS_PER_FLUSH {
+                    next = frames.try_recv().ok();
+                }
             }
             ws.flush().await
         };
@@ -517,9 +543,14 @@ impl ConnectionTask {
         timeout(bound, batch)
             .await
             .map_err(|_| tungstenite::Error::Io(std::io::ErrorKind::TimedOut.into()))??;
-        self.counters()
-            .envelopes_acked
-            .fetch_add(written, std::sync::atomic::Ordering::Relaxed);
+        let now = std::time::Instant::now();
+        for &(kind, received_at) in &self.written {
+            self.state.counters.envelopes_acked.bump(kind);
+            timings::observe(
+                &self.state.timings.ack_latency,
+                now.saturating_duration_since(received_at),
+            );
+        }
         Ok(())
     }
 

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AppMismatch, AppPin, ConnectionSettings, OtherClientsPolicy, Settings, Whose};
 use crate::deadline::far_future;
 use crate::dispatch::Dispatcher;
+use crate::metrics::labels::{DisconnectLabel, OpenOutcome, ReconnectCause};
 use crate::slack::api::{OpenError, SlackApi};
 use crate::slack::backoff::Backoff;
 use crate::slack::connection::{self, ConnEvent, ConnectError, ConnectionHandle, EndCause};
@@ -334,6 +335,10 @@ impl Supervisor {
                 Ok(())
             }
             ConnEvent::Disconnect { conn, reason } => {
+                self.state
+                    .counters
+                    .disconnects
+                    .bump(DisconnectLabel::from(&reason));
                 // A retiring socket's disconnect needs nothing: it is closing anyway.
                 let Some(index) = self.slot_of(conn) else {
                     return Ok(());
@@ -351,7 +356,7 @@ impl Supervisor {
         slot.conn = None;
         slot.stable_at = None;
         self.sync_socket_count();
-        Counters::bump(&self.state.counters.reconnects);
+        self.state.counters.reconnects.bump(cause.metric_cause());
         if !self.any_connected() {
             self.mark_down(&cause.to_string());
         }
@@ -388,7 +393,10 @@ impl Supervisor {
                 if !self.any_connected() {
                     self.mark_down("too_many_websockets");
                 }
-                Counters::bump(&self.state.counters.reconnects);
+                self.state
+                    .counters
+                    .reconnects
+                    .bump(ReconnectCause::TooManyWebsockets);
                 self.set_backoff_bounds(index);
                 let floor = self.settings().too_many_websockets_backoff;
                 let delay = self.slots[index]
@@ -555,6 +563,12 @@ impl Supervisor {
             opened = self.api.open_connection(&self.token) => opened,
             () = shutdown.cancelled() => return Err(Failure::Stopped),
         };
+        self.state.counters.connection_opens.bump(match &opened {
+            Ok(_) => OpenOutcome::Ok,
+            Err(OpenError::RateLimited { .. }) => OpenOutcome::RateLimited,
+            Err(OpenError::Transient(_)) => OpenOutcome::Transient,
+            Err(OpenError::Permanent { .. }) => OpenOutcome::Permanent,
+        });
         let url = opened.map_err(|error| match error {
             OpenError::Permanent { .. } => Failure::Fatal(FatalError::Auth(error)),
             OpenError::RateLimited { retry_after } => Failure::Retry {
@@ -627,6 +641,7 @@ impl Supervisor {
             .borrow()
             .conflicts
             .too_many_websockets_unhealthy_after;
+        Counters::bump(&self.state.counters.too_many_websockets);
         let app = self.pin.expected().unwrap_or("this app").to_owned();
         self.state.update(|s| {
             s.too_many_in_a_row += 1;

@@ -24,10 +24,12 @@ mod deb;
 mod machine;
 mod podman;
 mod rootfs;
+mod round_trip;
 mod systemd;
 
 use std::path::PathBuf;
 use std::process::{Output, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// What a group of end-to-end tests runs on: its name in the skip message, and the tools
@@ -98,6 +100,39 @@ pub fn target_dir() -> PathBuf {
         Some(dir) if !dir.is_empty() => repo().join(dir),
         _ => repo().join("target"),
     }
+}
+
+/// `cargo build --release --locked ARGS`, as `packaging/build.sh` builds: with its
+/// `SOURCE_DATE_EPOCH` (the caller's, else the last commit's time), which ring's build
+/// script watches: another value would rebuild the release binaries. A no-op when they are
+/// up to date. Blocking: call it before the simulator starts.
+pub fn release_build(args: &[&str]) {
+    let mut all = vec!["--release", "--locked"];
+    all.extend_from_slice(args);
+    let mut build = flowcoach_harness::cargo::command(&repo(), &all);
+    if std::env::var_os("SOURCE_DATE_EPOCH").is_none()
+        && let Ok(log) = std::process::Command::new("git")
+            .args(["log", "-1", "--format=%ct"])
+            .current_dir(repo())
+            .stdin(Stdio::null())
+            .output()
+        && log.status.success()
+    {
+        build.env(
+            "SOURCE_DATE_EPOCH",
+            String::from_utf8_lossy(&log.stdout).trim(),
+        );
+    }
+    let status = build.status().expect("run cargo build --release");
+    assert!(status.success(), "cargo build --release {args:?} failed");
+}
+
+/// The demo app in HTTP mode (`flowcoach-dev app`), release build: the app the tests put
+/// behind the packaged flowcoach, in a unit or a container of its own. Built once.
+pub fn demo_app() -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| release_build(&["--package", "flowcoach-dev", "--bin", "flowcoach-dev"]));
+    target_dir().join("release/flowcoach-dev")
 }
 
 /// `target/e2e`: the cached rootfs, repacked packages, logs of machines.

@@ -32,6 +32,8 @@ use flowcoach_sim::{CloseKind, LoadMix, LoadSpec, Record, Simulator};
 
 use crate::{repo, target_dir};
 
+mod app;
+
 /// The image the tests build and run.
 const IMAGE: &str = "localhost/flowcoach:e2e";
 /// The runtime base when `FLOWCOACH_E2E_PODMAN_BASE` is not set.
@@ -69,10 +71,7 @@ fn image() -> &'static str {
 
 fn build_image() {
     let started = Instant::now();
-    // The binaries: a no-op when they are up to date.
-    let status = flowcoach_harness::cargo::build(&repo(), &["--release", "--locked", "--bins"])
-        .expect("run cargo build --release");
-    assert!(status.success(), "cargo build --release failed");
+    crate::release_build(&["--bins"]);
     eprintln!("release binaries ready after {:?}", started.elapsed());
 
     let base = base_image();
@@ -218,17 +217,22 @@ fn podman_create(kind: &str, args: &[&str]) {
     );
 }
 
-/// A Podman secret holding the simulator's token.
+/// A Podman secret: the simulator's token, or another secret.
 struct Secret {
     name: String,
 }
 
 impl Secret {
     fn create() -> Secret {
-        let name = unique("token");
+        Secret::holding("token", &token())
+    }
+
+    /// A secret named after `kind` holding `contents`.
+    fn holding(kind: &str, contents: &str) -> Secret {
+        let name = unique(kind);
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("token");
-        std::fs::write(&file, token()).unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, contents).unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
         podman_create("secret", &[&name, file.to_str().unwrap()]);
         Secret { name }
@@ -269,9 +273,14 @@ struct ConfigFile {
 
 impl ConfigFile {
     fn new() -> ConfigFile {
+        ConfigFile::with("")
+    }
+
+    /// [`FAST_CONFIG`] and `extra`.
+    fn with(extra: &str) -> ConfigFile {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("flowcoach.toml");
-        std::fs::write(&path, FAST_CONFIG).unwrap();
+        std::fs::write(&path, format!("{FAST_CONFIG}{extra}")).unwrap();
         // The container's user must read it.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -296,6 +305,31 @@ struct Setup<'a> {
     notify: Option<&'a Path>,
     /// Arguments after the image name (replacing the image's `run`).
     args: &'a [&'a str],
+    /// The pod the container joins, with its network; without one, the container joins
+    /// this process's network namespace.
+    pod: Option<&'a Pod>,
+    /// The app's signing secret for `[forward]`, as the credential `slack-signing-secret`.
+    signing_secret: Option<&'a Secret>,
+}
+
+/// A pod on this process's network (`--network host`: the simulator's loopback), removed
+/// with its containers on drop.
+struct Pod {
+    name: String,
+}
+
+impl Pod {
+    fn create() -> Pod {
+        let name = unique("pod");
+        podman_create("pod", &["--name", &name, "--network", "host"]);
+        Pod { name }
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        podman_blocking(&["pod", "rm", "--force", "--time", "0", &self.name]);
+    }
 }
 
 /// A container started with `podman run -d`, removed on drop.
@@ -309,11 +343,20 @@ impl Container {
     /// stop timeout beyond the drain budget), joined to this process's network namespace.
     async fn run(setup: Setup<'_>) -> Container {
         let name = unique("c");
-        let network = format!("--network=ns:/proc/{}/ns/net", std::process::id());
-        let secret = format!(
-            "{},target=slack-app-token,uid={UID},gid={UID},mode=0400",
-            setup.secret.name
-        );
+        let network = match setup.pod {
+            Some(pod) => format!("--pod={}", pod.name),
+            None => format!("--network=ns:/proc/{}/ns/net", std::process::id()),
+        };
+        let secret = |secret: &Secret, target: &str| {
+            format!(
+                "{},target={target},uid={UID},gid={UID},mode=0400",
+                secret.name
+            )
+        };
+        let token = secret(setup.secret, "slack-app-token");
+        let signing_secret = setup
+            .signing_secret
+            .map(|signing| secret(signing, "slack-signing-secret"));
         let config = format!(
             "{}:/etc/flowcoach/flowcoach.toml:ro",
             setup.config.path.display()
@@ -336,7 +379,7 @@ impl Container {
             "--tmpfs",
             "/run/secrets:rw,mode=0755",
             "--secret",
-            &secret,
+            &token,
             "--volume",
             &config,
             match setup.runtime {
@@ -350,6 +393,9 @@ impl Container {
             "FLOWCOACH_LOG_FORMAT=json",
             "--stop-timeout=40",
         ];
+        if let Some(signing_secret) = &signing_secret {
+            args.extend(["--secret", signing_secret]);
+        }
         if setup.notify.is_some() {
             args.push("--sdnotify=container");
         }
@@ -562,6 +608,8 @@ async fn the_image_serves_reports_ready_and_healthy_and_stops_with_a_clean_close
         runtime: Runtime::Tmpfs,
         notify: Some(&notify.path),
         args: &[],
+        pod: None,
+        signing_secret: None,
     })
     .await;
     connected(&sim, &container).await;
@@ -659,6 +707,8 @@ async fn the_health_check_fails_without_slack_and_without_a_daemon() {
         runtime: Runtime::Tmpfs,
         notify: None,
         args: &[],
+        pod: None,
+        signing_secret: None,
     })
     .await;
     connected(&sim, &container).await;
@@ -731,6 +781,8 @@ async fn a_container_takes_over_from_another_through_a_shared_runtime_volume() {
         runtime: Runtime::Volume(&volume),
         notify: None,
         args,
+        pod: None,
+        signing_secret: None,
     };
     let first = Container::run(setup(&[])).await;
     connected(&sim, &first).await;

@@ -9,6 +9,8 @@
 //! is the newest `target/debian/flowcoach_*.deb` (`packaging/build.sh`). Harness: the
 //! other modules of `tests/e2e/`.
 
+mod app;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 

@@ -43,7 +43,8 @@ macro_rules! for_both_apps {
 for_both_apps!(
     each_interaction_reaches_the_app_and_its_answer_reaches_slack,
     a_request_signed_with_another_secret_is_refused_by_bolt,
-    a_stopped_app_gets_the_redelivery_once_it_is_back,
+    a_stopped_app_gets_the_redelivery_with_its_retry_number_once_it_is_back,
+    a_slash_command_slower_than_the_response_deadline_is_acked_in_time_without_its_answer,
 );
 
 /// What the app runs with: the simulated app's signing secret and bot token, the
@@ -62,11 +63,12 @@ async fn start_app(bolt: Bolt, port: u16, sim: &Simulator) -> BoltApp {
     BoltApp::start(bolt, port, &env).await
 }
 
-/// flowcoach forwarding to `app`, signing with `secret`, connected; without the inbox,
-/// so that events the app did not take are left to Slack's redelivery.
-async fn flowcoach(sim: &Simulator, app: &BoltApp, secret: &str) -> Daemon {
+/// flowcoach forwarding to `app`, signing with `secret`, connected; `extra`: more of its
+/// configuration (TOML sections). Without the inbox, so that events the app did not take
+/// are left to Slack's redelivery.
+async fn flowcoach(sim: &Simulator, app: &BoltApp, secret: &str, extra: &str) -> Daemon {
     let config = format!(
-        "{FAST_CONFIG}\n[forward]\nurl = \"{}\"\nfallback_text = \"{FALLBACK}\"\n[inbox]\nenabled = false\n",
+        "{FAST_CONFIG}\n[forward]\nurl = \"{}\"\nfallback_text = \"{FALLBACK}\"\n[inbox]\nenabled = false\n{extra}\n",
         app.url()
     );
     let daemon = Daemon::start_with(sim, &config, &[("SLACK_SIGNING_SECRET", secret)]);
@@ -82,7 +84,7 @@ async fn bolt_behind_flowcoach(
 ) -> (Simulator, BoltApp, Daemon) {
     let sim = simulator(adjust).await;
     let app = start_app(bolt, 0, &sim).await;
-    let daemon = flowcoach(&sim, &app, &fake_signing_secret(APP)).await;
+    let daemon = flowcoach(&sim, &app, &fake_signing_secret(APP), "").await;
     (sim, app, daemon)
 }
 
@@ -96,6 +98,12 @@ fn mention_reply() -> String {
         "Hello <@{SIM_USER_ID}>! You said: <@{}> ship it",
         bot_user_id(APP)
     )
+}
+
+/// What it says in reply to Slack's `retry`th redelivery of [`mention`]: the request's
+/// `X-Slack-Retry-Num`, as Bolt exposes it.
+fn mention_reply_to_retry(retry: u32) -> String {
+    format!("{} (Slack's retry {retry})", mention_reply())
 }
 
 /// The texts of the messages the bot posted so far.
@@ -247,7 +255,7 @@ async fn each_interaction_reaches_the_app_and_its_answer_reaches_slack(bolt: Bol
 async fn a_request_signed_with_another_secret_is_refused_by_bolt(bolt: Bolt) {
     let sim = simulator(|_| {}).await;
     let app = start_app(bolt, 0, &sim).await;
-    let mut daemon = flowcoach(&sim, &app, "0123456789abcdef0123456789abcdef").await;
+    let mut daemon = flowcoach(&sim, &app, "0123456789abcdef0123456789abcdef", "").await;
 
     let id = sim.inject(APP, mention("EvBoltForged"));
     let failed = daemon
@@ -288,7 +296,7 @@ async fn a_request_signed_with_another_secret_is_refused_by_bolt(bolt: Bolt) {
     daemon.stop().await;
 }
 
-async fn a_stopped_app_gets_the_redelivery_once_it_is_back(bolt: Bolt) {
+async fn a_stopped_app_gets_the_redelivery_with_its_retry_number_once_it_is_back(bolt: Bolt) {
     let (sim, mut app, mut daemon) = bolt_behind_flowcoach(bolt, |c| {
         c.ack_deadline = Duration::from_secs(1);
         // Redelivered until the app is back, however long its interpreter takes to start.
@@ -319,7 +327,15 @@ async fn a_stopped_app_gets_the_redelivery_once_it_is_back(bolt: Bolt) {
         .unwrap_or_else(|e| panic!("not acked once the app is back: {e:?}\n{}", app.output()));
     let deliveries = &record.envelope(&id).unwrap().deliveries;
     assert!(deliveries.len() >= 2, "{deliveries:?}");
-    assert_eq!(wait_posted(&sim, 1).await, [json!(mention_reply())]);
+    // The delivery it took is the last: acked at once, nothing was redelivered after it.
+    let taken = deliveries.last().unwrap().retry_attempt;
+    assert!(taken >= 1, "{deliveries:?}");
+    assert_eq!(
+        wait_posted(&sim, 1).await,
+        [json!(mention_reply_to_retry(taken))],
+        "{}",
+        app.output()
+    );
     let slash = acked(&sim, EnvelopeSpec::slash_command("/hello", "back")).await;
     assert_eq!(
         slash.ack_payload,
@@ -327,5 +343,45 @@ async fn a_stopped_app_gets_the_redelivery_once_it_is_back(bolt: Bolt) {
     );
     // Every redelivery after the one it took was acked as a duplicate, not handled again.
     assert_eq!(posted(&sim).len(), 1, "{}", app.output());
+    daemon.stop().await;
+}
+
+async fn a_slash_command_slower_than_the_response_deadline_is_acked_in_time_without_its_answer(
+    bolt: Bolt,
+) {
+    let sim = simulator(|_| {}).await;
+    let app = start_app(bolt, 0, &sim).await;
+    let mut daemon = flowcoach(
+        &sim,
+        &app,
+        &fake_signing_secret(APP),
+        "[dispatch]\nresponse_deadline = \"500ms\"",
+    )
+    .await;
+
+    // `/slow 1.5` answers after 1.5 s: past the response deadline, within Slack's.
+    let slash = acked(&sim, EnvelopeSpec::slash_command("/slow", "1.5")).await;
+    assert_eq!(slash.ack_payload, None);
+    assert!(!slash.gave_up, "{slash:?}");
+    assert!(
+        slash.ack_delay().unwrap() < sim.config().ack_deadline,
+        "{slash:?}"
+    );
+    let id = slash.envelope_id.as_str();
+    daemon
+        .wait_log("handler answered after the response deadline", |l| {
+            l["envelope_id"] == id
+        })
+        .await;
+    // The late answer is logged, not sent.
+    daemon
+        .wait_log("the app answered", |l| {
+            l["envelope_id"] == id && l["answered"] == true && l["status"] == 200
+        })
+        .await;
+    let status = daemon.status_json().await;
+    assert_eq!(status["counters"]["late_responses"], 1, "{status}");
+    assert_eq!(status["counters"]["forwarded"], 1, "{status}");
+    assert_eq!(status["health"]["health"], "healthy", "{status}");
     daemon.stop().await;
 }

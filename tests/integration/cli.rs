@@ -48,14 +48,29 @@ fn check_config_accepts_a_good_configuration_and_redacts_the_token() {
     let file = config_file("environment = \"prod\"\n");
     let output = flowcoach(
         &["check-config", "--config", file.path().to_str().unwrap()],
-        &[("SLACK_APP_TOKEN", TOKEN)],
+        &[("SLACK_APP_TOKEN", TOKEN), STATE],
     );
     let out = text(&output);
     assert_eq!(output.status.code(), Some(0), "{out}");
     assert!(out.contains("environment:  prod"), "{out}");
     assert!(out.contains("xapp-1-A0CLITEST1-…"), "{out}");
     assert!(!out.contains("cafe0123456789"), "{out}");
+    assert!(
+        out.contains("inbox:        /var/lib/flowcoach/A0CLITEST1.prod.inbox.sqlite"),
+        "{out}"
+    );
+    // No place for the inbox: refused as `run` refuses it.
+    let output = flowcoach(
+        &["check-config", "--config", file.path().to_str().unwrap()],
+        &[("SLACK_APP_TOKEN", TOKEN)],
+    );
+    let out = text(&output);
+    assert_eq!(output.status.code(), Some(78), "{out}");
+    assert!(out.contains("STATE_DIRECTORY"), "{out}");
 }
+
+/// Where the inbox goes, as systemd's `StateDirectory=` says.
+const STATE: (&str, &str) = ("STATE_DIRECTORY", "/var/lib/flowcoach");
 
 #[test]
 fn check_config_names_the_bad_field_and_exits_78() {
@@ -230,9 +245,9 @@ fn the_defaults_and_the_bounds_of_each_range_are_valid() {
     );
     let output = flowcoach(
         &["check-config", "--config", file.path().to_str().unwrap()],
-        &[("SLACK_APP_TOKEN", TOKEN)],
+        &[("SLACK_APP_TOKEN", TOKEN), STATE],
     );
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
-    let defaults = flowcoach(&["check-config"], &[("SLACK_APP_TOKEN", TOKEN)]);
+    let defaults = flowcoach(&["check-config"], &[("SLACK_APP_TOKEN", TOKEN), STATE]);
     assert_eq!(defaults.status.code(), Some(0), "{}", text(&defaults));
 }

@@ -88,7 +88,7 @@ fn store_in(pg: &Postgres, cluster: &str, member: &str, lease: Duration) -> Post
 fn accept(key: &str) -> Change {
     Change::Accept(NewEnvelope {
         envelope_id: format!("env-{key}"),
-        kind: "events_api",
+        kind: flowcoach_protocol::EnvelopeKind::EventsApi,
         event_type: Some("message".into()),
         dedup_key: key.into(),
         body: format!("{{\"envelope_id\":\"env-{key}\"}}"),

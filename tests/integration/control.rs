@@ -2,7 +2,7 @@
 //! discovery, hostile clients, access control and socket activation, all on real unix
 //! sockets with the server running in the test process.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -23,7 +23,10 @@ use flowcoach::control::protocol::{
 };
 use flowcoach::control::server::{self, Limits};
 use flowcoach::health::Health;
+use flowcoach::metrics::Exposition;
+use flowcoach::metrics::labels::EnvelopeType;
 use flowcoach::state::{Counters, InstanceInfo, InstanceState, Phase};
+use flowcoach_harness::activation::Activation;
 
 /// Bound for anything a test waits on.
 const WAIT: Duration = Duration::from_secs(10);
@@ -40,8 +43,11 @@ fn connected_state() -> Arc<InstanceState> {
         status.last_disconnect = Some("refresh_requested".to_owned());
     });
     for _ in 0..3 {
-        Counters::bump(&state.counters.envelopes_received);
-        Counters::bump(&state.counters.envelopes_acked);
+        state
+            .counters
+            .envelopes_received
+            .bump(EnvelopeType::EventsApi);
+        state.counters.envelopes_acked.bump(EnvelopeType::EventsApi);
     }
     Counters::bump(&state.counters.rotations);
     state
@@ -50,6 +56,11 @@ fn connected_state() -> Arc<InstanceState> {
 fn context(state: Arc<InstanceState>, access: AccessPolicy) -> Arc<ControlContext> {
     Arc::new(ControlContext {
         inbox: None,
+        exposition: Arc::new(Exposition::new(
+            state.clone(),
+            Duration::from_secs(300),
+            Vec::new(),
+        )),
         state,
         token_source: tokio::sync::watch::channel("SLACK_APP_TOKEN".to_owned()).1,
         started_at: SystemTime::now() - Duration::from_secs(7200),
@@ -683,19 +694,9 @@ async fn from_systemd_takes_the_socket_named_control() {
     let dir = tempfile::tempdir().unwrap();
     let other = std::os::unix::net::UnixListener::bind(dir.path().join("other.sock")).unwrap();
     let control = std::os::unix::net::UnixListener::bind(dir.path().join("control.sock")).unwrap();
-    // Copies above the fds the child will use, so that moving them to 3 and 4 cannot clobber.
-    fn high(fd: &impl AsFd) -> OwnedFd {
-        let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(100)).unwrap();
-        // SAFETY: fcntl just created this fd, nothing else owns it.
-        unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) }
-    }
-    let (other_fd, control_fd) = (high(&other), high(&control));
-    let (other_raw, control_raw) = (other_fd.as_raw_fd(), control_fd.as_raw_fd());
-    let mut command = tokio::process::Command::new("sh");
+    let activation = Activation::new(&[(&other, "other"), (&control, "control")]);
+    let mut command = Activation::command(std::env::current_exe().unwrap());
     command
-        .arg("-c")
-        .arg(r#"LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@""#)
-        .arg(std::env::current_exe().unwrap())
         .args([
             "--exact",
             "control::systemd_child",
@@ -703,25 +704,13 @@ async fn from_systemd_takes_the_socket_named_control() {
             "--nocapture",
         ])
         .env(SYSTEMD_CHILD, "1")
-        .env("LISTEN_FDS", "2")
-        .env("LISTEN_FDNAMES", "other:control")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .kill_on_drop(true);
-    // SAFETY: dup2 is async-signal-safe; the fds stay open in the parent until after spawn.
-    unsafe {
-        command.pre_exec(move || {
-            for (from, to) in [(other_raw, 3), (control_raw, 4)] {
-                if nix::libc::dup2(from, to) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+    activation.pass(&mut command);
     let child = command.spawn().unwrap();
     let child_pid = child.id().unwrap();
-    drop((other_fd, control_fd));
+    drop(command);
     // The socket is listening already: the request waits in the backlog until the child
     // serves it.
     let response = client::request(&dir.path().join("control.sock"), Command::Status, WAIT).await;
@@ -750,6 +739,7 @@ fn systemd_child() {
     }
     let listener = server::from_systemd()
         .expect("from_systemd")
+        .control
         .expect("a socket named control");
     assert!(server::from_systemd().is_err(), "taken twice");
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -766,7 +756,8 @@ fn systemd_child() {
 #[test]
 fn without_socket_activation_there_is_nothing_to_take() {
     // The test process is not socket-activated (LISTEN_PID is not ours, if set at all).
-    assert!(server::from_systemd().unwrap().is_none());
+    let passed = server::from_systemd().unwrap();
+    assert!(passed.control.is_none() && passed.metrics.is_none());
 }
 
 #[tokio::test]

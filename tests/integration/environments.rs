@@ -39,7 +39,9 @@ fn check_config(config_text: &str, args: &[&str], env: &[(&str, &str)]) -> Outpu
         .arg(file.path())
         .arg("check-config")
         .args(args)
-        .env_clear();
+        .env_clear()
+        // Where the inbox would go (check-config creates nothing).
+        .env("STATE_DIRECTORY", "/var/lib/flowcoach");
     for (key, value) in env {
         command.env(key, value);
     }

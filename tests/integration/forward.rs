@@ -552,6 +552,8 @@ fn flowcoach_check(config: &str, env: &[(&str, &str)]) -> (i32, String) {
         .args(["--config", file.path().to_str().unwrap(), "check-config"])
         .env_clear()
         .env("SLACK_APP_TOKEN", flowcoach_harness::token())
+        // Where the inbox would go (check-config creates nothing).
+        .env("STATE_DIRECTORY", "/var/lib/flowcoach")
         .envs(env.iter().copied())
         .output()
         .unwrap();

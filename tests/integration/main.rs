@@ -14,6 +14,8 @@ mod handover;
 mod inbox;
 mod instance_lock;
 mod logging;
+mod metrics;
+mod readme;
 mod service;
 mod socket_mode;
 mod systemd_notify;

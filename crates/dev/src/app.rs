@@ -14,7 +14,7 @@
 #[cfg(test)]
 mod tests;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -32,8 +32,6 @@ use tracing::{info, warn};
 
 use flowcoach::config::LogSettings;
 use flowcoach_protocol::signature::{self, SIGNATURE_HEADER, TIMESTAMP_HEADER};
-
-use crate::AppArgs;
 
 /// The path Bolt apps serve by default.
 pub const EVENTS_PATH: &str = "/slack/events";
@@ -84,34 +82,56 @@ impl Drop for DemoApp {
     }
 }
 
-/// `flowcoach-dev app`: serves until Ctrl-C.
-pub fn run(args: &AppArgs) -> ExitCode {
-    flowcoach::logging::init(&LogSettings::default());
-    let variable = |name: &str| {
-        std::env::var(name)
-            .ok()
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| format!("{name} is not set"))
+/// Where the app serves and calls when its environment does not say.
+const DEFAULT_HOST: &str = "127.0.0.1";
+const DEFAULT_PORT: &str = "3001";
+/// The simulator's Web API on its default address.
+const DEFAULT_API_URL: &str = "http://127.0.0.1:3000/api";
+
+/// What is wrong with the app's environment.
+#[derive(Debug, thiserror::Error)]
+enum EnvError {
+    #[error("{0} is not set (the simulator prints the values to use)")]
+    Missing(&'static str),
+    #[error("HOST={0:?} is not an IP address")]
+    Host(String),
+    #[error("PORT={0:?} is not a port number")]
+    Port(String),
+}
+
+/// Reads the app's settings from the environment, with the names Bolt apps use:
+/// `SLACK_SIGNING_SECRET`, `SLACK_BOT_TOKEN`, `SLACK_API_URL`, `HOST` and `PORT` (so a unit
+/// or a container runs it as it runs a Bolt app). The secrets never come from argv.
+fn from_env() -> Result<(SocketAddr, AppConfig), EnvError> {
+    let set = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let required = |name: &'static str| set(name).ok_or(EnvError::Missing(name));
+    let host = set("HOST").unwrap_or_else(|| DEFAULT_HOST.to_owned());
+    let port = set("PORT").unwrap_or_else(|| DEFAULT_PORT.to_owned());
+    let ip: IpAddr = host.parse().map_err(|_| EnvError::Host(host.clone()))?;
+    let port: u16 = port.parse().map_err(|_| EnvError::Port(port.clone()))?;
+    let config = AppConfig {
+        signing_secret: required("SLACK_SIGNING_SECRET")?,
+        bot_token: required("SLACK_BOT_TOKEN")?,
+        api_url: set("SLACK_API_URL").unwrap_or_else(|| DEFAULT_API_URL.to_owned()),
     };
-    let config = match (
-        variable("SLACK_SIGNING_SECRET"),
-        variable("SLACK_BOT_TOKEN"),
-    ) {
-        (Ok(signing_secret), Ok(bot_token)) => AppConfig {
-            signing_secret,
-            bot_token,
-            api_url: args.api_url.clone(),
-        },
-        (Err(missing), _) | (_, Err(missing)) => {
-            eprintln!("flowcoach-dev app: {missing} (the simulator prints both variables)");
+    Ok((SocketAddr::new(ip, port), config))
+}
+
+/// `flowcoach-dev app`: serves until Ctrl-C or SIGTERM (a service manager's stop).
+pub fn run() -> ExitCode {
+    flowcoach::logging::init(&LogSettings::default());
+    let (listen, config) = match from_env() {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("flowcoach-dev app: {error}");
             return ExitCode::from(64);
         }
     };
     let served = super::runtime().and_then(|rt| {
         rt.block_on(async {
-            let app = DemoApp::start(args.listen, config).await?;
+            let app = DemoApp::start(listen, config).await?;
             println!("The demo app serves Slack's HTTP mode on {}", app.url);
-            tokio::signal::ctrl_c().await
+            stop_requested().await
         })
     });
     match served {
@@ -120,6 +140,17 @@ pub fn run(args: &AppArgs) -> ExitCode {
             eprintln!("flowcoach-dev app: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Ctrl-C in a terminal, SIGTERM from systemd or `podman stop`: the app runs as PID 1 in a
+/// container, where SIGTERM has no default action.
+async fn stop_requested() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    tokio::select! {
+        interrupted = tokio::signal::ctrl_c() => interrupted,
+        _ = terminate.recv() => Ok(()),
     }
 }
 

@@ -1,7 +1,8 @@
 //! `flowcoach-dev bench`: throughput, CPU per envelope, ack latency and resident memory of a
 //! flowcoach process (the child, not the simulator) under a steady envelope stream; with
 //! `--handovers N`, what N handovers in a row cost under a steady stream of events, slash
-//! commands and interactions.
+//! commands and interactions; with `--bolt-compare SECONDS`, a Bolt app in Socket Mode
+//! against the same app behind flowcoach.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use flowcoach::control::protocol::{Command, Response};
 use flowcoach::host::paths::InstancePaths;
 use flowcoach_harness::logs::handled_events;
 use flowcoach_harness::process::{self, Strays};
+use flowcoach_harness::prometheus;
 use flowcoach_harness::{Daemon, Logs};
 use flowcoach_sim::{DEFAULT_APP_ID, LoadMix, LoadSpec, Record, SimConfig, Simulator};
 use nix::sys::signal::Signal;
@@ -18,7 +20,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::noop_app::NoOpApp;
-use crate::{BenchArgs, StreamMix, outages};
+use crate::{BenchArgs, StreamMix, bolt_compare, outages};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -36,6 +38,13 @@ pub struct BenchReport {
     pub forward: bool,
     /// With `forward`: requests the app answered.
     pub app_requests: Option<u64>,
+    /// Events were acked once on disk (the durable inbox), not on accept.
+    pub inbox: bool,
+    /// The metrics endpoint was on and scraped every second.
+    pub metrics: bool,
+    /// With `metrics`: scrapes answered, and the series in the last one.
+    pub scrapes: Option<u64>,
+    pub series: Option<usize>,
     pub seconds: f64,
     pub envelopes_per_second: f64,
     pub cpu_us_per_envelope: f64,
@@ -57,6 +66,13 @@ pub fn run(args: &BenchArgs) -> ExitCode {
             outages::drops(drops, args.sockets),
             args.json,
             outages::print_drops,
+        );
+    }
+    if let Some(seconds) = args.bolt_compare {
+        return report(
+            bolt_compare::compare(seconds, args.rate.unwrap_or(20.0)),
+            args.json,
+            bolt_compare::print_table,
         );
     }
     if let Some(seconds) = args.storm {
@@ -111,8 +127,14 @@ fn print_table(r: &BenchReport) {
             ""
         }
     );
+    if r.inbox {
+        println!("  durable inbox on: events acked once committed to disk (fsync)");
+    }
     if let Some(requests) = r.app_requests {
         println!("  forwarded to a no-op app in HTTP mode: {requests} requests answered");
+    }
+    if let (Some(scrapes), Some(series)) = (r.scrapes, r.series) {
+        println!("  metrics endpoint on: {scrapes} scrapes, {series} series in the last one");
     }
     println!(
         "  throughput        {:>10.0} envelopes/s",
@@ -159,15 +181,27 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
     } else {
         None
     };
-    let config = app.as_ref().map_or_else(String::new, |app| {
+    let mut config = app.as_ref().map_or_else(String::new, |app| {
         format!(
             "[forward]\nurl = \"{}\"\nmax_concurrent = {window}\n",
             app.url
         )
     });
+    if args.no_inbox {
+        config.push_str("[inbox]\nenabled = false\n");
+    }
+    if args.metrics {
+        config.push_str("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    }
     // warn: the built-in handler's per-event info line is filtered out, which makes it the
     // no-op handler the figures are about.
-    let mut env = vec![("FLOWCOACH_LOG", "warn")];
+    // With --metrics, the daemon's own start-up lines too: the endpoint's address is in one.
+    let level = if args.metrics {
+        "warn,flowcoach::daemon=info"
+    } else {
+        "warn"
+    };
+    let mut env = vec![("FLOWCOACH_LOG", level)];
     if app.is_some() {
         env.push(("SLACK_SIGNING_SECRET", "bench-signing-secret"));
     }
@@ -176,6 +210,17 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
     sim.wait_until(WAIT, |r| r.sockets.iter().any(|s| s.hello_at.is_some()))
         .await
         .map_err(|e| format!("flowcoach did not connect: {e:?}"))?;
+    let endpoint = if args.metrics {
+        let line = daemon.wait_log("metrics endpoint on", |_| true).await;
+        let address = line["address"].as_str().unwrap_or_default();
+        Some(
+            address
+                .parse::<std::net::SocketAddr>()
+                .map_err(|e| format!("the metrics endpoint's address {address:?}: {e}"))?,
+        )
+    } else {
+        None
+    };
     // Let start-up allocations settle before reading the idle figure.
     tokio::time::sleep(Duration::from_millis(500)).await;
     if args.after_reconnect {
@@ -201,6 +246,8 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
     );
     let mut peak_rss = idle.rss_kib;
     let mut peak_anon = idle.rss_anon_kib;
+    let mut scrapes = 0u64;
+    let mut last_scrape = String::new();
     let all_acked = |r: &Record| {
         r.envelopes.len() as u64 >= envelopes && r.envelopes.iter().all(|e| e.acked_at.is_some())
     };
@@ -213,10 +260,26 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
+    let scraper = async {
+        let Some(endpoint) = endpoint else {
+            return std::future::pending().await;
+        };
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            last_scrape = prometheus::scrape(endpoint, None).await.1;
+            scrapes += 1;
+        }
+    };
     let finished = tokio::select! {
         done = sim.wait_until(Duration::from_secs(600), all_acked) => done,
         () = sampler => unreachable!("the sampler never ends"),
+        () = scraper => unreachable!("the scraper never ends"),
     };
+    if let Some(endpoint) = endpoint {
+        last_scrape = prometheus::scrape(endpoint, None).await.1;
+        scrapes += 1;
+    }
     let record = finished.map_err(|e| format!("not every envelope was acked: {e:?}"))?;
     let elapsed = started.elapsed();
     let _ = load.await;
@@ -228,13 +291,8 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
     let _ = tokio::time::timeout(WAIT, daemon.child.wait()).await;
     sim.shutdown().await;
 
-    let mut latencies: Vec<u64> = record
-        .envelopes
-        .iter()
-        .filter_map(|e| Some((e.acked_at? - e.deliveries.first()?.at).as_micros() as u64))
-        .collect();
-    latencies.sort_unstable();
-    let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
+    let latencies = AckLatencies::of(&record);
+    let percentile = |p| latencies.percentile_us(p);
     let cpu = loaded.cpu.saturating_sub(idle.cpu);
     Ok(BenchReport {
         envelopes,
@@ -243,6 +301,10 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
         after_reconnect: args.after_reconnect,
         forward: args.forward,
         app_requests: app.as_ref().map(NoOpApp::requests),
+        inbox: !args.no_inbox,
+        metrics: args.metrics,
+        scrapes: args.metrics.then_some(scrapes),
+        series: args.metrics.then(|| prometheus::series_count(&last_scrape)),
         seconds: elapsed.as_secs_f64(),
         envelopes_per_second: envelopes as f64 / elapsed.as_secs_f64(),
         cpu_us_per_envelope: cpu.as_secs_f64() * 1e6 / envelopes as f64,
@@ -253,6 +315,29 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
         rss_anon_idle_kib: idle.rss_anon_kib,
         rss_anon_peak_under_load_kib: peak_anon,
     })
+}
+
+/// From each acked envelope's first delivery to its ack, sorted.
+pub struct AckLatencies(Vec<u64>);
+
+impl AckLatencies {
+    pub fn of(record: &Record) -> AckLatencies {
+        let mut micros: Vec<u64> = record
+            .envelopes
+            .iter()
+            .filter_map(|e| Some(e.ack_delay()?.as_micros() as u64))
+            .collect();
+        micros.sort_unstable();
+        AckLatencies(micros)
+    }
+
+    /// The `p`th quantile (0.5: the median) in µs; 0 when nothing was acked.
+    pub fn percentile_us(&self, p: f64) -> u64 {
+        match self.0.len() {
+            0 => 0,
+            n => self.0[((n - 1) as f64 * p) as usize],
+        }
+    }
 }
 
 /// What `--handovers N` measures.

@@ -4,6 +4,7 @@
 
 mod app;
 mod bench;
+mod bolt_compare;
 mod demo;
 mod noop_app;
 mod outages;
@@ -33,8 +34,10 @@ enum Tool {
     /// connection, a clean stop.
     Demo(DemoArgs),
     /// Run a small Slack app in HTTP mode (signed requests on /slack/events, replies through
-    /// the Web API), to put behind flowcoach's `[forward]`.
-    App(AppArgs),
+    /// the Web API), to put behind flowcoach's `[forward]`. Configured by its environment,
+    /// as a Bolt app is: SLACK_SIGNING_SECRET, SLACK_BOT_TOKEN, HOST (127.0.0.1), PORT
+    /// (3001), SLACK_API_URL (http://127.0.0.1:3000/api, the simulator's).
+    App,
     /// Measure flowcoach (as a child process) against the simulator: throughput, CPU per
     /// envelope, ack latency, resident memory; or handovers.
     Bench(BenchArgs),
@@ -60,6 +63,15 @@ pub struct BenchArgs {
     /// the cost of signing, sending and waiting for the app's 200 before the ack.
     #[arg(long, conflicts_with = "handovers")]
     pub forward: bool,
+    /// Turn the durable inbox off (`[inbox] enabled = false`): events are acked on accept
+    /// instead of once on disk. With it on (the default), it lives in a temporary
+    /// directory under $TMPDIR: on the disk to measure.
+    #[arg(long, conflicts_with = "handovers")]
+    pub no_inbox: bool,
+    /// Turn the Prometheus endpoint on (`[metrics] listen`) and scrape it every second
+    /// during the run, as Prometheus would: the cost of the metrics.
+    #[arg(long, conflicts_with = "handovers")]
+    pub metrics: bool,
     /// Measure handovers instead: this many `flowcoachctl handover`s in a row under a
     /// steady event stream (time to complete, time with no socket open, envelopes lost or
     /// handled twice).
@@ -80,6 +92,12 @@ pub struct BenchArgs {
     /// seconds (calls to apps.connections.open a minute).
     #[arg(long, value_name = "SECONDS", conflicts_with = "handovers")]
     pub storm: Option<u64>,
+    /// Compare instead, for this many seconds of mentions: the Bolt for Python example in
+    /// Socket Mode with its own SocketModeHandler, and in HTTP mode behind flowcoach, against
+    /// a Slack that rotates and drops connections (acks past the deadline, events handled
+    /// twice, ack p99). With --rate: mentions per second, 20 by default.
+    #[arg(long, value_name = "SECONDS", conflicts_with_all = ["handovers", "drops", "storm", "forward", "after_reconnect"])]
+    pub bolt_compare: Option<u64>,
     /// With --storm: the disconnect reason.
     #[arg(long, default_value = "refresh_requested", requires = "storm")]
     pub storm_reason: String,
@@ -119,18 +137,6 @@ pub struct SimArgs {
     pub mention_every: Option<Duration>,
 }
 
-/// The signing secret and the bot token come from `SLACK_SIGNING_SECRET` and
-/// `SLACK_BOT_TOKEN`, never from the command line.
-#[derive(Debug, Args)]
-pub struct AppArgs {
-    /// Address to serve `/slack/events` on.
-    #[arg(long, default_value = "127.0.0.1:3001")]
-    pub listen: SocketAddr,
-    /// The Web API base the app calls (`chat.postMessage`): the simulator's by default.
-    #[arg(long, default_value = "http://127.0.0.1:3000/api")]
-    pub api_url: String,
-}
-
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// How long the demo runs before stopping flowcoach with SIGTERM.
@@ -148,7 +154,7 @@ fn main() -> ExitCode {
     }
     match cli.tool {
         Tool::Sim(args) => sim::run(&args),
-        Tool::App(args) => app::run(&args),
+        Tool::App => app::run(),
         Tool::Demo(args) => demo::run(&args),
         Tool::Bench(args) => bench::run(&args),
     }

@@ -48,7 +48,7 @@ async fn serve(args: &SimArgs) -> std::io::Result<()> {
          in flowcoach's configuration and SLACK_SIGNING_SECRET={secret} in its environment, run"
     );
     println!(
-        "  SLACK_SIGNING_SECRET={secret} SLACK_BOT_TOKEN={} flowcoach-dev app --listen 127.0.0.1:3001 --api-url {}",
+        "  SLACK_SIGNING_SECRET={secret} SLACK_BOT_TOKEN={} PORT=3001 SLACK_API_URL={} flowcoach-dev app",
         fake_bot_token(&args.app_id),
         sim.api_url()
     );

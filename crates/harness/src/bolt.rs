@@ -1,8 +1,8 @@
 //! The example Bolt apps (`examples/bolt-python`, `examples/bolt-js`) as real child
 //! processes, one way for both languages: whether their packages are installed, start one on
-//! a port and wait until it listens, stop it.
+//! a port and wait until it listens, stop it. The Python one also runs in Socket Mode with
+//! Bolt's own handler (`socket_mode.py`), what the comparison benchmark sets flowcoach against.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use crate::WAIT;
 
 /// Set to `1` (as CI does), a Bolt test whose packages are missing fails instead of
-/// skipping: CI can never pass them without running them.
+/// skipping ([`crate::gate`]).
 pub const MANDATORY_VARIABLE: &str = "FLOWCOACH_BOLT";
 
 /// The line an example app prints on stdout once it listens, followed by its URL.
@@ -38,14 +38,23 @@ impl Bolt {
             .join(name)
     }
 
-    fn command(self) -> Command {
-        let (program, app) = match self {
-            Bolt::Python => ("python3", "app.py"),
-            Bolt::JavaScript => ("node", "app.js"),
+    /// The interpreter running `script` in the example's directory.
+    fn command(self, script: &str) -> Command {
+        let program = match self {
+            Bolt::Python => "python3",
+            Bolt::JavaScript => "node",
         };
         let mut command = Command::new(program);
-        command.arg(app).current_dir(self.dir());
+        command.arg(script).current_dir(self.dir());
         command
+    }
+
+    /// The example app in HTTP mode.
+    fn http_mode_script(self) -> &'static str {
+        match self {
+            Bolt::Python => "app.py",
+            Bolt::JavaScript => "app.js",
+        }
     }
 
     /// The interpreter, its flag to run code, and that code loading the Bolt package.
@@ -84,21 +93,9 @@ impl Bolt {
         ))
     }
 
-    /// Whether a test of this app should run: yes when its packages are installed; when they
-    /// are not, a failure if [`MANDATORY_VARIABLE`] is `1`, else a `SKIPPED` line on stderr
-    /// (written past the test runner's capture, so it shows) and no.
+    /// Whether a test of this app should run: see [`crate::gate::runnable`].
     pub fn runnable(self, test: &str) -> bool {
-        let Some(why) = self.missing() else {
-            return true;
-        };
-        if std::env::var(MANDATORY_VARIABLE).is_ok_and(|v| v == "1") {
-            panic!("{test}: {why} ({MANDATORY_VARIABLE}=1 makes this test mandatory)");
-        }
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED {test}: {why}; set {MANDATORY_VARIABLE}=1 to make it fail instead"
-        );
-        false
+        crate::gate::runnable(test, self.missing(), MANDATORY_VARIABLE)
     }
 }
 
@@ -123,27 +120,11 @@ impl BoltApp {
     /// test can take it first) with `env` (signing secret, bot token, Web API base: the
     /// environment, never argv) and waits until it says it listens.
     pub async fn start(bolt: Bolt, port: u16, env: &[(&str, &str)]) -> BoltApp {
-        let mut command = bolt.command();
+        let mut command = bolt.command(bolt.http_mode_script());
         command
             .env("HOST", "127.0.0.1")
-            .env("PORT", port.to_string())
-            .env("PYTHONUNBUFFERED", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn the {bolt:?} Bolt app: {e}"));
-        let output = Arc::new(Mutex::new(String::new()));
-        let (progress, mut progress_seen) = watch::channel(Progress::default());
-        let stdout = child.stdout.take().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        tokio::spawn(collect(stdout, output.clone(), Some(progress)));
-        tokio::spawn(collect(stderr, output.clone(), None));
+            .env("PORT", port.to_string());
+        let (child, output, mut progress_seen) = spawn(bolt, command, env);
         let outcome = tokio::time::timeout(
             WAIT,
             progress_seen.wait_for(|p| p.listening.is_some() || p.ended),
@@ -182,16 +163,75 @@ impl BoltApp {
 
     /// SIGTERM, and waits until it has exited.
     pub async fn stop(&mut self) {
-        if let Some(pid) = self.child.id() {
-            crate::process::signal(pid, nix::sys::signal::Signal::SIGTERM);
-        }
-        if tokio::time::timeout(WAIT, self.child.wait()).await.is_err() {
-            panic!(
-                "the {:?} Bolt app did not exit on SIGTERM; its output:\n{}",
-                self.bolt,
-                self.output()
-            );
-        }
+        stop(self.bolt, &mut self.child, &self.output).await;
+    }
+}
+
+/// The Python example app run in Socket Mode by Bolt's `SocketModeHandler`
+/// (`socket_mode.py`): its own connection to Slack, no flowcoach.
+pub struct SocketModeBoltApp {
+    child: Child,
+    output: Arc<Mutex<String>>,
+}
+
+impl SocketModeBoltApp {
+    /// Starts it with `env` (the app-level token, signing secret, bot token, Web API base:
+    /// the environment, never argv). It prints nothing once connected: the caller waits for
+    /// its connection where it arrives.
+    pub fn start(env: &[(&str, &str)]) -> SocketModeBoltApp {
+        let bolt = Bolt::Python;
+        let (child, output, _) = spawn(bolt, bolt.command("socket_mode.py"), env);
+        SocketModeBoltApp { child, output }
+    }
+
+    /// Everything it wrote so far, stdout and stderr interleaved by line.
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// SIGTERM, and waits until it has exited.
+    pub async fn stop(&mut self) {
+        stop(Bolt::Python, &mut self.child, &self.output).await;
+    }
+}
+
+/// Spawns `command` with `env`, its output collected; the receiver sees its progress.
+fn spawn(
+    bolt: Bolt,
+    mut command: Command,
+    env: &[(&str, &str)],
+) -> (Child, Arc<Mutex<String>>, watch::Receiver<Progress>) {
+    command
+        .env("PYTHONUNBUFFERED", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn the {bolt:?} Bolt app: {e}"));
+    let output = Arc::new(Mutex::new(String::new()));
+    let (progress, progress_seen) = watch::channel(Progress::default());
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    tokio::spawn(collect(stdout, output.clone(), Some(progress)));
+    tokio::spawn(collect(stderr, output.clone(), None));
+    (child, output, progress_seen)
+}
+
+/// SIGTERM to `child`, and waits until it has exited.
+async fn stop(bolt: Bolt, child: &mut Child, output: &Mutex<String>) {
+    if let Some(pid) = child.id() {
+        crate::process::signal(pid, nix::sys::signal::Signal::SIGTERM);
+    }
+    if tokio::time::timeout(WAIT, child.wait()).await.is_err() {
+        panic!(
+            "the {bolt:?} Bolt app did not exit on SIGTERM; its output:\n{}",
+            output.lock().unwrap()
+        );
     }
 }
 

@@ -9,6 +9,11 @@ use std::process::{Command, ExitStatus, Stdio};
 /// watch one of them (ring watches `CARGO_MANIFEST_DIR`) would otherwise rebuild on every
 /// alternation with a plain `cargo build`.
 pub fn build(workspace: &Path, args: &[&str]) -> std::io::Result<ExitStatus> {
+    command(workspace, args).status()
+}
+
+/// The command [`build`] runs, for a caller that adds to its environment.
+pub fn command(workspace: &Path, args: &[&str]) -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = Command::new(cargo);
     build
@@ -36,5 +41,5 @@ pub fn build(workspace: &Path, args: &[&str]) -> std::io::Result<ExitStatus> {
             build.env_remove(key.as_ref());
         }
     }
-    build.status()
+    build
 }

@@ -11,6 +11,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
+use crate::activation::Activation;
 use flowcoach_protocol::EnvelopeKind;
 use flowcoach_sim::{
     CloseKind, EnvelopeRecord, EnvelopeSpec, Record, SIM_CHANNEL_ID, SimConfig, Simulator,
@@ -123,9 +124,24 @@ impl Daemon {
         args: &[&str],
         logs: Logs,
     ) -> Daemon {
+        Self::launch_activated(sim, config_text, env, args, logs, None)
+    }
+
+    /// [`Daemon::launch`], socket-activated with `activation`'s sockets when given.
+    pub fn launch_activated(
+        sim: &Simulator,
+        config_text: &str,
+        env: &[(&str, &str)],
+        args: &[&str],
+        logs: Logs,
+        activation: Option<Activation>,
+    ) -> Daemon {
         let mut config = tempfile::NamedTempFile::new().unwrap();
         config.write_all(config_text.as_bytes()).unwrap();
-        let mut command = Command::new(crate::binaries::flowcoach());
+        let mut command = match &activation {
+            Some(_) => Activation::command(crate::binaries::flowcoach()),
+            None => Command::new(crate::binaries::flowcoach()),
+        };
         command
             .arg("--config")
             .arg(config.path())
@@ -164,6 +180,9 @@ impl Daemon {
         command.env("STATE_DIRECTORY", runtime_dir.join("state"));
         for (key, value) in env {
             command.env(key, value);
+        }
+        if let Some(activation) = activation {
+            activation.pass(&mut command);
         }
         let mut child = command.spawn().expect("spawn flowcoach");
         let (tx, logs) = watch::channel(Vec::new());

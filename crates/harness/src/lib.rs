@@ -2,13 +2,16 @@
 //! process and flowcoach as a real child process, its JSON log lines collected so callers
 //! wait on events instead of sleeping.
 
+pub mod activation;
 pub mod binaries;
 pub mod bolt;
 pub mod cargo;
 pub mod ctl;
 mod daemon;
+pub mod gate;
 pub mod logs;
 pub mod postgres;
 pub mod process;
+pub mod prometheus;
 
 pub use daemon::*;
