@@ -1,6 +1,7 @@
 //! `[forward]`: the app behind flowcoach, in HTTP mode. Each envelope is re-sent to it as
 //! the signed request Slack would send in HTTP mode.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -23,6 +24,10 @@ pub struct ForwardSettings {
     pub commands_url: Option<String>,
     #[serde(default)]
     pub interactions_url: Option<String>,
+    /// A unix socket the app listens on instead of TCP: every request goes to it, the
+    /// URLs still giving the path and the Host header (`http://localhost/slack/events`).
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
     /// The whole request, connecting included. Slack allows an app 3 s.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
@@ -59,6 +64,7 @@ pub struct Forward {
     pub events_url: Url,
     pub commands_url: Url,
     pub interactions_url: Url,
+    pub socket: Option<PathBuf>,
     pub timeout: Duration,
     pub max_concurrent: usize,
     pub fallback_text: String,
@@ -79,7 +85,11 @@ pub fn describe_urls(events: &Url, commands: &Url, interactions: &Url) -> String
 
 impl Forward {
     pub fn describe_urls(&self) -> String {
-        describe_urls(&self.events_url, &self.commands_url, &self.interactions_url)
+        let urls = describe_urls(&self.events_url, &self.commands_url, &self.interactions_url);
+        match &self.socket {
+            Some(socket) => format!("{urls} over the unix socket {}", socket.display()),
+            None => urls,
+        }
     }
 }
 
@@ -97,12 +107,16 @@ impl ForwardSettings {
         let events_url = or_url("forward.events_url", &self.events_url)?;
         let commands_url = or_url("forward.commands_url", &self.commands_url)?;
         let interactions_url = or_url("forward.interactions_url", &self.interactions_url)?;
+        if let Some(socket) = &self.socket {
+            check_socket_path(socket)?;
+        }
         self.validate_ranges()?;
         let (signing_secret, secret_source) = find_secret()?;
         Ok(Forward {
             events_url,
             commands_url,
             interactions_url,
+            socket: self.socket.clone(),
             timeout: self.timeout,
             max_concurrent: self.max_concurrent,
             fallback_text: self.fallback_text.clone(),
@@ -160,6 +174,19 @@ fn parse_url(field: &'static str, raw: &str) -> Result<Url, ConfigError> {
     }
 }
 
+/// The app's socket need not exist yet (the app may start after flowcoach), but its path
+/// must be absolute: a relative one would depend on the working directory of the day.
+fn check_socket_path(socket: &std::path::Path) -> Result<(), ConfigError> {
+    if socket.is_absolute() {
+        Ok(())
+    } else {
+        Err(invalid(
+            "forward.socket",
+            format!("{:?} is not an absolute path", socket.display().to_string()),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +199,14 @@ mod tests {
             let error = parse_url("forward.url", bad).unwrap_err().to_string();
             assert!(error.starts_with("forward.url: "), "{bad}: {error}");
         }
+    }
+
+    #[test]
+    fn the_apps_socket_path_must_be_absolute() {
+        assert!(check_socket_path(std::path::Path::new("/run/mybot/http.sock")).is_ok());
+        let error = check_socket_path(std::path::Path::new("mybot.sock"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("forward.socket: "), "{error}");
     }
 }

@@ -370,7 +370,6 @@ async fn serve(
     let exposition = Arc::new(Exposition::new(
         instance.state.clone(),
         instance.config.settings.service.outage_budget,
-        Vec::new(),
     ));
     let metrics_task = metrics.map(|listener| {
         if let Ok(address) = listener.local_addr() {

@@ -107,7 +107,7 @@ struct Inner {
 
 impl Forwarder {
     pub fn new(forward: Forward, state: Arc<InstanceState>) -> Result<Self, SetupError> {
-        let client = reqwest::Client::builder()
+        let mut client = reqwest::Client::builder()
             // A redirect would send the signed request somewhere the operator did not
             // name: it is the app's misconfiguration, shown as such.
             .redirect(reqwest::redirect::Policy::none())
@@ -117,9 +117,13 @@ impl Forwarder {
             .timeout(forward.timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
-            .user_agent(concat!("flowcoach/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(SetupError)?;
+            .user_agent(concat!("flowcoach/", env!("CARGO_PKG_VERSION")));
+        if let Some(socket) = &forward.socket {
+            // Every connection to the app goes to its socket; the URL still gives the
+            // path and the Host header the app sees.
+            client = client.unix_socket(socket.as_path());
+        }
+        let client = client.build().map_err(SetupError)?;
         let urls = forward.describe_urls();
         state.update(|s| s.app_url = Some(urls));
         Ok(Forwarder {

@@ -14,7 +14,7 @@ use prometheus_client::registry::Unit;
 
 use super::labels::{ByLabel, Label};
 use crate::health::{self, Health};
-use crate::state::{InstanceState, Phase};
+use crate::state::{ConnectionStatus, InstanceState, Phase};
 
 /// The phases of the lifecycle, as values of `flowcoach_phase{phase}`.
 const PHASES: [&str; 6] = [
@@ -239,8 +239,52 @@ impl InstanceCollector {
             "flowcoach_app_failing",
             "1 while the app behind [forward] is failing",
             i64::from(status.app_failing.is_some()),
-        )
+        )?;
+        encode_inbox(e, &status, now)
     }
+}
+
+/// The inbox's depth as of its latest count (the writer counts every few seconds while it
+/// works), only when this instance has an inbox; the age is taken at the scrape.
+fn encode_inbox(
+    e: &mut DescriptorEncoder,
+    status: &ConnectionStatus,
+    now: SystemTime,
+) -> Result<(), std::fmt::Error> {
+    let Some((counts, _)) = &status.inbox else {
+        return Ok(());
+    };
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    gauge(
+        e,
+        "flowcoach_inbox_pending",
+        "Acked envelopes in the inbox waiting for delivery (those being delivered included)",
+        count(counts.pending + counts.delivering),
+    )?;
+    gauge(
+        e,
+        "flowcoach_inbox_delivering",
+        "Envelopes of the inbox being delivered now",
+        count(counts.delivering),
+    )?;
+    gauge(
+        e,
+        "flowcoach_inbox_dead_letters",
+        "Envelopes the inbox gave up on (inbox.max_age passed): see flowcoachctl inbox list --dead",
+        count(counts.dead),
+    )?;
+    seconds(
+        e,
+        "flowcoach_inbox_oldest_pending_age",
+        "How long the oldest envelope waiting for delivery has been in the inbox (0 when none)",
+        counts.oldest_pending_age(now).unwrap_or_default(),
+    )?;
+    gauge(
+        e,
+        "flowcoach_inbox_trouble",
+        "1 while the inbox cannot store envelopes (they are left unacked for Slack to redeliver)",
+        i64::from(status.inbox_trouble.is_some()),
+    )
 }
 
 fn counter(

@@ -14,7 +14,6 @@ pub mod timings;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{prometheus_text, text};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
@@ -54,13 +53,7 @@ pub struct Exposition {
 }
 
 impl Exposition {
-    /// `extra`: collectors of other parts of the daemon (the inbox's gauges), added to
-    /// the same exposition.
-    pub fn new(
-        state: Arc<InstanceState>,
-        outage_budget: Duration,
-        extra: Vec<Box<dyn Collector>>,
-    ) -> Self {
+    pub fn new(state: Arc<InstanceState>, outage_budget: Duration) -> Self {
         let mut registry = Registry::default();
         registry.register(
             "flowcoach_build",
@@ -91,9 +84,6 @@ impl Exposition {
             outage_budget,
         )));
         registry.register_collector(Box::new(process::ProcessCollector));
-        for collector in extra {
-            registry.register_collector(collector);
-        }
         Exposition { registry }
     }
 
@@ -117,7 +107,7 @@ mod tests {
 
     fn exposition() -> (Arc<InstanceState>, Exposition) {
         let state = Arc::new(InstanceState::new(InstanceInfo::current("test")));
-        let exposition = Exposition::new(state.clone(), Duration::from_secs(300), Vec::new());
+        let exposition = Exposition::new(state.clone(), Duration::from_secs(300));
         (state, exposition)
     }
 

@@ -251,8 +251,9 @@ struct Volume {
 }
 
 impl Volume {
-    fn create() -> Volume {
-        let name = unique("run");
+    /// `kind`: what it holds, in its name (`run`, `state`).
+    fn create(kind: &str) -> Volume {
+        let name = unique(kind);
         podman_create("volume", &[&name]);
         Volume { name }
     }
@@ -288,12 +289,13 @@ impl ConfigFile {
     }
 }
 
-/// Where the container's runtime directory (lock, control socket) lives.
+/// Where the container's runtime directory (lock, control socket) and state directory
+/// (the durable inbox) live. The Quadlet unit mounts a volume on each.
 enum Runtime<'a> {
-    /// A tmpfs of its own, owned by the container's user.
+    /// A tmpfs of its own, owned by the container's user, and a state volume of its own.
     Tmpfs,
-    /// A named volume, shared with other containers.
-    Volume(&'a Volume),
+    /// Named volumes, shared with other containers (a successor takes over both).
+    Volume { run: &'a Volume, state: &'a Volume },
 }
 
 struct Setup<'a> {
@@ -335,6 +337,8 @@ impl Drop for Pod {
 /// A container started with `podman run -d`, removed on drop.
 struct Container {
     name: String,
+    /// The state volume of a container that has one of its own, removed after it.
+    _state: Option<Volume>,
 }
 
 impl Container {
@@ -364,8 +368,16 @@ impl Container {
         let api_url = format!("FLOWCOACH_SLACK_API_URL={}", setup.sim.api_url());
         let runtime = match &setup.runtime {
             Runtime::Tmpfs => "/run/flowcoach:rw,mode=0750,U".to_owned(),
-            Runtime::Volume(volume) => format!("{}:/run/flowcoach", volume.name),
+            Runtime::Volume { run, .. } => format!("{}:/run/flowcoach", run.name),
         };
+        let (state_volume, own_state) = match &setup.runtime {
+            Runtime::Tmpfs => {
+                let volume = Volume::create("state");
+                (volume.name.clone(), Some(volume))
+            }
+            Runtime::Volume { state, .. } => (state.name.clone(), None),
+        };
+        let state = format!("{state_volume}:/var/lib/flowcoach");
         let mut args = vec![
             "run",
             "--detach",
@@ -384,9 +396,11 @@ impl Container {
             &config,
             match setup.runtime {
                 Runtime::Tmpfs => "--tmpfs",
-                Runtime::Volume(_) => "--volume",
+                Runtime::Volume { .. } => "--volume",
             },
             &runtime,
+            "--volume",
+            &state,
             "--env",
             &api_url,
             "--env",
@@ -406,7 +420,10 @@ impl Container {
             command.env("NOTIFY_SOCKET", notify);
         }
         let output = run(command, &args).await;
-        let container = Container { name };
+        let container = Container {
+            name,
+            _state: own_state,
+        };
         assert!(output.status.success(), "podman run: {}", said(&output));
         container
     }
@@ -773,12 +790,16 @@ async fn a_container_takes_over_from_another_through_a_shared_runtime_volume() {
     let sim = simulator(|_| {}).await;
     let secret = Secret::create();
     let config = ConfigFile::new();
-    let volume = Volume::create();
+    let volume = Volume::create("run");
+    let state = Volume::create("state");
     let setup = |args: &'static [&'static str]| Setup {
         sim: &sim,
         secret: &secret,
         config: &config,
-        runtime: Runtime::Volume(&volume),
+        runtime: Runtime::Volume {
+            run: &volume,
+            state: &state,
+        },
         notify: None,
         args,
         pod: None,

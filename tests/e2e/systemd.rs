@@ -289,7 +289,7 @@ async fn harness_boots_systemd_and_runs_this_builds_daemon_against_the_host_simu
              ExecStart=/opt/build/flowcoach --config /etc/flowcoach-e2e/flowcoach.toml\n\
              Environment=FLOWCOACH_SLACK_API_URL={}\n\
              LoadCredential=slack-app-token:/etc/flowcoach-e2e/token\n\
-             RuntimeDirectory=flowcoach\nWatchdogSec=10\n",
+             RuntimeDirectory=flowcoach\nStateDirectory=flowcoach\nWatchdogSec=10\n",
             sim.api_url()
         ),
         0o644,

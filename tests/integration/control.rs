@@ -56,11 +56,7 @@ fn connected_state() -> Arc<InstanceState> {
 fn context(state: Arc<InstanceState>, access: AccessPolicy) -> Arc<ControlContext> {
     Arc::new(ControlContext {
         inbox: None,
-        exposition: Arc::new(Exposition::new(
-            state.clone(),
-            Duration::from_secs(300),
-            Vec::new(),
-        )),
+        exposition: Arc::new(Exposition::new(state.clone(), Duration::from_secs(300))),
         state,
         token_source: tokio::sync::watch::channel("SLACK_APP_TOKEN".to_owned()).1,
         started_at: SystemTime::now() - Duration::from_secs(7200),

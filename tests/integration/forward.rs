@@ -72,9 +72,11 @@ struct AppState {
     seen: watch::Sender<Vec<Seen>>,
 }
 
-/// The app: an HTTP server on loopback that records and verifies every request.
+/// The app: an HTTP server on loopback (or a unix socket) that records and verifies every
+/// request.
 pub(crate) struct App {
-    addr: SocketAddr,
+    /// The URL's authority: `127.0.0.1:port`, or `localhost` on a unix socket.
+    authority: String,
     state: Arc<AppState>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -85,7 +87,21 @@ impl App {
     }
 
     pub(crate) fn start_on(listener: TcpListener, reply: Reply) -> App {
-        let addr = listener.local_addr().unwrap();
+        let authority = listener.local_addr().unwrap().to_string();
+        Self::serve(listener, authority, reply)
+    }
+
+    /// The app listening on a unix socket at `path`, as `[forward] socket` reaches it.
+    fn start_on_unix(path: &std::path::Path, reply: Reply) -> App {
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        Self::serve(listener, "localhost".to_owned(), reply)
+    }
+
+    fn serve<L>(listener: L, authority: String, reply: Reply) -> App
+    where
+        L: axum::serve::Listener,
+        L::Addr: std::fmt::Debug,
+    {
         let state = Arc::new(AppState {
             reply: Mutex::new(reply),
             seen: watch::Sender::new(Vec::new()),
@@ -96,11 +112,15 @@ impl App {
         let task = tokio::spawn(async move {
             axum::serve(listener, router).await.unwrap();
         });
-        App { addr, state, task }
+        App {
+            authority,
+            state,
+            task,
+        }
     }
 
     pub(crate) fn url(&self) -> String {
-        format!("http://{}/slack/events", self.addr)
+        format!("http://{}/slack/events", self.authority)
     }
 
     fn set(&self, reply: Reply) {
@@ -319,6 +339,37 @@ async fn envelopes_arrive_as_slack_sends_them_in_http_mode_signed() {
 }
 
 #[tokio::test]
+async fn an_app_on_a_unix_socket_gets_every_request_and_answers_in_the_ack() {
+    let sim = simulator(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("app.sock");
+    let answer = json!({ "text": "over the socket" });
+    let app = App::start_on_unix(&socket, Reply::Ok("application/json", answer.to_string()));
+    let mut daemon = forwarding(
+        &sim,
+        &app.url(),
+        &format!("socket = \"{}\"", socket.display()),
+    )
+    .await;
+
+    let slash = acked(&sim, EnvelopeSpec::slash_command("/deploy", "prod")).await;
+    assert_eq!(slash.ack_payload, Some(answer));
+    acked(&sim, event("EvUnix1")).await;
+    let seen = app.wait_seen(2).await;
+    assert!(seen.iter().all(|s| s.signature.is_ok()), "{seen:?}");
+    assert!(seen.iter().all(|s| s.path == "/slack/events"), "{seen:?}");
+    let status = daemon.status_json().await;
+    assert_eq!(
+        status["app_url"],
+        format!(
+            "http://localhost/slack/events over the unix socket {}",
+            socket.display()
+        )
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test]
 async fn a_failing_app_leaves_events_to_slacks_redelivery() {
     let sim = simulator(|c| c.ack_deadline = Duration::from_secs(1)).await;
     let app = App::start(Reply::Status(500)).await;
@@ -410,7 +461,7 @@ async fn the_apps_answer_to_a_slash_command_rides_in_the_ack() {
     let sim = simulator(|_| {}).await;
     let answer = json!({ "response_type": "in_channel", "text": "Deploying *prod*" });
     let app = App::start(Reply::Ok("application/json", answer.to_string())).await;
-    let commands = format!("commands_url = \"http://{}/commands\"", app.addr);
+    let commands = format!("commands_url = \"http://{}/commands\"", app.authority);
     let mut daemon = forwarding(&sim, &app.url(), &commands).await;
 
     let slash = acked(&sim, EnvelopeSpec::slash_command("/deploy", "prod")).await;
@@ -601,6 +652,10 @@ fn forward_settings_are_checked_and_reported() {
         (
             "[forward]\nurl = \"http://app/\"\nmax_concurrent = 0\n",
             "forward.max_concurrent",
+        ),
+        (
+            "[forward]\nurl = \"http://localhost/\"\nsocket = \"app.sock\"\n",
+            "forward.socket",
         ),
         ("[forward]\ntimeout = \"1s\"\n", "url"),
     ] {

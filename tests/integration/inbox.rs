@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use flowcoach_harness::prometheus::value;
 use flowcoach_harness::{APP, Daemon, WAIT, acked, connected, event, simulator};
 use flowcoach_sim::{LoadMix, LoadSpec, Record, Simulator};
 use nix::sys::signal::Signal;
@@ -310,6 +311,7 @@ async fn flowcoachctl_inbox_shows_lists_retries_and_drops_dead_letters() {
         .wait_log_count("inbox: envelope kept as a dead letter", 2)
         .await;
 
+    metric_reaches(&host, "flowcoach_inbox_dead_letters", 2.0).await;
     let counts = ctl_ok(&host, &["inbox"]).await;
     assert!(
         counts.contains("0 pending") && counts.contains("2 dead letters"),
@@ -344,6 +346,8 @@ async fn flowcoachctl_inbox_shows_lists_retries_and_drops_dead_letters() {
     let seen = app.wait_seen(1).await;
     assert_eq!(event_id(&seen[0]), "EvDead2");
 
+    // status shows the writer's latest count, taken within seconds of a change.
+    metric_reaches(&host, "flowcoach_inbox_dead_letters", 0.0).await;
     let status = daemon.status_json().await;
     assert_eq!(status["inbox"]["dead"], 0, "{status}");
     daemon.stop().await;
@@ -379,7 +383,29 @@ async fn health_is_degraded_while_the_oldest_pending_event_is_older_than_stale_a
             == 1,
         "{health}"
     );
+    let metrics = ctl_ok(&host, &["metrics"]).await;
+    assert_eq!(value(&metrics, "flowcoach_inbox_pending"), Some(1.0));
+    assert_eq!(value(&metrics, "flowcoach_inbox_dead_letters"), Some(0.0));
+    assert!(value(&metrics, "flowcoach_inbox_oldest_pending_age_seconds").unwrap() >= 1.0);
+    assert_eq!(value(&metrics, "flowcoach_inbox_trouble"), Some(0.0));
     daemon.stop().await;
+}
+
+/// The inbox's gauges follow its latest count, which the writer takes after a change: wait
+/// (bounded) for `series` to show `expected`.
+async fn metric_reaches(host: &Host, series: &str, expected: f64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let metrics = ctl_ok(host, &["metrics"]).await;
+        if value(&metrics, series) == Some(expected) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} never reached {expected}:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A small tmpfs the test mounts (as root) and unmounts when dropped.
@@ -516,6 +542,8 @@ async fn a_full_disk_acks_nothing_it_cannot_store_and_recovers_on_its_own() {
             .contains("the disk is full"),
         "{status}"
     );
+    let metrics = ctl_ok(&host, &["metrics"]).await;
+    assert_eq!(value(&metrics, "flowcoach_inbox_trouble"), Some(1.0));
 
     std::fs::remove_file(filler).unwrap();
     daemon.wait_log("inbox writes again", |_| true).await;
@@ -558,10 +586,19 @@ async fn past_max_bytes_the_oldest_dead_letters_are_pruned() {
         )
         .await;
     assert!(pruned["pruned"].as_u64().unwrap() > 0, "{pruned}");
-    let list = ctl_ok(&host, &["inbox", "list", "--dead", "--limit", "1000"]).await;
+    // Oldest dead letters first, among those dead at the time: an envelope dies at its
+    // first attempt past max_age, and retries are jittered, so the oldest envelope is not
+    // always among the first dead. The newest one outlives any prune that leaves some.
+    let dead = ctl_ok(&host, &["inbox", "list", "--dead", "--limit", "1000"]).await;
+    let waiting = ctl_ok(&host, &["inbox", "list", "--limit", "1000"]).await;
+    let pruned: Vec<&String> = envelopes
+        .iter()
+        .filter(|id| !dead.contains(id.as_str()) && !waiting.contains(id.as_str()))
+        .collect();
+    assert!(!pruned.is_empty(), "{dead}");
     assert!(
-        !list.contains(&envelopes[0]),
-        "the oldest went first: {list}"
+        !pruned.contains(&envelopes.last().unwrap()),
+        "the newest was pruned: {dead}"
     );
     let counts = ctl_ok(&host, &["inbox"]).await;
     assert!(!counts.contains("80 dead letters"), "{counts}");

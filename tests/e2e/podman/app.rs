@@ -65,7 +65,7 @@ async fn run_the_app(
         FROM_SECRETS,
     ])
     .await;
-    let container = Container { name };
+    let container = Container { name, _state: None };
     assert!(
         output.status.success(),
         "podman run (the app): {}",
@@ -133,8 +133,8 @@ async fn an_app_in_its_own_container_answers_through_flowcoachs_in_one_pod() {
         "status names the app: {report}"
     );
 
-    // The app's container stopped (SIGTERM): flowcoach stands in for commands, Slack
-    // redelivers events; started again, it gets the redelivery.
+    // The app's container stopped (SIGTERM): flowcoach stands in for commands and keeps
+    // events in its inbox; started again, the app gets them from the inbox.
     podman_ok(&["stop", &app.name]).await;
     let id = round_trip::while_the_app_is_down(&sim).await;
     podman_ok(&["start", &app.name]).await;

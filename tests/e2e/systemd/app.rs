@@ -100,7 +100,7 @@ async fn an_app_in_its_own_unit_answers_through_the_packaged_flowcoach() {
         "status names the app:\n{status}"
     );
 
-    // The app's unit stopped: flowcoach stands in for commands, Slack redelivers events.
+    // The app's unit stopped: flowcoach stands in for commands, keeps events in its inbox.
     machine.ok(&["systemctl", "stop", APP_UNIT]).await;
     let id = round_trip::while_the_app_is_down(&setup.sim).await;
     start_the_app(&setup).await;
