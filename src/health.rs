@@ -40,33 +40,33 @@ pub fn evaluate(status: &ConnectionStatus, outage_budget: Duration, now: SystemT
     }
     // Nothing new can be acked; a restart would not free the disk (the watchdog stays
     // fed), an operator has to.
-    if let Some(trouble) = &status.inbox_trouble {
-        return Health::Unhealthy(trouble.clone());
+    if let Some(trouble) = &status.inbox_trouble
+        && !trouble.passes_by_itself()
+    {
+        return Health::Unhealthy(trouble.reason.clone());
     }
-    match (
-        evaluate_connection(status, outage_budget, now),
-        &status.app_failing,
-    ) {
-        // Slack's side works, the app behind flowcoach does not: someone should look, but
-        // a restart of flowcoach would not help (the watchdog stays fed).
-        (Health::Healthy, app_failing) => {
-            let reasons: Vec<String> = app_failing
-                .iter()
-                .map(|error| {
-                    format!(
-                        "the app at {} is failing: {error}",
-                        status.app_url.as_deref().unwrap_or("[forward] url")
-                    )
-                })
-                .chain(inbox_backlog(status, now))
-                .collect();
-            if reasons.is_empty() {
-                Health::Healthy
-            } else {
-                Health::Degraded(reasons.join("; "))
-            }
-        }
-        (health, _) => health,
+    let connection = match evaluate_connection(status, outage_budget, now) {
+        Health::Unhealthy(reason) => return Health::Unhealthy(reason),
+        Health::Degraded(reason) => Some(reason),
+        Health::Healthy => None,
+    };
+    // The app behind flowcoach failing, the inbox behind or its shared store away: someone
+    // should look, but a restart of flowcoach would not help (the watchdog stays fed).
+    let reasons: Vec<String> = connection
+        .into_iter()
+        .chain(status.app_failing.iter().map(|error| {
+            format!(
+                "the app at {} is failing: {error}",
+                status.app_url.as_deref().unwrap_or("[forward] url")
+            )
+        }))
+        .chain(inbox_backlog(status, now))
+        .chain(status.inbox_trouble.iter().map(|t| t.reason.clone()))
+        .collect();
+    if reasons.is_empty() {
+        Health::Healthy
+    } else {
+        Health::Degraded(reasons.join("; "))
     }
 }
 
@@ -124,6 +124,8 @@ fn evaluate_connection(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inbox::Trouble;
+    use crate::state::InboxTrouble;
 
     const BUDGET: Duration = Duration::from_secs(300);
 
@@ -165,14 +167,27 @@ mod tests {
         };
         assert_eq!(evaluate(&fresh, BUDGET, now), Health::Healthy);
         let full = ConnectionStatus {
-            inbox_trouble: Some("inbox /x: the disk is full: database or disk is full".into()),
-            ..backlog
+            inbox_trouble: Some(InboxTrouble {
+                trouble: Trouble::DiskFull,
+                reason: "inbox /x: the disk is full: database or disk is full".into(),
+            }),
+            ..backlog.clone()
         };
         assert!(
             matches!(evaluate(&full, BUDGET, now), Health::Unhealthy(r) if r.contains("disk is full"))
         );
         // A restart would not free the disk: the watchdog stays fed.
         assert!(watchdog_verdict(&full, BUDGET, now).is_ok());
+        let shared_store_away = ConnectionStatus {
+            inbox_trouble: Some(InboxTrouble {
+                trouble: Trouble::Unreachable,
+                reason: "inbox postgres://db/flowcoach: the shared store cannot be reached".into(),
+            }),
+            ..fresh
+        };
+        assert!(
+            matches!(evaluate(&shared_store_away, BUDGET, now), Health::Degraded(r) if r.contains("cannot be reached"))
+        );
     }
 
     #[test]

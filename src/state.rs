@@ -84,8 +84,8 @@ pub struct ConnectionStatus {
     pub app_failing: Option<String>,
     /// The app's latest failure, kept after it recovered.
     pub app_last_error: Option<String>,
-    /// Why the inbox cannot store envelopes, until it can again (health: unhealthy).
-    pub inbox_trouble: Option<String>,
+    /// Why the inbox cannot store envelopes, until it can again.
+    pub inbox_trouble: Option<InboxTrouble>,
     /// The inbox's depth as of its latest count, and how old its oldest pending envelope
     /// may be before health is degraded (`inbox.stale_after`).
     pub inbox: Option<(crate::inbox::Counts, Duration)>,
@@ -112,6 +112,22 @@ impl Default for ConnectionStatus {
             inbox_trouble: None,
             inbox: None,
         }
+    }
+}
+
+/// Why the inbox cannot store envelopes: what kind of trouble, and the whole sentence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InboxTrouble {
+    pub trouble: crate::inbox::Trouble,
+    pub reason: String,
+}
+
+impl InboxTrouble {
+    /// A shared store that cannot be reached (PostgreSQL restarting or failing over) comes
+    /// back by itself and stops every member alike: health is degraded. A local disk that
+    /// is full, read-only or broken needs an operator: unhealthy.
+    pub fn passes_by_itself(&self) -> bool {
+        self.trouble == crate::inbox::Trouble::Unreachable
     }
 }
 

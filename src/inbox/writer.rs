@@ -12,7 +12,7 @@ use tokio::sync::{Notify, oneshot};
 use super::{Applied, Change, Counts, InboxError, Listed, NewEnvelope, Store, Trouble, Upkeep};
 use crate::dispatch::{PendingAck, send_ack};
 use crate::metrics::labels::EnvelopeType;
-use crate::state::InstanceState;
+use crate::state::{InboxTrouble, InstanceState};
 use flowcoach_protocol::EnvelopeKind;
 
 /// Most changes in one transaction: a bound on how long the first of them waits.
@@ -354,8 +354,11 @@ impl Thread {
             detail = %error.detail,
             "inbox cannot write: envelopes stay unacked (Slack redelivers them) until it can"
         );
-        let reason = error.to_string();
-        self.state.update(|s| s.inbox_trouble = Some(reason));
+        let trouble = InboxTrouble {
+            trouble: error.trouble,
+            reason: error.to_string(),
+        };
+        self.state.update(|s| s.inbox_trouble = Some(trouble));
     }
 
     fn recovered(&mut self) {

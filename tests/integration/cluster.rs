@@ -299,6 +299,18 @@ async fn a_postgresql_restart_acks_nothing_uncommitted_and_slash_commands_are_st
         Some("pong".into()),
         "{answered:?}"
     );
+    // The store comes back by itself (a restart, a failover): degraded, not unhealthy.
+    for daemon in &daemons {
+        let status = daemon.status_json().await;
+        assert_eq!(status["health"]["health"], "degraded", "{status}");
+        assert!(
+            status["health"]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("the shared store cannot be reached"),
+            "{status}"
+        );
+    }
     pg.restart().await;
     for daemon in &mut daemons {
         daemon.wait_log("inbox writes again", |_| true).await;
