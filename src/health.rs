@@ -59,6 +59,12 @@ pub fn evaluate(status: &ConnectionStatus, outage_budget: Duration, now: SystemT
                     )
                 })
                 .chain(inbox_backlog(status, now))
+                .chain(
+                    status
+                        .cluster
+                        .as_ref()
+                        .and_then(|view| view.trouble.clone()),
+                )
                 .collect();
             if reasons.is_empty() {
                 Health::Healthy

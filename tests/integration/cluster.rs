@@ -76,6 +76,7 @@ fn store_in(pg: &Postgres, cluster: &str, member: &str, lease: Duration) -> Post
         member: Some(member.to_owned()),
         max_members: 3,
         lease,
+        heartbeat: None,
         password_file: None,
     }
     .validate(&[])
