@@ -293,7 +293,6 @@ impl Heart {
                 tracing::info!(
                     cluster = %self.me.cluster,
                     member = %self.me.name,
-                    members = ?names(&members),
                     "joined the cluster"
                 );
                 self.seen(members, Vec::new());
@@ -420,18 +419,13 @@ impl Heart {
             .map(|view| view.members.into_iter().map(|m| m.name).collect())
             .unwrap_or_default();
         let now: BTreeSet<String> = members.iter().map(|m| m.name.clone()).collect();
-        if self
-            .state
-            .status()
-            .cluster
-            .is_some_and(|v| v.read_at.is_some())
-        {
-            for name in now.difference(&before) {
-                tracing::info!(member = %name, "a member joined the cluster");
-            }
-            for name in before.difference(&now) {
-                tracing::info!(member = %name, "a member left the cluster");
-            }
+        if now != before {
+            tracing::info!(
+                members = ?now.iter().collect::<Vec<_>>(),
+                joined = ?now.difference(&before).collect::<Vec<_>>(),
+                left = ?before.difference(&now).collect::<Vec<_>>(),
+                "cluster members changed"
+            );
         }
         self.state.update(|s| {
             if let Some(view) = &mut s.cluster {
@@ -475,8 +469,4 @@ impl Heart {
             }
         }
     }
-}
-
-fn names(members: &[Member]) -> Vec<&str> {
-    members.iter().map(|m| m.name.as_str()).collect()
 }
