@@ -25,7 +25,7 @@ use crate::config::{Cluster, Settings};
 use crate::health::{self, Health};
 use crate::inbox::postgres::{Link, connection_lost};
 use crate::inbox::{InboxError, Trouble};
-use crate::state::{ConnectionStatus, InstanceState};
+use crate::state::{ConnectionStatus, InstanceState, Phase};
 
 pub use budget::Refused;
 
@@ -372,14 +372,20 @@ impl Heart {
             self.recent_sockets.pop_front();
         }
         let wanted = u32::try_from(wanted).unwrap_or(u32::MAX);
-        // While connecting, a socket Slack already counts may not have said hello yet.
+        // Slack still counts a socket closed a moment ago; and while connecting, one it
+        // counts already may not have said hello yet. Once connected, only what is (or
+        // just was) open: a stranger is not hidden behind a member's allowance.
+        let connecting = matches!(
+            status.phase,
+            Phase::Starting | Phase::Connecting | Phase::Reconnecting { .. }
+        );
         let counted = self
             .recent_sockets
             .iter()
             .map(|(_, open)| *open)
             .max()
             .unwrap_or(0)
-            .max(wanted);
+            .max(if connecting { wanted } else { 0 });
         let (health, health_reason) =
             health_words(&health::evaluate(&status, budget, SystemTime::now()));
         let int = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);

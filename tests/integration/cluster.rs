@@ -498,29 +498,25 @@ async fn members_are_not_other_clients_but_a_stranger_with_the_same_token_is() {
     }
     assert!(counted.contains(&serde_json::json!(3)), "{counted:?}");
 
-    // A stranger: the same token, no member of the cluster.
-    let mut stranger = Daemon::start(&sim, "");
-    stranger
-        .wait_log("Slack counts 4 open sockets", |l| l["others"] == 3)
-        .await;
-    // Each member sees it at its next hello (Slack asks each to reconnect in turn).
-    let stranger_socket = *sim.open_sockets(APP).iter().max().unwrap();
-    let member_sockets: Vec<_> = sim
-        .open_sockets(APP)
-        .into_iter()
-        .filter(|s| *s != stranger_socket)
-        .collect();
-    assert_eq!(member_sockets.len(), 3);
-    for (i, socket) in member_sockets.into_iter().enumerate() {
-        sim.disconnect(socket, "refresh_requested");
-        sim.wait_until(WAIT, |r| r.hellos() >= 5 + i)
-            .await
-            .unwrap_or_else(|e| panic!("no reconnect: {e}"));
-    }
     for daemon in &mut daemons {
-        daemon.wait_log("Slack counts", |l| l["others"] == 1).await;
-        let health = health_text(daemon).await;
+        daemon.stop().await;
+    }
+
+    // A stranger: the same token, no member of the cluster. Members connecting one after
+    // the other each find it in Slack's count, and nobody else.
+    let mut stranger = Daemon::start(&sim, "");
+    sim.wait_until(WAIT, |r| r.hellos() >= 4)
+        .await
+        .unwrap_or_else(|e| panic!("the stranger did not connect: {e}"));
+    let mut daemons = Vec::new();
+    for (i, member) in members.iter().enumerate() {
+        let mut daemon = member.start(&sim, &pg, &url, "5s", "");
+        let said = daemon.wait_log("Slack counts", |_| true).await;
+        assert_eq!(said["others"], 1, "{said}");
+        assert_eq!(said["num_connections"], i + 2, "{said}");
+        let health = health_text(&daemon).await;
         assert!(health.contains("another client"), "{health}");
+        daemons.push(daemon);
     }
     stranger.stop().await;
     for daemon in &mut daemons {
