@@ -182,6 +182,26 @@ mod tests {
     }
 
     #[test]
+    fn failing_cluster_heartbeats_degrade() {
+        let status = ConnectionStatus {
+            cluster: Some(crate::cluster::ClusterView {
+                name: "it".into(),
+                store: "postgres://db/flowcoach".into(),
+                member: "m1".into(),
+                members: Vec::new(),
+                read_at: None,
+                trouble: Some("cluster heartbeats fail: the shared store cannot be reached".into()),
+            }),
+            ..connected()
+        };
+        let now = SystemTime::now();
+        assert!(
+            matches!(evaluate(&status, BUDGET, now), Health::Degraded(r) if r.starts_with("cluster heartbeats fail"))
+        );
+        assert!(watchdog_verdict(&status, BUDGET, now).is_ok());
+    }
+
+    #[test]
     fn other_clients_degrade() {
         let status = ConnectionStatus {
             num_connections: Some(3),
