@@ -385,7 +385,9 @@ impl Heart {
             .map(|(_, open)| *open)
             .max()
             .unwrap_or(0)
-            .max(if connecting { wanted } else { 0 });
+            .max(if connecting { wanted } else { 0 })
+            // During a handover our row stands for the predecessor's sockets too.
+            + self.state.predecessor_sockets.load(Ordering::Relaxed);
         let (health, health_reason) =
             health_words(&health::evaluate(&status, budget, SystemTime::now()));
         let int = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);

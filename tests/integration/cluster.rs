@@ -38,8 +38,13 @@ impl Member {
     /// flowcoach forwarding to `url` (`extra` may add per-kind URLs), a member of the
     /// cluster `it` in `pg` over TCP, with the password in `PGPASSWORD`.
     fn start(&self, sim: &Simulator, pg: &Postgres, url: &str, lease: &str, extra: &str) -> Daemon {
+        self.launch(sim, &self.config(pg, url, lease, extra))
+    }
+
+    /// What [`Member::start`] runs with.
+    fn config(&self, pg: &Postgres, url: &str, lease: &str, extra: &str) -> String {
         let cluster = self.cluster(pg, &format!("lease = \"{lease}\""));
-        self.launch(sim, &config(url, &format!("{extra}\n{INBOX}{cluster}")))
+        config(url, &format!("{extra}\n{INBOX}{cluster}"))
     }
 
     /// `[cluster]` for this member of the cluster `it` in `pg` over TCP, with `extra` keys.
@@ -54,8 +59,13 @@ impl Member {
     /// flowcoach with `config_text` on this member's runtime and state directories, the
     /// password in `PGPASSWORD`.
     fn launch(&self, sim: &Simulator, config_text: &str) -> Daemon {
+        self.launch_args(sim, config_text, &[])
+    }
+
+    /// [`Member::launch`] with these arguments (`--takeover`).
+    fn launch_args(&self, sim: &Simulator, config_text: &str, args: &[&str]) -> Daemon {
         let dir = self.dir.path().display().to_string();
-        Daemon::start_with(
+        Daemon::start_args(
             sim,
             config_text,
             &[
@@ -63,6 +73,7 @@ impl Member {
                 ("SLACK_SIGNING_SECRET", SECRET),
                 ("PGPASSWORD", postgres::PASSWORD),
             ],
+            args,
         )
     }
 }
@@ -755,4 +766,49 @@ async fn heartbeats_fail_while_postgresql_is_away_and_recover_on_their_own() {
     for daemon in &mut daemons {
         daemon.stop().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_keeps_the_members_place_under_the_successors_pid() {
+    if !postgres::runnable("cluster handover membership") {
+        return;
+    }
+    let pg = Postgres::start().await;
+    let sim = simulator(|_| {}).await;
+    let (_, url) = vacant_address().await;
+    let members: Vec<Member> = ["m1", "m2"].map(Member::new).into();
+    let mut daemons: Vec<Daemon> = members
+        .iter()
+        .map(|m| m.start(&sim, &pg, &url, "5s", ""))
+        .collect();
+    let both = logged(&["m1", "m2"]);
+    for daemon in &mut daemons {
+        daemon
+            .wait_log("cluster members changed", |l| l["members"] == both.as_str())
+            .await;
+    }
+    let mut successor = members[0].launch_args(
+        &sim,
+        &members[0].config(&pg, &url, "5s", ""),
+        &["--takeover"],
+    );
+    assert_eq!(daemons[0].exit_code().await, 0, "{}", daemons[0].stderr());
+    let pid = u64::from(successor.pid().unsigned_abs());
+    // m2 sees m1 under its new pid; m1 never left, and nobody was a stranger.
+    let status = status_until(&daemons[1], |s| s["cluster"]["members"][0]["pid"] == pid).await;
+    assert_eq!(member_names(&status), ["m1", "m2"], "{status}");
+    let status = status_until(&successor, |s| s["cluster"]["members"][0]["pid"] == pid).await;
+    assert_eq!(member_names(&status), ["m1", "m2"], "{status}");
+    for daemon in [&daemons[1], &successor] {
+        let changes = daemon.count_by("cluster members changed", "left");
+        assert!(
+            changes.keys().all(|left| left == "[]"),
+            "{changes:?}\n{}",
+            daemon.stderr()
+        );
+        assert!(!daemon.stderr().contains("belong to another client"));
+    }
+    successor.stop().await;
+    daemons[1].stop().await;
+    assert_eq!(pg.psql("SELECT count(*) FROM flowcoach_members").await, "0");
 }
