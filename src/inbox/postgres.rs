@@ -6,8 +6,10 @@
 //!   inserting the same key, one insert wins, the other finds it (`ON CONFLICT DO
 //!   NOTHING` waits for the first transaction, then does nothing).
 //! - Delivery by exactly one member: claims take due envelopes with `FOR UPDATE SKIP
-//!   LOCKED` and mark them with the member and a lease; a member that dies holding
-//!   claims loses them when the lease runs out (leases are on the database's clock).
+//!   LOCKED` and mark them with the member and a lease; a live member renews the lease
+//!   of its claims at each heartbeat (`crate::cluster`), so a slow delivery stays its own;
+//!   a member that dies holding claims loses them when the lease runs out (leases are on
+//!   the database's clock).
 //!
 //! The synchronous `postgres` client fits the writer, which is one thread making one
 //! transaction at a time; it reconnects on the next call after the connection broke.
@@ -250,6 +252,8 @@ fn migrate(client: &mut Client) -> Result<(), Migration> {
         "SELECT pg_advisory_xact_lock(hashtext('flowcoach_schema'))",
         &[],
     )?;
+    // Not a NOTICE in every member's log at each connect ("already exists, skipping").
+    tx.batch_execute("SET LOCAL client_min_messages = warning")?;
     tx.batch_execute(SCHEMA_TABLE)?;
     let newest = tx.query_opt(
         "SELECT version, compatible_from FROM flowcoach_schema ORDER BY version DESC LIMIT 1",
