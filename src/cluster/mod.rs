@@ -120,7 +120,7 @@ impl Membership {
         state: Arc<InstanceState>,
         live: watch::Receiver<Settings>,
     ) -> Result<Membership, JoinError> {
-        let (messages, inbox) = mpsc::channel();
+        let (messages, mailbox) = mpsc::channel();
         let (joined_tx, joined) = oneshot::channel();
         let mut heart = Heart::new(cluster, state.clone(), live.clone());
         let thread = std::thread::Builder::new()
@@ -130,7 +130,7 @@ impl Membership {
                 let refused = first.is_err();
                 let _ = joined_tx.send(first);
                 if !refused {
-                    heart.run(&inbox);
+                    heart.run(&mailbox);
                 }
             })
             .map_err(|error| {
