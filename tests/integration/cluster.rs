@@ -812,3 +812,27 @@ async fn a_handover_keeps_the_members_place_under_the_successors_pid() {
     daemons[1].stop().await;
     assert_eq!(pg.psql("SELECT count(*) FROM flowcoach_members").await, "0");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_started_while_postgresql_is_away_serves_and_joins_once_it_is_back() {
+    if !postgres::runnable("cluster join later") {
+        return;
+    }
+    let mut pg = Postgres::start().await;
+    let sim = simulator(|_| {}).await;
+    let (_, url) = vacant_address().await;
+    pg.stop().await;
+    let member = Member::new("m1");
+    let mut daemon = member.start(&sim, &pg, &url, "5s", "");
+    sim.wait_until(WAIT, |r| r.hellos() >= 1)
+        .await
+        .unwrap_or_else(|e| panic!("the member did not connect: {e}\n{}", daemon.stderr()));
+    daemon.wait_log("cluster heartbeats fail", |_| true).await;
+    let status = daemon.status_json().await;
+    assert!(status["cluster"]["trouble"].is_string(), "{status}");
+    pg.restart().await;
+    daemon.wait_log("joined the cluster", |_| true).await;
+    let status = status_until(&daemon, |s| s["cluster"]["trouble"].is_null()).await;
+    assert_eq!(member_names(&status), ["m1"], "{status}");
+    daemon.stop().await;
+}
