@@ -62,6 +62,12 @@ pub fn evaluate(status: &ConnectionStatus, outage_budget: Duration, now: SystemT
         }))
         .chain(inbox_backlog(status, now))
         .chain(status.inbox_trouble.iter().map(|t| t.reason.clone()))
+        .chain(
+            status
+                .cluster
+                .as_ref()
+                .and_then(|view| view.trouble.clone()),
+        )
         .collect();
     if reasons.is_empty() {
         Health::Healthy
@@ -188,6 +194,26 @@ mod tests {
         assert!(
             matches!(evaluate(&shared_store_away, BUDGET, now), Health::Degraded(r) if r.contains("cannot be reached"))
         );
+    }
+
+    #[test]
+    fn failing_cluster_heartbeats_degrade() {
+        let status = ConnectionStatus {
+            cluster: Some(crate::cluster::ClusterView {
+                name: "it".into(),
+                store: "postgres://db/flowcoach".into(),
+                member: "m1".into(),
+                members: Vec::new(),
+                read_at: None,
+                trouble: Some("cluster heartbeats fail: the shared store cannot be reached".into()),
+            }),
+            ..connected()
+        };
+        let now = SystemTime::now();
+        assert!(
+            matches!(evaluate(&status, BUDGET, now), Health::Degraded(r) if r.starts_with("cluster heartbeats fail"))
+        );
+        assert!(watchdog_verdict(&status, BUDGET, now).is_ok());
     }
 
     #[test]

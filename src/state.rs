@@ -89,6 +89,8 @@ pub struct ConnectionStatus {
     /// The inbox's depth as of its latest count, and how old its oldest pending envelope
     /// may be before health is degraded (`inbox.stale_after`).
     pub inbox: Option<(crate::inbox::Counts, Duration)>,
+    /// `[cluster]`: the members as of the latest heartbeat.
+    pub cluster: Option<crate::cluster::ClusterView>,
 }
 
 impl Default for ConnectionStatus {
@@ -111,6 +113,7 @@ impl Default for ConnectionStatus {
             app_last_error: None,
             inbox_trouble: None,
             inbox: None,
+            cluster: None,
         }
     }
 }
@@ -254,6 +257,9 @@ pub struct InstanceState {
     /// Sockets of a predecessor this instance is taking over from: Slack counts them in
     /// `hello.num_connections`, but they are not another client.
     pub predecessor_sockets: std::sync::atomic::AtomicU32,
+    /// `[cluster]`: the sockets Slack may count for the other live members, as of the
+    /// latest heartbeat; not another client's either.
+    pub member_sockets: std::sync::atomic::AtomicU32,
     status: watch::Sender<ConnectionStatus>,
 }
 
@@ -264,6 +270,7 @@ impl InstanceState {
             counters: Counters::default(),
             timings: Timings::default(),
             predecessor_sockets: std::sync::atomic::AtomicU32::new(0),
+            member_sockets: std::sync::atomic::AtomicU32::new(0),
             status: watch::Sender::new(ConnectionStatus::default()),
         }
     }

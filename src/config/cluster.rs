@@ -51,6 +51,10 @@ pub struct ClusterSettings {
     /// its envelope goes to another member after this. Longer than a delivery takes.
     #[serde(default = "default_lease", with = "humantime_serde")]
     pub lease: Duration,
+    /// How often a member says it is alive (and renews its claims); default: a third of
+    /// the lease, so two missed heartbeats still keep it a member.
+    #[serde(default, with = "humantime_serde")]
+    pub heartbeat: Option<Duration>,
     /// A file holding the password (mode 0600), when no credential gives it.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
@@ -96,6 +100,7 @@ pub struct Cluster {
     pub member: String,
     pub max_members: u64,
     pub lease: Duration,
+    pub heartbeat: Duration,
     /// Where the password came from, if one was (never the password).
     pub password_source: Option<token_source::TokenSource>,
 }
@@ -154,6 +159,14 @@ impl ClusterSettings {
             max: HOUR,
             why: "",
         }])?;
+        let heartbeat = self.heartbeat.unwrap_or(self.lease / 3);
+        ranges::durations(&[DurationIn {
+            field: "cluster.heartbeat",
+            value: heartbeat,
+            min: Duration::from_millis(100),
+            max: self.lease / 2,
+            why: "at most half the lease: a member that misses one heartbeat is still a member",
+        }])?;
         let store_description = describe(&store);
         let password_source = match token_source::read_secret(
             env,
@@ -182,6 +195,7 @@ impl ClusterSettings {
             member,
             max_members: self.max_members,
             lease: self.lease,
+            heartbeat,
             password_source,
         })
     }
@@ -245,6 +259,7 @@ mod tests {
             member: Some("host-a".to_owned()),
             max_members: default_max_members(),
             lease: default_lease(),
+            heartbeat: None,
             password_file: None,
         }
     }
@@ -285,5 +300,15 @@ mod tests {
                 .to_string()
                 .starts_with("cluster.max_members: 11 is out of range")
         );
+        let mut slow = settings("postgres://h/db");
+        slow.heartbeat = Some(secs(40));
+        assert!(
+            slow.validate(&[])
+                .unwrap_err()
+                .to_string()
+                .starts_with("cluster.heartbeat: 40s is out of range: must be from 100ms to 30s")
+        );
+        slow.heartbeat = None;
+        assert_eq!(slow.validate(&[]).unwrap().heartbeat, secs(20));
     }
 }

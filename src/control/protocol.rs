@@ -189,6 +189,37 @@ pub struct StatusReport {
     /// The inbox's depth as of its latest count (none with the inbox off).
     #[serde(default)]
     pub inbox: Option<InboxReport>,
+    /// `[cluster]`: the members as of the latest heartbeat.
+    #[serde(default)]
+    pub cluster: Option<ClusterReport>,
+}
+
+/// A cluster as one member sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterReport {
+    pub name: String,
+    /// Where the shared store is: no password.
+    pub store: String,
+    /// This member's name.
+    pub member: String,
+    /// The live members, this one included, by name.
+    pub members: Vec<MemberReport>,
+    /// Why heartbeats fail, until one succeeds.
+    pub trouble: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberReport {
+    pub name: String,
+    pub host: String,
+    pub pid: u32,
+    pub version: String,
+    pub sockets: u32,
+    /// healthy, degraded or unhealthy.
+    pub health: String,
+    pub health_reason: Option<String>,
+    /// The heartbeat's age now, as the latest read found it plus the time since.
+    pub heartbeat_age_ms: u64,
 }
 
 /// The inbox's depth.
@@ -291,6 +322,22 @@ mod tests {
             app_url: Some("http://127.0.0.1:3000/slack/events".into()),
             app_last_error: None,
             inbox: None,
+            cluster: Some(ClusterReport {
+                name: "it".into(),
+                store: "postgres://flow@db/flowcoach".into(),
+                member: "m1".into(),
+                members: vec![MemberReport {
+                    name: "m1".into(),
+                    host: "h".into(),
+                    pid: 7,
+                    version: "0.1.0".into(),
+                    sockets: 1,
+                    health: "healthy".into(),
+                    health_reason: None,
+                    heartbeat_age_ms: 300,
+                }],
+                trouble: None,
+            }),
         };
         for response in [
             Response::Status(Box::new(report)),

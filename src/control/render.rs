@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::protocol::{InboxEntry, InboxReport, StatusReport};
+use super::protocol::{ClusterReport, InboxEntry, InboxReport, StatusReport};
 use crate::health::Health;
 
 /// "healthy", "degraded: REASON" or "unhealthy: REASON".
@@ -109,9 +109,56 @@ pub fn status(report: &StatusReport, now: u64) -> String {
     if let Some(inbox) = &r.inbox {
         line("inbox", inbox_depth(inbox));
     }
+    if let Some(cluster) = &r.cluster {
+        line("cluster", cluster_head(cluster));
+    }
     line("token", format!("from {}", r.token_source));
     line("health", health(&r.health));
+    if let Some(cluster) = &r.cluster {
+        out.push_str(&members(cluster));
+    }
     head + &out
+}
+
+/// "it on postgres://flow@db/flowcoach as m1, 3 members".
+fn cluster_head(cluster: &ClusterReport) -> String {
+    let trouble = cluster
+        .trouble
+        .as_deref()
+        .map_or_else(String::new, |trouble| format!(" ({trouble})"));
+    format!(
+        "{} on {} as {}, {} member{}{trouble}",
+        cluster.name,
+        cluster.store,
+        cluster.member,
+        cluster.members.len(),
+        if cluster.members.len() == 1 { "" } else { "s" }
+    )
+}
+
+/// A table of the members: name, host, pid, sockets, health, heartbeat age.
+fn members(cluster: &ClusterReport) -> String {
+    let mut out = format!(
+        "\n{:<2}{:<20} {:<24} {:>8} {:>7} {:>10}  {}\n",
+        "", "MEMBER", "HOST", "PID", "SOCKETS", "HEARTBEAT", "HEALTH"
+    );
+    for m in &cluster.members {
+        let this = if m.name == cluster.member { "*" } else { "" };
+        let health = match &m.health_reason {
+            Some(reason) => format!("{}: {reason}", m.health),
+            None => m.health.clone(),
+        };
+        let _ = writeln!(
+            out,
+            "{this:<2}{:<20} {:<24} {:>8} {:>7} {:>10}  {health}",
+            m.name,
+            m.host,
+            m.pid,
+            m.sockets,
+            format!("{:.1}s ago", m.heartbeat_age_ms as f64 / 1000.0),
+        );
+    }
+    out
 }
 
 /// "3 pending (oldest waits 2m 5s), 1 delivering, 0 dead letters".
@@ -191,6 +238,7 @@ pub fn now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::protocol::MemberReport;
     use crate::state::CounterSnapshot;
 
     #[test]
@@ -232,6 +280,7 @@ mod tests {
             app_url: None,
             app_last_error: None,
             inbox: None,
+            cluster: None,
         };
         let text = status(&report, 1_796_026_213 + 2 * 3600 + 3 * 60);
         let expected = "\
@@ -284,6 +333,44 @@ health:       healthy
         assert!(status(&inbox, 1_796_026_213).contains(
             "\ninbox:        12 pending (oldest waits 2m 5s), 2 delivering, 1 dead letters\n"
         ));
+        let member = |name: &str, health: &str, reason: Option<&str>| MemberReport {
+            name: name.into(),
+            host: format!("host-{name}"),
+            pid: 4242,
+            version: "0.1.0".into(),
+            sockets: 1,
+            health: health.into(),
+            health_reason: reason.map(Into::into),
+            heartbeat_age_ms: 1250,
+        };
+        let clustered = StatusReport {
+            cluster: Some(ClusterReport {
+                name: "it".into(),
+                store: "postgres://flow@db:5432/flowcoach".into(),
+                member: "m2".into(),
+                members: vec![
+                    member("m1", "healthy", None),
+                    member("m2", "degraded", Some("reconnecting for 3s after warning")),
+                ],
+                trouble: None,
+            }),
+            ..report.clone()
+        };
+        let text = status(&clustered, 1_796_026_213);
+        assert!(
+            text.contains(
+                "\ncluster:      it on postgres://flow@db:5432/flowcoach as m2, 2 members\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(
+                "\n  MEMBER               HOST                          PID SOCKETS  HEARTBEAT  HEALTH\n  \
+                 m1                   host-m1                      4242       1   1.2s ago  healthy\n\
+                 * m2                   host-m2                      4242       1   1.2s ago  degraded: reconnecting for 3s after warning\n"
+            ),
+            "{text}"
+        );
         let paced = StatusReport {
             pacing: Some("Slack ended 4 connections of socket 1 in a row".into()),
             ..report

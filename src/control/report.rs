@@ -3,7 +3,10 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::ControlContext;
-use super::protocol::{HealthReport, InboxEntry, InboxReport, StatusReport, phase_name};
+use super::protocol::{
+    ClusterReport, HealthReport, InboxEntry, InboxReport, MemberReport, StatusReport, phase_name,
+};
+use crate::cluster::ClusterView;
 use crate::health;
 use crate::inbox::{Counts, Listed};
 
@@ -52,6 +55,37 @@ impl StatusReport {
                 .as_ref()
                 .zip(status.inbox)
                 .map(|(inbox, (counts, _))| InboxReport::new(inbox.path(), &counts, now)),
+            cluster: status.cluster.map(|view| ClusterReport::new(view, now)),
+        }
+    }
+}
+
+impl ClusterReport {
+    pub fn new(view: ClusterView, now: SystemTime) -> ClusterReport {
+        let since_read = view
+            .read_at
+            .and_then(|at| now.duration_since(at).ok())
+            .unwrap_or_default();
+        ClusterReport {
+            name: view.name,
+            store: view.store,
+            member: view.member,
+            members: view
+                .members
+                .into_iter()
+                .map(|m| MemberReport {
+                    name: m.name,
+                    host: m.host,
+                    pid: m.pid,
+                    version: m.version,
+                    sockets: m.sockets,
+                    health: m.health,
+                    health_reason: m.health_reason,
+                    heartbeat_age_ms: u64::try_from((m.heartbeat_age + since_read).as_millis())
+                        .unwrap_or(u64::MAX),
+                })
+                .collect(),
+            trouble: view.trouble,
         }
     }
 }

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::conflict::AlreadyRunning;
 use crate::bot::FlowCoach;
+use crate::cluster::{JoinError, Membership};
 use crate::config::{Config, NoStateDirectory, ProcessEnv, Settings};
 use crate::control::ControlContext;
 use crate::control::server::{self, Passed};
@@ -75,6 +76,8 @@ pub enum DaemonError {
     CorruptInbox(#[source] InboxError),
     #[error("cannot open the inbox: {0}")]
     Inbox(#[source] InboxError),
+    #[error(transparent)]
+    Cluster(#[from] JoinError),
 }
 
 impl DaemonError {
@@ -84,11 +87,14 @@ impl DaemonError {
             DaemonError::AlreadyRunning(_) => exit::TEMPFAIL,
             DaemonError::NoStateDirectory(_) => exit::CONFIG,
             DaemonError::CorruptInbox(_) => exit::DATAERR,
-            DaemonError::Inbox(error) => match error.trouble {
-                // The place is wrong, not the moment: restarting will not help.
-                Trouble::PermissionDenied | Trouble::ReadOnly => exit::CONFIG,
-                _ => exit::FAILURE,
-            },
+            DaemonError::Cluster(JoinError::Refused(_)) => exit::UNAVAILABLE,
+            DaemonError::Cluster(JoinError::Store(error)) | DaemonError::Inbox(error) => {
+                match error.trouble {
+                    // The place is wrong, not the moment: restarting will not help.
+                    Trouble::PermissionDenied | Trouble::ReadOnly => exit::CONFIG,
+                    _ => exit::FAILURE,
+                }
+            }
             DaemonError::Setup(_)
             | DaemonError::Lock(_)
             | DaemonError::RuntimeDirectory(_)
@@ -144,6 +150,8 @@ struct Instance {
     systemd: Systemd,
     started_at: SystemTime,
     exe: PathBuf,
+    /// `[cluster]`: this member's place among the others.
+    membership: Option<Membership>,
 }
 
 impl Instance {
@@ -160,7 +168,8 @@ impl Instance {
             self.dispatcher.clone(),
             self.state.clone(),
         )
-        .follow_tokens(self.tokens.subscribe());
+        .follow_tokens(self.tokens.subscribe())
+        .with_members(self.membership.as_ref().map(Membership::members));
         let stop = CancellationToken::new();
         Ok(Serving {
             run: Box::pin(supervisor.run(stop.clone())),
@@ -204,6 +213,11 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
         None => Arc::new(FlowCoach::new(state.clone())),
     };
     let inbox = open_inbox(&config, &state)?;
+    // Before connecting: a member the cluster has no room for never opens a socket.
+    let membership = match &config.cluster {
+        Some(cluster) => Some(Membership::join(cluster, state.clone(), live.clone()).await?),
+        None => None,
+    };
     let dispatcher = Arc::new(
         if lock.is_none() && !config.settings.handover.strict {
             // Until the incumbent's deduplication state arrives, envelopes wait unacked.
@@ -249,6 +263,7 @@ pub async fn run(startup: Startup) -> Result<(), DaemonError> {
         systemd: Systemd::from_env(),
         started_at: SystemTime::now(),
         exe,
+        membership,
     };
     let shutdown = CancellationToken::new();
     let reloads = signals::watch(shutdown.clone()).map_err(DaemonError::Signals)?;
@@ -420,6 +435,11 @@ async fn serve(
     let result = coordinator::Coordinator::new(&instance, handed, calls)
         .serve(serving, &shutdown)
         .await;
+    // Drained: the others stop counting this member now, not after the lease. After a
+    // handover, the place is the successor's and stays.
+    if let Some(membership) = instance.membership {
+        membership.leave().await;
+    }
     if matches!(result, Ok(coordinator::Ending::HandedOver)) {
         // The successor reports to systemd now: no last STATUS= or WATCHDOG=1 from here.
         reporter.abort();

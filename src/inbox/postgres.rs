@@ -6,8 +6,10 @@
 //!   inserting the same key, one insert wins, the other finds it (`ON CONFLICT DO
 //!   NOTHING` waits for the first transaction, then does nothing).
 //! - Delivery by exactly one member: claims take due envelopes with `FOR UPDATE SKIP
-//!   LOCKED` and mark them with the member and a lease; a member that dies holding
-//!   claims loses them when the lease runs out (leases are on the database's clock).
+//!   LOCKED` and mark them with the member and a lease; a live member renews the lease
+//!   of its claims at each heartbeat (`crate::cluster`), so a slow delivery stays its own;
+//!   a member that dies holding claims loses them when the lease runs out (leases are on
+//!   the database's clock).
 //!
 //! The synchronous `postgres` client fits the writer, which is one thread making one
 //! transaction at a time; it reconnects on the next call after the connection broke.
@@ -26,7 +28,7 @@ use super::{
 use crate::config::Cluster;
 
 /// The schema this build writes.
-const SCHEMA_VERSION: i32 = 1;
+const SCHEMA_VERSION: i32 = 2;
 
 /// Versions of the schema are rows of `flowcoach_schema`; each says the oldest version of
 /// flowcoach's schema code that still works with it (`compatible_from`), so two releases
@@ -79,6 +81,23 @@ CREATE TABLE flowcoach_members (
 INSERT INTO flowcoach_schema (version, compatible_from) VALUES (1, 1);
 ";
 
+/// Membership (`crate::cluster`): who the members are, for status, the other-clients
+/// diagnosis and the socket budget. Version 1 builds never touch `flowcoach_members`, so
+/// they keep working with it (`compatible_from` stays 1).
+const SCHEMA_V2: &str = "
+ALTER TABLE flowcoach_members
+    ADD COLUMN host text NOT NULL DEFAULT '',
+    ADD COLUMN pid integer NOT NULL DEFAULT 0,
+    ADD COLUMN version text NOT NULL DEFAULT '',
+    ADD COLUMN health_reason text,
+    -- connection.sockets: the member holds twice that during rotations
+    ADD COLUMN sockets_wanted integer NOT NULL DEFAULT 1,
+    -- the sockets Slack may count for it now (recently closed ones, one being opened)
+    ADD COLUMN sockets_counted integer NOT NULL DEFAULT 1,
+    ADD COLUMN started_at timestamptz NOT NULL DEFAULT now();
+INSERT INTO flowcoach_schema (version, compatible_from) VALUES (2, 1);
+";
+
 /// How long connecting may take when the URL does not say (`connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -89,20 +108,23 @@ struct Connection {
 }
 
 pub struct PostgresStore {
-    config: postgres::Config,
     cluster: String,
     member: String,
     lease_secs: f64,
-    /// Where the store is, for errors: no password.
-    place: PathBuf,
+    link: Link,
     connection: Option<Connection>,
 }
 
-impl PostgresStore {
-    /// The store of `cluster`. Connects and creates or checks the schema now; if the
-    /// database cannot be reached, the error says so ([`Trouble::Unreachable`]) and the
-    /// store still works, connecting on each later call until it can.
-    pub fn open(cluster: &Cluster) -> (Self, Result<(), InboxError>) {
+/// How to reach the shared store: the connection settings and where it is, for errors.
+/// Each user (the inbox's writer, the membership) has a connection of its own.
+pub(crate) struct Link {
+    config: postgres::Config,
+    /// Where the store is, for errors: no password.
+    place: PathBuf,
+}
+
+impl Link {
+    pub(crate) fn new(cluster: &Cluster) -> Link {
         let mut config = cluster.store.clone();
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
@@ -111,15 +133,52 @@ impl PostgresStore {
         // minute, not after the kernel's two hours.
         config.keepalives_idle(Duration::from_secs(30));
         config.application_name(&format!("flowcoach {}", cluster.member));
-        let mut store = PostgresStore {
+        Link {
             config,
-            cluster: cluster.name.clone(),
-            member: cluster.member.clone(),
-            lease_secs: cluster.lease.as_secs_f64(),
             place: PathBuf::from(format!(
                 "{} (cluster {})",
                 cluster.store_description, cluster.name
             )),
+        }
+    }
+
+    /// A new connection, the schema created or checked on it.
+    pub(crate) fn connect(&self) -> Result<Client, InboxError> {
+        let mut client = self.config.connect(NoTls).map_err(|e| self.error(&e))?;
+        migrate(&mut client).map_err(|e| match e {
+            Migration::Sql(e) => self.error(&e),
+            Migration::TooNew { version, needs } => InboxError {
+                trouble: Trouble::Incompatible,
+                path: self.place.clone(),
+                detail: format!(
+                    "the shared schema is at version {version}, which needs a flowcoach that knows version {needs} or later (this one knows {SCHEMA_VERSION}): upgrade this member"
+                ),
+            },
+        })?;
+        Ok(client)
+    }
+
+    /// `error` by its cause.
+    pub(crate) fn error(&self, error: &postgres::Error) -> InboxError {
+        pg_error(&self.place, error)
+    }
+}
+
+/// Whether `error` broke the connection: the next call must connect again.
+pub(crate) fn connection_lost(error: &postgres::Error) -> bool {
+    error.is_closed() || io_cause(error)
+}
+
+impl PostgresStore {
+    /// The store of `cluster`. Connects and creates or checks the schema now; if the
+    /// database cannot be reached, the error says so ([`Trouble::Unreachable`]) and the
+    /// store still works, connecting on each later call until it can.
+    pub fn open(cluster: &Cluster) -> (Self, Result<(), InboxError>) {
+        let mut store = PostgresStore {
+            link: Link::new(cluster),
+            cluster: cluster.name.clone(),
+            member: cluster.member.clone(),
+            lease_secs: cluster.lease.as_secs_f64(),
             connection: None,
         };
         let connected = store.connection().map(|_| ());
@@ -136,20 +195,7 @@ impl PostgresStore {
             self.connection = None;
         }
         if self.connection.is_none() {
-            let mut client = self
-                .config
-                .connect(NoTls)
-                .map_err(|e| pg_error(&self.place, &e))?;
-            migrate(&mut client).map_err(|e| match e {
-                Migration::Sql(e) => pg_error(&self.place, &e),
-                Migration::TooNew { version, needs } => InboxError {
-                    trouble: Trouble::Incompatible,
-                    path: self.place.clone(),
-                    detail: format!(
-                        "the shared schema is at version {version}, which needs a flowcoach that knows version {needs} or later (this one knows {SCHEMA_VERSION}): upgrade this member"
-                    ),
-                },
-            })?;
+            let client = self.link.connect()?;
             self.connection = Some(Connection {
                 client,
                 statements: HashMap::new(),
@@ -169,10 +215,10 @@ impl PostgresStore {
             member: self.member.clone(),
             lease_secs: self.lease_secs,
         };
-        let place = self.place.clone();
+        let place = self.link.place.clone();
         let connection = self.connection()?;
         work(connection, &scope).map_err(|e| {
-            if e.is_closed() || io_cause(&e) {
+            if connection_lost(&e) {
                 self.connection = None;
             }
             pg_error(&place, &e)
@@ -206,13 +252,17 @@ fn migrate(client: &mut Client) -> Result<(), Migration> {
         "SELECT pg_advisory_xact_lock(hashtext('flowcoach_schema'))",
         &[],
     )?;
+    // Not a NOTICE in every member's log at each connect ("already exists, skipping").
+    tx.batch_execute("SET LOCAL client_min_messages = warning")?;
     tx.batch_execute(SCHEMA_TABLE)?;
     let newest = tx.query_opt(
         "SELECT version, compatible_from FROM flowcoach_schema ORDER BY version DESC LIMIT 1",
         &[],
     )?;
     match newest.map(|row| (row.get::<_, i32>(0), row.get::<_, i32>(1))) {
-        None => tx.batch_execute(SCHEMA_V1)?,
+        None => tx.batch_execute(&format!("{SCHEMA_V1}{SCHEMA_V2}"))?,
+        // Made by an older release, which keeps working with the newer schema.
+        Some((1, _)) => tx.batch_execute(SCHEMA_V2)?,
         Some((version, needs)) if version > SCHEMA_VERSION && needs > SCHEMA_VERSION => {
             return Err(Migration::TooNew { version, needs });
         }

@@ -118,6 +118,8 @@ pub struct Supervisor {
     token: AppToken,
     /// New tokens (SIGHUP after the token file changed): each one rotates the connection.
     tokens: Option<watch::Receiver<AppToken>>,
+    /// `[cluster]`: the membership, for a fresh view of the members at each hello.
+    members: Option<crate::cluster::Members>,
     /// The app hello must name.
     pin: AppPin,
     /// A hello without the socket count or the app has been reported.
@@ -170,6 +172,7 @@ impl Supervisor {
             api,
             token,
             tokens: None,
+            members: None,
             pin,
             minimal_hello_said: false,
             recently_closed: VecDeque::new(),
@@ -185,6 +188,13 @@ impl Supervisor {
             failure_log: LogThrottle::new(LOG_BURST, LOG_EVERY),
             pacing_log: LogThrottle::new(LOG_BURST, LOG_EVERY),
         }
+    }
+
+    /// `[cluster]`: Slack's count at each hello is judged against a fresh view of the
+    /// other members' sockets.
+    pub fn with_members(mut self, members: Option<crate::cluster::Members>) -> Self {
+        self.members = members;
+        self
     }
 
     /// Follows token changes: each new token rotates the connection with no gap.
@@ -269,6 +279,11 @@ impl Supervisor {
                     );
                     old.retire(budget);
                     self.retiring.push(old);
+                }
+                if let Some(members) = &self.members {
+                    // Our row says our sockets, theirs are read after Slack counted them.
+                    self.sync_socket_count();
+                    members.refresh().await;
                 }
                 self.on_hello(&hello)
             }
@@ -751,7 +766,8 @@ impl Supervisor {
     }
 
     /// Sockets of other clients in Slack's count: not ours, not a predecessor's we take
-    /// over from, and not ours that closed so recently that Slack still counts them.
+    /// over from, not ours that closed so recently that Slack still counts them, and not
+    /// the other members' of our cluster.
     fn other_connections(&mut self, counted: u32, ours: u32) -> u32 {
         let grace = self.live.borrow().conflicts.own_socket_grace;
         let now = Instant::now();
@@ -766,9 +782,14 @@ impl Supervisor {
             .state
             .predecessor_sockets
             .load(std::sync::atomic::Ordering::Relaxed);
+        let members = self
+            .state
+            .member_sockets
+            .load(std::sync::atomic::Ordering::Relaxed);
         counted
             .saturating_sub(ours)
             .saturating_sub(predecessor)
+            .saturating_sub(members)
             .saturating_sub(self.recently_closed.len() as u32)
     }
 

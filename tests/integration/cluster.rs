@@ -38,20 +38,42 @@ impl Member {
     /// flowcoach forwarding to `url` (`extra` may add per-kind URLs), a member of the
     /// cluster `it` in `pg` over TCP, with the password in `PGPASSWORD`.
     fn start(&self, sim: &Simulator, pg: &Postgres, url: &str, lease: &str, extra: &str) -> Daemon {
-        let dir = self.dir.path().display().to_string();
-        let cluster = format!(
-            "[cluster]\nstore = \"{}\"\nname = \"it\"\nmember = \"{}\"\nlease = \"{lease}\"\n",
+        self.launch(sim, &self.config(pg, url, lease, extra))
+    }
+
+    /// What [`Member::start`] runs with.
+    fn config(&self, pg: &Postgres, url: &str, lease: &str, extra: &str) -> String {
+        let cluster = self.cluster(pg, &format!("lease = \"{lease}\""));
+        config(url, &format!("{extra}\n{INBOX}{cluster}"))
+    }
+
+    /// `[cluster]` for this member of the cluster `it` in `pg` over TCP, with `extra` keys.
+    fn cluster(&self, pg: &Postgres, extra: &str) -> String {
+        format!(
+            "[cluster]\nstore = \"{}\"\nname = \"it\"\nmember = \"{}\"\n{extra}\n",
             pg.tcp_url(),
             self.name
-        );
-        Daemon::start_with(
+        )
+    }
+
+    /// flowcoach with `config_text` on this member's runtime and state directories, the
+    /// password in `PGPASSWORD`.
+    fn launch(&self, sim: &Simulator, config_text: &str) -> Daemon {
+        self.launch_args(sim, config_text, &[])
+    }
+
+    /// [`Member::launch`] with these arguments (`--takeover`).
+    fn launch_args(&self, sim: &Simulator, config_text: &str, args: &[&str]) -> Daemon {
+        let dir = self.dir.path().display().to_string();
+        Daemon::start_args(
             sim,
-            &config(url, &format!("{extra}\n{INBOX}{cluster}")),
+            config_text,
             &[
                 ("FLOWCOACH_RUNTIME_DIR", dir.as_str()),
                 ("SLACK_SIGNING_SECRET", SECRET),
                 ("PGPASSWORD", postgres::PASSWORD),
             ],
+            args,
         )
     }
 }
@@ -76,6 +98,7 @@ fn store_in(pg: &Postgres, cluster: &str, member: &str, lease: Duration) -> Post
         member: Some(member.to_owned()),
         max_members: 3,
         lease,
+        heartbeat: None,
         password_file: None,
     }
     .validate(&[])
@@ -320,4 +343,508 @@ async fn a_postgresql_restart_acks_nothing_uncommitted_and_slash_commands_are_st
     for daemon in &mut daemons {
         daemon.stop().await;
     }
+}
+
+/// The members' names in a `status --json` report, as listed.
+fn member_names(status: &serde_json::Value) -> Vec<String> {
+    status["cluster"]["members"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no members in {status}"))
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The set of names as a member logs it (`cluster members changed`).
+fn logged(names: &[&str]) -> String {
+    format!("{names:?}")
+}
+
+/// `status --json` once it satisfies `pred`: views change at heartbeats (bounded wait).
+async fn status_until(
+    daemon: &Daemon,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let status = daemon.status_json().await;
+        if pred(&status) {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "status never came to it within {WAIT:?}: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn health_text(daemon: &Daemon) -> String {
+    let dir = daemon.runtime_dir.display().to_string();
+    let output =
+        flowcoach_harness::ctl::run(&["health"], &[("FLOWCOACH_RUNTIME_DIR", dir.as_str())]).await;
+    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_member_lists_the_same_members_and_a_killed_one_is_gone_after_the_lease() {
+    if !postgres::runnable("cluster membership") {
+        return;
+    }
+    let pg = Postgres::start().await;
+    let sim = simulator(|_| {}).await;
+    let (_, url) = vacant_address().await;
+    let members: Vec<Member> = ["m1", "m2", "m3"].map(Member::new).into();
+    let mut daemons: Vec<Daemon> = members
+        .iter()
+        .map(|m| m.start(&sim, &pg, &url, "2s", ""))
+        .collect();
+    sim.wait_until(WAIT, |r| r.hellos() >= 3)
+        .await
+        .unwrap_or_else(|e| panic!("not every member connected: {e}\n{}", daemons[0].stderr()));
+    let all = logged(&["m1", "m2", "m3"]);
+    for daemon in &mut daemons {
+        daemon
+            .wait_log("cluster members changed", |l| l["members"] == all.as_str())
+            .await;
+    }
+    // `status --json` on each member: the same members, with what each is.
+    for daemon in &daemons {
+        let status = status_until(daemon, |status| {
+            status["cluster"]["members"]
+                .as_array()
+                .is_some_and(|members| {
+                    members
+                        .iter()
+                        .all(|m| m["sockets"] == 1 && m["health"] == "healthy")
+                })
+        })
+        .await;
+        assert_eq!(member_names(&status), ["m1", "m2", "m3"], "{status}");
+        let cluster = &status["cluster"];
+        assert_eq!(cluster["name"], "it");
+        // Where the store is, never its password.
+        let store = cluster["store"].as_str().unwrap();
+        assert!(pg.tcp_url().starts_with(store), "{status}");
+        assert!(!status.to_string().contains(postgres::PASSWORD), "{status}");
+        for (member, owner) in cluster["members"].as_array().unwrap().iter().zip(&daemons) {
+            assert_eq!(member["pid"], owner.pid(), "{member}");
+            assert!(member["host"].as_str().is_some_and(|h| !h.is_empty()));
+            assert!(
+                member["heartbeat_age_ms"].as_u64().unwrap() < 2000,
+                "{member}"
+            );
+        }
+    }
+    let text = flowcoach_harness::ctl::run(
+        &["status"],
+        &[(
+            "FLOWCOACH_RUNTIME_DIR",
+            members[1].dir.path().to_str().unwrap(),
+        )],
+    )
+    .await;
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(text.contains("cluster:      it on postgres://"), "{text}");
+    assert!(text.contains("as m2, 3 members"), "{text}");
+    assert!(!text.contains(postgres::PASSWORD), "{text}");
+
+    // kill -9: no goodbye; the others count it as gone once its lease ran out.
+    daemons[0].signal(Signal::SIGKILL);
+    daemons[0].exit_code().await;
+    let rest = logged(&["m2", "m3"]);
+    for daemon in &mut daemons[1..] {
+        daemon
+            .wait_log("cluster members changed", |l| {
+                l["members"] == rest.as_str() && l["left"] == logged(&["m1"]).as_str()
+            })
+            .await;
+        assert_eq!(member_names(&daemon.status_json().await), ["m2", "m3"]);
+    }
+    // Whichever member noticed first said so, naming it.
+    let gone: usize = daemons[1..]
+        .iter()
+        .map(|d| {
+            d.count_by("a member stopped heartbeating", "member")
+                .get("m1")
+                .copied()
+                .unwrap_or(0)
+        })
+        .sum();
+    assert!(gone >= 1, "{}", daemons[1].stderr());
+
+    // A clean stop leaves at once: no wait for the lease.
+    daemons[1].stop().await;
+    daemons[2]
+        .wait_log("cluster members changed", |l| {
+            l["members"] == logged(&["m3"]).as_str()
+        })
+        .await;
+    daemons[2].stop().await;
+    assert_eq!(pg.psql("SELECT count(*) FROM flowcoach_members").await, "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_not_other_clients_but_a_stranger_with_the_same_token_is() {
+    if !postgres::runnable("cluster other clients") {
+        return;
+    }
+    let pg = Postgres::start().await;
+    let sim = simulator(|_| {}).await;
+    let (_, url) = vacant_address().await;
+    let members: Vec<Member> = ["m1", "m2", "m3"].map(Member::new).into();
+    let mut daemons: Vec<Daemon> = members
+        .iter()
+        .map(|m| m.start(&sim, &pg, &url, "5s", ""))
+        .collect();
+    sim.wait_until(WAIT, |r| r.hellos() >= 3)
+        .await
+        .unwrap_or_else(|e| panic!("not every member connected: {e}\n{}", daemons[0].stderr()));
+    let all = logged(&["m1", "m2", "m3"]);
+    for daemon in &mut daemons {
+        daemon
+            .wait_log("cluster members changed", |l| l["members"] == all.as_str())
+            .await;
+    }
+    // Slack counted the other members' sockets (the last to connect saw all three), and
+    // no member took them for another client's.
+    let mut counted = Vec::new();
+    for daemon in &daemons {
+        counted.push(daemon.status_json().await["num_connections"].clone());
+        assert!(
+            !daemon.stderr().contains("belong to another client"),
+            "{}",
+            daemon.stderr()
+        );
+        let health = health_text(daemon).await;
+        assert!(!health.contains("another client"), "{health}");
+    }
+    assert!(counted.contains(&serde_json::json!(3)), "{counted:?}");
+
+    for daemon in &mut daemons {
+        daemon.stop().await;
+    }
+
+    // A stranger: the same token, no member of the cluster. Members connecting one after
+    // the other each find it in Slack's count, and nobody else.
+    let mut stranger = Daemon::start(&sim, "");
+    sim.wait_until(WAIT, |r| r.hellos() >= 4)
+        .await
+        .unwrap_or_else(|e| panic!("the stranger did not connect: {e}"));
+    let mut daemons = Vec::new();
+    for (i, member) in members.iter().enumerate() {
+        let mut daemon = member.start(&sim, &pg, &url, "5s", "");
+        let said = daemon.wait_log("Slack counts", |_| true).await;
+        assert_eq!(said["others"], 1, "{said}");
+        assert_eq!(said["num_connections"], i + 2, "{said}");
+        let health = health_text(&daemon).await;
+        assert!(health.contains("another client"), "{health}");
+        daemons.push(daemon);
+    }
+    stranger.stop().await;
+    for daemon in &mut daemons {
+        daemon.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_beyond_max_members_or_the_socket_budget_is_refused_with_69() {
+    if !postgres::runnable("cluster budget") {
+        return;
+    }
+    let pg = Postgres::start().await;
+    let sim = simulator(|_| {}).await;
+    let (_, url) = vacant_address().await;
+    // Two sockets each: 2·2 + 2·2 while rotating, 2 more in a handover = Slack's 10.
+    let two_sockets = |m: &Member| {
+        format!(
+            "{}\n[forward]\nurl = \"{url}\"\n{INBOX}{}",
+            flowcoach_harness::fast_config_with(&[("sockets", "2")]),
+            m.cluster(&pg, "max_members = 3\nlease = \"5s\"")
+        )
+    };
+    let members: Vec<Member> = ["m1", "m2", "m3"].map(Member::new).into();
+    let mut daemons: Vec<Daemon> = members[..2]
+        .iter()
+        .map(|m| m.launch(&sim, &two_sockets(m)))
+        .collect();
+    sim.wait_until(WAIT, |r| r.hellos() >= 4)
+        .await
+        .unwrap_or_else(|e| panic!("not every member connected: {e}\n{}", daemons[0].stderr()));
+    let mut third = members[2].launch(&sim, &two_sockets(&members[2]));
+    assert_eq!(third.exit_code().await, 69, "{}", third.stderr());
+    let said = third.stderr();
+    assert!(
+        said.contains("cluster it would need up to 14 sockets with this member (m3), over Slack's limit of 10 per app"),
+        "{said}"
+    );
+    assert!(said.contains("m1 on ") && said.contains("m2 on "), "{said}");
+
+    // One socket would fit the sockets, but not cluster.max_members = 2.
+    let one_socket = config(
+        &url,
+        &format!(
+            "{INBOX}{}",
+            members[2].cluster(&pg, "max_members = 2\nlease = \"5s\"")
+        ),
+    );
+    let mut fourth = members[2].launch(&sim, &one_socket);
+    assert_eq!(fourth.exit_code().await, 69, "{}", fourth.stderr());
+    assert!(
+        fourth
+            .stderr()
+            .contains("cluster it already has 2 live members, its cluster.max_members"),
+        "{}",
+        fourth.stderr()
+    );
+    // Refused before connecting: Slack never saw a socket of theirs.
+    assert_eq!(sim.record().hellos(), 4);
+    for daemon in &mut daemons {
+        daemon.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_delivery_keeps_its_claim_past_the_lease() {
+    if !postgres::runnable("cluster claim renewal") {
+        return;
+    }
+    let pg = Postgres::start().await;
+    let sim = simulator(|_| {}).await;
+    // The app takes four leases to answer: without renewal another member would take
+    // the envelope after one and deliver it again.
+    let app = App::start_on(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        Reply::Slow(
+            Duration::from_secs(4),
+            Box::new(Reply::Ok("text/plain", String::new())),
+        ),
+    );
+    let members: Vec<Member> = ["m1", "m2"].map(Member::new).into();
+    let mut daemons: Vec<Daemon> = members
+        .iter()
+        .map(|m| m.start(&sim, &pg, &app.url(), "1s", "timeout = \"10s\""))
+        .collect();
+    sim.wait_until(WAIT, |r| r.hellos() >= 2)
+        .await
+        .unwrap_or_else(|e| panic!("not every member connected: {e}\n{}", daemons[0].stderr()));
+    acked(&sim, flowcoach_harness::event("EvSlowOne", "slow")).await;
+    app.wait_seen(1).await;
+    // Bounded: until one member counts the delivery as done.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut forwarded = 0;
+        for daemon in &daemons {
+            forwarded += daemon.status_json().await["counters"]["forwarded"]
+                .as_u64()
+                .unwrap();
+        }
+        if forwarded >= 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the delivery never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(app.seen().len(), 1, "delivered twice");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM flowcoach_envelopes").await,
+        "0"
+    );
+    for daemon in &mut daemons {
+        daemon.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_schema_is_upgraded_in_place_and_a_newer_compatible_one_is_used() {
+    if !postgres::runnable("cluster schema versions") {
+        return;
+    }
+    let pg = Postgres::start().await;
+    // What the first release with [cluster] created (schema version 1).
+    pg.psql(
+        "CREATE TABLE flowcoach_schema (version integer PRIMARY KEY, compatible_from integer NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now());
+         CREATE TABLE flowcoach_members (cluster text NOT NULL, member text NOT NULL,
+             sockets integer NOT NULL, health text NOT NULL, heartbeat_at timestamptz NOT NULL,
+             PRIMARY KEY (cluster, member));
+         CREATE TABLE flowcoach_envelopes (id bigserial PRIMARY KEY, cluster text NOT NULL,
+             envelope_id text NOT NULL, kind text NOT NULL, event_type text, dedup_key text NOT NULL,
+             payload text NOT NULL, state text NOT NULL, attempts integer NOT NULL DEFAULT 0,
+             next_attempt_at bigint NOT NULL, last_error text, received_at bigint NOT NULL,
+             received_by text NOT NULL, claimed_by text, claimed_until timestamptz);
+         CREATE TABLE flowcoach_seen_keys (cluster text NOT NULL, dedup_key text NOT NULL,
+             seen_at bigint NOT NULL, PRIMARY KEY (cluster, dedup_key));
+         INSERT INTO flowcoach_schema (version, compatible_from) VALUES (1, 1);",
+    )
+    .await;
+    let pg = std::sync::Arc::new(pg);
+    let shared = pg.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut store = store_of(&shared, "a", Duration::from_secs(5));
+        assert_eq!(fresh(&store.apply(&[accept("k1")]).unwrap()), [true]);
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        pg.psql("SELECT string_agg(version || ':' || compatible_from, ',' ORDER BY version) FROM flowcoach_schema")
+            .await,
+        "1:1,2:1"
+    );
+    // An older member's statements still work on the new schema: version 1 never
+    // touches the members table, and its envelope statements are unchanged.
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM flowcoach_envelopes WHERE dedup_key = 'k1'")
+            .await,
+        "1"
+    );
+    // A newer release that says it works with version 2 is used; one that does not is
+    // refused with a sentence.
+    pg.psql("INSERT INTO flowcoach_schema (version, compatible_from) VALUES (3, 2)")
+        .await;
+    let shared = pg.clone();
+    tokio::task::spawn_blocking(move || {
+        store_of(&shared, "a", Duration::from_secs(5));
+    })
+    .await
+    .unwrap();
+    pg.psql("INSERT INTO flowcoach_schema (version, compatible_from) VALUES (4, 3)")
+        .await;
+    let shared = pg.clone();
+    let refused = tokio::task::spawn_blocking(move || {
+        let cluster = ClusterSettings {
+            store: shared.socket_url(),
+            name: "store-test".into(),
+            member: Some("a".into()),
+            max_members: 3,
+            lease: Duration::from_secs(5),
+            heartbeat: None,
+            password_file: None,
+        }
+        .validate(&[])
+        .unwrap();
+        PostgresStore::open(&cluster).1.unwrap_err()
+    })
+    .await
+    .unwrap();
+    assert_eq!(refused.trouble, flowcoach::inbox::Trouble::Incompatible);
+    assert!(refused.detail.contains("upgrade this member"), "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_fail_while_postgresql_is_away_and_recover_on_their_own() {
+    if !postgres::runnable("cluster heartbeats outage") {
+        return;
+    }
+    let mut pg = Postgres::start().await;
+    let sim = simulator(|_| {}).await;
+    let (_, url) = vacant_address().await;
+    let members: Vec<Member> = ["m1", "m2"].map(Member::new).into();
+    let mut daemons: Vec<Daemon> = members
+        .iter()
+        .map(|m| m.start(&sim, &pg, &url, "5s", ""))
+        .collect();
+    let both = logged(&["m1", "m2"]);
+    for daemon in &mut daemons {
+        daemon
+            .wait_log("cluster members changed", |l| l["members"] == both.as_str())
+            .await;
+    }
+    pg.stop().await;
+    for daemon in &mut daemons {
+        daemon.wait_log("cluster heartbeats fail", |_| true).await;
+        // Still serving, the last view kept, the trouble said.
+        let status = daemon.status_json().await;
+        assert_eq!(member_names(&status), ["m1", "m2"], "{status}");
+        assert!(
+            status["cluster"]["trouble"]
+                .as_str()
+                .is_some_and(|t| t.contains("cluster heartbeats fail")),
+            "{status}"
+        );
+        assert_eq!(status["phase_name"], "connected", "{status}");
+    }
+    pg.restart().await;
+    for daemon in &mut daemons {
+        daemon
+            .wait_log("cluster heartbeats work again", |_| true)
+            .await;
+        let status = status_until(daemon, |s| s["cluster"]["trouble"].is_null()).await;
+        assert_eq!(member_names(&status), ["m1", "m2"], "{status}");
+    }
+    for daemon in &mut daemons {
+        daemon.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_keeps_the_members_place_under_the_successors_pid() {
+    if !postgres::runnable("cluster handover membership") {
+        return;
+    }
+    let pg = Postgres::start().await;
+    let sim = simulator(|_| {}).await;
+    let (_, url) = vacant_address().await;
+    let members: Vec<Member> = ["m1", "m2"].map(Member::new).into();
+    let mut daemons: Vec<Daemon> = members
+        .iter()
+        .map(|m| m.start(&sim, &pg, &url, "5s", ""))
+        .collect();
+    let both = logged(&["m1", "m2"]);
+    for daemon in &mut daemons {
+        daemon
+            .wait_log("cluster members changed", |l| l["members"] == both.as_str())
+            .await;
+    }
+    let mut successor = members[0].launch_args(
+        &sim,
+        &members[0].config(&pg, &url, "5s", ""),
+        &["--takeover"],
+    );
+    assert_eq!(daemons[0].exit_code().await, 0, "{}", daemons[0].stderr());
+    let pid = u64::from(successor.pid().unsigned_abs());
+    // m2 sees m1 under its new pid; m1 never left, and nobody was a stranger.
+    let status = status_until(&daemons[1], |s| s["cluster"]["members"][0]["pid"] == pid).await;
+    assert_eq!(member_names(&status), ["m1", "m2"], "{status}");
+    let status = status_until(&successor, |s| s["cluster"]["members"][0]["pid"] == pid).await;
+    assert_eq!(member_names(&status), ["m1", "m2"], "{status}");
+    for daemon in [&daemons[1], &successor] {
+        let changes = daemon.count_by("cluster members changed", "left");
+        assert!(
+            changes.keys().all(|left| left == "[]"),
+            "{changes:?}\n{}",
+            daemon.stderr()
+        );
+        assert!(!daemon.stderr().contains("belong to another client"));
+    }
+    successor.stop().await;
+    daemons[1].stop().await;
+    assert_eq!(pg.psql("SELECT count(*) FROM flowcoach_members").await, "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_started_while_postgresql_is_away_serves_and_joins_once_it_is_back() {
+    if !postgres::runnable("cluster join later") {
+        return;
+    }
+    let mut pg = Postgres::start().await;
+    let sim = simulator(|_| {}).await;
+    let (_, url) = vacant_address().await;
+    pg.stop().await;
+    let member = Member::new("m1");
+    let mut daemon = member.start(&sim, &pg, &url, "5s", "");
+    sim.wait_until(WAIT, |r| r.hellos() >= 1)
+        .await
+        .unwrap_or_else(|e| panic!("the member did not connect: {e}\n{}", daemon.stderr()));
+    daemon.wait_log("cluster heartbeats fail", |_| true).await;
+    let status = daemon.status_json().await;
+    assert!(status["cluster"]["trouble"].is_string(), "{status}");
+    pg.restart().await;
+    daemon.wait_log("joined the cluster", |_| true).await;
+    let status = status_until(&daemon, |s| s["cluster"]["trouble"].is_null()).await;
+    assert_eq!(member_names(&status), ["m1"], "{status}");
+    daemon.stop().await;
 }

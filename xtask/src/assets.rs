@@ -228,6 +228,10 @@ fn daemon_sections() -> Roff {
             ("0", "Clean stop."),
             ("1", "Any other failure."),
             ("64", "Bad command line."),
+            (
+                "69",
+                "The [cluster] has no room for this member (cluster.max_members, or Slack's 10 sockets per app): restarting cannot help (RestartPreventExitStatus=69).",
+            ),
             ("75", "Another instance holds the app on this host."),
             (
                 "78",
