@@ -17,7 +17,7 @@ use flowcoach_sim::{CloseKind, LoadMix, LoadSpec, Simulator};
 use nix::sys::signal::Signal;
 use tokio::net::TcpListener;
 
-use crate::forward::{App, Reply, SECRET, config, vacant_address};
+use crate::forward::{App, Reply, SECRET, config, flowcoach_check, vacant_address};
 use crate::inbox::{acked_count, app_on, every_acked_event_reached_the_app_once};
 
 /// Retries fast enough for a test.
@@ -400,5 +400,111 @@ async fn a_postgresql_restart_acks_nothing_uncommitted_and_slash_commands_are_st
     every_acked_event_reached_the_app_once(&sim, &app).await;
     for daemon in &mut daemons {
         daemon.stop().await;
+    }
+}
+
+#[test]
+fn check_config_reports_the_cluster_without_its_password_and_refuses_bad_settings() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let password = "pg-secret-for-check-config";
+    let cluster = "[cluster]\nstore = \"postgres://flowcoach@db.example:5433/flowcoach?sslmode=disable\"\nname = \"prod\"\nmember = \"host-a\"\nlease = \"90s\"\n";
+    let (code, text) = flowcoach_check(cluster, &[("PGPASSWORD", password)]);
+    assert_eq!(code, 0, "{text}");
+    for line in [
+        "cluster:      prod (this member: host-a, at most 3 members)",
+        "store:        postgres://flowcoach@db.example:5433/flowcoach",
+        "store password: from PGPASSWORD",
+        "claim lease:  1m 30s",
+        "inbox:        shared by the cluster's members",
+    ] {
+        assert!(text.contains(line), "{line:?} in {text}");
+    }
+    assert!(!text.contains(password), "{text}");
+
+    // The systemd credential, and a unix socket with no password at all.
+    let credentials = tempfile::tempdir().unwrap();
+    std::fs::write(credentials.path().join("postgres-password"), password).unwrap();
+    let (code, text) = flowcoach_check(
+        cluster,
+        &[(
+            "CREDENTIALS_DIRECTORY",
+            credentials.path().to_str().unwrap(),
+        )],
+    );
+    assert_eq!(code, 0, "{text}");
+    let credential = credentials.path().join("postgres-password");
+    assert!(
+        text.contains(&format!(
+            "store password: from systemd credential {}",
+            credential.display()
+        )),
+        "{text}"
+    );
+    assert!(!text.contains(password), "{text}");
+    let (code, text) = flowcoach_check(
+        "[cluster]\nstore = \"postgres:///flowcoach?host=/run/postgresql\"\nmember = \"host-b\"\n",
+        &[],
+    );
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("store:        postgres:///flowcoach?host=/run/postgresql")
+            && text.contains("cluster:      default (this member: host-b")
+            && text.contains("store password: none"),
+        "{text}"
+    );
+
+    // A password file others can read: refused, naming the field, never showing it.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pg-password");
+    std::fs::write(&file, password).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let with_file = format!("{cluster}password_file = \"{}\"\n", file.display());
+    let (code, text) = flowcoach_check(&with_file, &[]);
+    assert_eq!(code, 78, "{text}");
+    assert!(text.contains("cluster.password_file"), "{text}");
+    assert!(!text.contains(password), "{text}");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, text) = flowcoach_check(&with_file, &[]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains(&format!("store password: from file {}", file.display())),
+        "{text}"
+    );
+
+    let store = |url: &str| format!("[cluster]\nstore = \"{url}\"\nmember = \"a\"\n");
+    for (config, field) in [
+        (store("postgres://u:hunter2@db/flowcoach"), "cluster.store"),
+        (
+            store("postgres://db/flowcoach?sslmode=require"),
+            "cluster.store",
+        ),
+        (store("postgres://db"), "cluster.store"),
+        (store("not a connection string"), "cluster.store"),
+        (
+            format!("{}name = \"two words\"\n", store("postgres://db/f")),
+            "cluster.name",
+        ),
+        (
+            "[cluster]\nstore = \"postgres://db/f\"\nmember = \"a/b\"\n".to_owned(),
+            "cluster.member",
+        ),
+        (
+            format!("{}max_members = 11\n", store("postgres://db/f")),
+            "cluster.max_members",
+        ),
+        (
+            format!("{}lease = \"0s\"\n", store("postgres://db/f")),
+            "cluster.lease",
+        ),
+        (
+            format!("[inbox]\nenabled = false\n{}", store("postgres://db/f")),
+            "inbox.enabled",
+        ),
+    ] {
+        let (code, text) = flowcoach_check(&config, &[]);
+        assert_eq!(code, 78, "{config}: {text}");
+        assert!(text.contains(field), "{config}: {text}");
+        assert!(!text.contains("hunter2"), "{config}: {text}");
     }
 }
