@@ -1,5 +1,6 @@
 //! `flowcoach-dev bench`: throughput, CPU per envelope, ack latency and resident memory of a
-//! flowcoach process (the child, not the simulator) under a steady envelope stream; with
+//! flowcoach process (the child, not the simulator) under a steady envelope stream (the
+//! inbox in SQLite, in PostgreSQL with `--postgres`, or off); with
 //! `--handovers N`, what N handovers in a row cost under a steady stream of events, slash
 //! commands and interactions; with `--bolt-compare SECONDS`, a Bolt app in Socket Mode
 //! against the same app behind flowcoach.
@@ -11,6 +12,7 @@ use flowcoach::control::client;
 use flowcoach::control::protocol::{Command, Response};
 use flowcoach::host::paths::InstancePaths;
 use flowcoach_harness::logs::handled_events;
+use flowcoach_harness::postgres::{self, Postgres};
 use flowcoach_harness::process::{self, Strays};
 use flowcoach_harness::prometheus;
 use flowcoach_harness::{Daemon, Logs};
@@ -40,6 +42,8 @@ pub struct BenchReport {
     pub app_requests: Option<u64>,
     /// Events were acked once on disk (the durable inbox), not on accept.
     pub inbox: bool,
+    /// The inbox was in PostgreSQL (`[cluster]`), not in SQLite: acked once committed.
+    pub postgres: bool,
     /// The metrics endpoint was on and scraped every second.
     pub metrics: bool,
     /// With `metrics`: scrapes answered, and the series in the last one.
@@ -127,7 +131,11 @@ fn print_table(r: &BenchReport) {
             ""
         }
     );
-    if r.inbox {
+    if r.postgres {
+        println!(
+            "  inbox in PostgreSQL ([cluster], loopback TCP): events acked once committed there"
+        );
+    } else if r.inbox {
         println!("  durable inbox on: events acked once committed to disk (fsync)");
     }
     if let Some(requests) = r.app_requests {
@@ -190,6 +198,19 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
     if args.no_inbox {
         config.push_str("[inbox]\nenabled = false\n");
     }
+    let postgres = if args.postgres {
+        if !postgres::runnable("flowcoach-dev bench --postgres") {
+            return Err("--postgres needs the PostgreSQL server package".to_owned());
+        }
+        let pg = Postgres::start().await;
+        config.push_str(&format!(
+            "[cluster]\nstore = \"{}\"\nname = \"bench\"\nmember = \"bench\"\n",
+            pg.tcp_url()
+        ));
+        Some(pg)
+    } else {
+        None
+    };
     if args.metrics {
         config.push_str("[metrics]\nlisten = \"127.0.0.1:0\"\n");
     }
@@ -204,6 +225,9 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
     let mut env = vec![("FLOWCOACH_LOG", level)];
     if app.is_some() {
         env.push(("SLACK_SIGNING_SECRET", "bench-signing-secret"));
+    }
+    if postgres.is_some() {
+        env.push(("PGPASSWORD", postgres::PASSWORD));
     }
     let mut daemon = Daemon::launch(&sim, &config, &env, &[], Logs::Collect);
     let pid = daemon.pid() as u32;
@@ -290,6 +314,7 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
     daemon.signal(Signal::SIGTERM);
     let _ = tokio::time::timeout(WAIT, daemon.child.wait()).await;
     sim.shutdown().await;
+    drop(postgres);
 
     let latencies = AckLatencies::of(&record);
     let percentile = |p| latencies.percentile_us(p);
@@ -302,6 +327,7 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
         forward: args.forward,
         app_requests: app.as_ref().map(NoOpApp::requests),
         inbox: !args.no_inbox,
+        postgres: args.postgres,
         metrics: args.metrics,
         scrapes: args.metrics.then_some(scrapes),
         series: args.metrics.then(|| prometheus::series_count(&last_scrape)),
