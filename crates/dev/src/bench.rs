@@ -52,6 +52,9 @@ pub struct BenchReport {
     pub seconds: f64,
     pub envelopes_per_second: f64,
     pub cpu_us_per_envelope: f64,
+    /// With `postgres`: the CPU of the PostgreSQL server and its sessions, per envelope,
+    /// on top of flowcoach's own.
+    pub store_cpu_us_per_envelope: Option<f64>,
     pub ack_latency_p50_us: u64,
     pub ack_latency_p99_us: u64,
     pub rss_idle_kib: u64,
@@ -152,6 +155,9 @@ fn print_table(r: &BenchReport) {
         "  client CPU        {:>10.2} µs/envelope",
         r.cpu_us_per_envelope
     );
+    if let Some(store) = r.store_cpu_us_per_envelope {
+        println!("  PostgreSQL CPU    {store:>10.2} µs/envelope");
+    }
     println!("  ack latency p50   {:>10} µs", r.ack_latency_p50_us);
     println!("  ack latency p99   {:>10} µs", r.ack_latency_p99_us);
     println!(
@@ -257,6 +263,7 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
             .map_err(|e| format!("flowcoach did not reconnect: {e:?}"))?;
     }
     let idle = process::usage(pid)?;
+    let store_idle = postgres.as_ref().map(store_cpu);
 
     let started = Instant::now();
     let load = sim.start_load(
@@ -308,6 +315,7 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
     let elapsed = started.elapsed();
     let _ = load.await;
     let loaded = process::usage(pid)?;
+    let store_loaded = postgres.as_ref().map(store_cpu);
     peak_rss = peak_rss.max(loaded.rss_kib);
     peak_anon = peak_anon.max(loaded.rss_anon_kib);
 
@@ -334,6 +342,9 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
         seconds: elapsed.as_secs_f64(),
         envelopes_per_second: envelopes as f64 / elapsed.as_secs_f64(),
         cpu_us_per_envelope: cpu.as_secs_f64() * 1e6 / envelopes as f64,
+        store_cpu_us_per_envelope: store_loaded.zip(store_idle).map(|(loaded, idle)| {
+            loaded.saturating_sub(idle).as_secs_f64() * 1e6 / envelopes as f64
+        }),
         ack_latency_p50_us: percentile(0.50),
         ack_latency_p99_us: percentile(0.99),
         rss_idle_kib: idle.rss_kib,
@@ -341,6 +352,18 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
         rss_anon_idle_kib: idle.rss_anon_kib,
         rss_anon_peak_under_load_kib: peak_anon,
     })
+}
+
+/// CPU time so far of the PostgreSQL server and its sessions (one process each).
+fn store_cpu(pg: &Postgres) -> Duration {
+    let Some(server) = pg.pid() else {
+        return Duration::ZERO;
+    };
+    std::iter::once(server)
+        .chain(process::children(server))
+        .filter_map(|pid| process::usage(pid).ok())
+        .map(|usage| usage.cpu)
+        .sum()
 }
 
 /// From each acked envelope's first delivery to its ack, sorted.
