@@ -18,6 +18,7 @@ use nix::sys::signal::Signal;
 use tokio::net::TcpListener;
 
 use crate::forward::{App, Reply, SECRET, config, flowcoach_check, vacant_address};
+use crate::handover::{acks_beyond, exited, handed_to};
 use crate::inbox::{acked_count, app_on, every_acked_event_reached_the_app_once};
 
 /// Retries fast enough for a test.
@@ -214,38 +215,14 @@ async fn the_shared_store_dedups_across_members_claims_once_and_frees_a_dead_mem
     .unwrap();
 }
 
-/// Waits until `more` envelopes have been acked beyond `since`; the new count.
-async fn acks_beyond(sim: &Simulator, since: usize, more: usize) -> usize {
-    let record = sim
-        .wait_until(WAIT, |r| acked_count(r) >= since + more)
-        .await
-        .unwrap_or_else(|e| panic!("the stream stalled: {e}"));
-    acked_count(&record)
-}
-
 /// `flowcoachctl handover` on `member`'s control socket; the successor's pid, once the
 /// incumbent has exited 0.
 async fn hand_over(member: &Member, incumbent: &mut Daemon) -> u32 {
     let socket = member.dir.path().join(format!("{APP}.test.sock"));
     let socket = socket.display().to_string();
     let output = ctl::run(&["--socket", &socket, "--timeout", "30s", "handover"], &[]).await;
-    let said = String::from_utf8_lossy(&output.stdout).into_owned();
-    let successor = said
-        .strip_prefix("handed over to pid ")
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "not a completed handover: {output:?}\n{}",
-                incumbent.stderr()
-            )
-        });
-    let code = tokio::time::timeout(WAIT, incumbent.child.wait())
-        .await
-        .unwrap_or_else(|_| panic!("the incumbent did not exit:\n{}", incumbent.stderr()))
-        .unwrap()
-        .code();
-    assert_eq!(code, Some(0), "{}", incumbent.stderr());
+    let successor = handed_to(&output);
+    assert_eq!(exited(incumbent).await, 0, "{}", incumbent.stderr());
     successor
 }
 
