@@ -101,13 +101,31 @@ fn check_config(cli: &DaemonCli) -> ExitCode {
         }
         None => println!("  forward to:   none (the built-in bot answers)"),
     }
-    match flowcoach::inbox::file(&config, &ProcessEnv) {
-        Ok(Some(path)) => println!("  inbox:        {}", path.display()),
-        Ok(None) => println!("  inbox:        off (events acked on accept)"),
-        Err(error) => {
-            eprintln!("flowcoach: {error}");
-            return exit::code(exit::CONFIG);
+    match &config.cluster {
+        Some(cluster) => {
+            println!("  inbox:        shared by the cluster's members (the store below)");
+            println!(
+                "  cluster:      {} (this member: {}, at most {} members)",
+                cluster.name, cluster.member, cluster.max_members
+            );
+            println!("  store:        {}", cluster.store_description);
+            match &cluster.password_source {
+                Some(source) => println!("  store password: from {source}"),
+                None => println!("  store password: none (the server must not ask for one)"),
+            }
+            println!(
+                "  claim lease:  {}",
+                humantime::format_duration(cluster.lease)
+            );
         }
+        None => match flowcoach::inbox::file(&config, &ProcessEnv) {
+            Ok(Some(path)) => println!("  inbox:        {}", path.display()),
+            Ok(None) => println!("  inbox:        off (events acked on accept)"),
+            Err(error) => {
+                eprintln!("flowcoach: {error}");
+                return exit::code(exit::CONFIG);
+            }
+        },
     }
     println!("  lock file:    {}", paths.lock.display());
     println!("  control:      {}", paths.socket.display());

@@ -596,7 +596,7 @@ async fn an_app_asking_for_no_retry_gets_no_retry() {
     daemon.stop().await;
 }
 
-fn flowcoach_check(config: &str, env: &[(&str, &str)]) -> (i32, String) {
+pub(crate) fn flowcoach_check(config: &str, env: &[(&str, &str)]) -> (i32, String) {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), config).unwrap();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_flowcoach"))

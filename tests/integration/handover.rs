@@ -126,7 +126,7 @@ async fn finished(handover: Child) -> Output {
 }
 
 /// `handed over to pid N in M ms` → N.
-fn handed_to(output: &Output) -> u32 {
+pub(crate) fn handed_to(output: &Output) -> u32 {
     let text = String::from_utf8_lossy(&output.stdout);
     let pid = text
         .strip_prefix("handed over to pid ")
@@ -137,7 +137,7 @@ fn handed_to(output: &Output) -> u32 {
 
 /// Waits for one of our children to exit; its exit code. (Not [`Daemon::exit_code`]: a
 /// successor it started shares its stderr, so that never reaches its end.)
-async fn exited(daemon: &mut Daemon) -> i32 {
+pub(crate) async fn exited(daemon: &mut Daemon) -> i32 {
     let status = tokio::time::timeout(WAIT, daemon.child.wait())
         .await
         .unwrap_or_else(|_| panic!("pid {} did not exit:\n{}", daemon.pid(), daemon.stderr()))
@@ -209,7 +209,7 @@ fn acked_count(record: &Record) -> usize {
 }
 
 /// Waits until `more` envelopes have been acked beyond `since`; the new count.
-async fn acks_beyond(sim: &Simulator, since: usize, more: usize) -> usize {
+pub(crate) async fn acks_beyond(sim: &Simulator, since: usize, more: usize) -> usize {
     let record = sim
         .wait_until(WAIT, |r| acked_count(r) >= since + more)
         .await

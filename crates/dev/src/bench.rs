@@ -1,5 +1,6 @@
 //! `flowcoach-dev bench`: throughput, CPU per envelope, ack latency and resident memory of a
-//! flowcoach process (the child, not the simulator) under a steady envelope stream; with
+//! flowcoach process (the child, not the simulator) under a steady envelope stream (the
+//! inbox in SQLite, in PostgreSQL with `--postgres`, or off); with
 //! `--handovers N`, what N handovers in a row cost under a steady stream of events, slash
 //! commands and interactions; with `--bolt-compare SECONDS`, a Bolt app in Socket Mode
 //! against the same app behind flowcoach.
@@ -11,6 +12,7 @@ use flowcoach::control::client;
 use flowcoach::control::protocol::{Command, Response};
 use flowcoach::host::paths::InstancePaths;
 use flowcoach_harness::logs::handled_events;
+use flowcoach_harness::postgres::{self, Postgres};
 use flowcoach_harness::process::{self, Strays};
 use flowcoach_harness::prometheus;
 use flowcoach_harness::{Daemon, Logs};
@@ -40,6 +42,8 @@ pub struct BenchReport {
     pub app_requests: Option<u64>,
     /// Events were acked once on disk (the durable inbox), not on accept.
     pub inbox: bool,
+    /// The inbox was in PostgreSQL (`[cluster]`), not in SQLite: acked once committed.
+    pub postgres: bool,
     /// The metrics endpoint was on and scraped every second.
     pub metrics: bool,
     /// With `metrics`: scrapes answered, and the series in the last one.
@@ -48,6 +52,9 @@ pub struct BenchReport {
     pub seconds: f64,
     pub envelopes_per_second: f64,
     pub cpu_us_per_envelope: f64,
+    /// With `postgres`: the CPU of the PostgreSQL server and its sessions, per envelope,
+    /// on top of flowcoach's own.
+    pub store_cpu_us_per_envelope: Option<f64>,
     pub ack_latency_p50_us: u64,
     pub ack_latency_p99_us: u64,
     pub rss_idle_kib: u64,
@@ -127,7 +134,11 @@ fn print_table(r: &BenchReport) {
             ""
         }
     );
-    if r.inbox {
+    if r.postgres {
+        println!(
+            "  inbox in PostgreSQL ([cluster], loopback TCP): events acked once committed there"
+        );
+    } else if r.inbox {
         println!("  durable inbox on: events acked once committed to disk (fsync)");
     }
     if let Some(requests) = r.app_requests {
@@ -144,6 +155,9 @@ fn print_table(r: &BenchReport) {
         "  client CPU        {:>10.2} µs/envelope",
         r.cpu_us_per_envelope
     );
+    if let Some(store) = r.store_cpu_us_per_envelope {
+        println!("  PostgreSQL CPU    {store:>10.2} µs/envelope");
+    }
     println!("  ack latency p50   {:>10} µs", r.ack_latency_p50_us);
     println!("  ack latency p99   {:>10} µs", r.ack_latency_p99_us);
     println!(
@@ -190,6 +204,19 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
     if args.no_inbox {
         config.push_str("[inbox]\nenabled = false\n");
     }
+    let postgres = if args.postgres {
+        if !postgres::runnable("flowcoach-dev bench --postgres") {
+            return Err("--postgres needs the PostgreSQL server package".to_owned());
+        }
+        let pg = Postgres::start().await;
+        config.push_str(&format!(
+            "[cluster]\nstore = \"{}\"\nname = \"bench\"\nmember = \"bench\"\n",
+            pg.tcp_url()
+        ));
+        Some(pg)
+    } else {
+        None
+    };
     if args.metrics {
         config.push_str("[metrics]\nlisten = \"127.0.0.1:0\"\n");
     }
@@ -204,6 +231,9 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
     let mut env = vec![("FLOWCOACH_LOG", level)];
     if app.is_some() {
         env.push(("SLACK_SIGNING_SECRET", "bench-signing-secret"));
+    }
+    if postgres.is_some() {
+        env.push(("PGPASSWORD", postgres::PASSWORD));
     }
     let mut daemon = Daemon::launch(&sim, &config, &env, &[], Logs::Collect);
     let pid = daemon.pid() as u32;
@@ -233,6 +263,7 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
             .map_err(|e| format!("flowcoach did not reconnect: {e:?}"))?;
     }
     let idle = process::usage(pid)?;
+    let store_idle = postgres.as_ref().map(store_cpu);
 
     let started = Instant::now();
     let load = sim.start_load(
@@ -284,12 +315,14 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
     let elapsed = started.elapsed();
     let _ = load.await;
     let loaded = process::usage(pid)?;
+    let store_loaded = postgres.as_ref().map(store_cpu);
     peak_rss = peak_rss.max(loaded.rss_kib);
     peak_anon = peak_anon.max(loaded.rss_anon_kib);
 
     daemon.signal(Signal::SIGTERM);
     let _ = tokio::time::timeout(WAIT, daemon.child.wait()).await;
     sim.shutdown().await;
+    drop(postgres);
 
     let latencies = AckLatencies::of(&record);
     let percentile = |p| latencies.percentile_us(p);
@@ -302,12 +335,16 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
         forward: args.forward,
         app_requests: app.as_ref().map(NoOpApp::requests),
         inbox: !args.no_inbox,
+        postgres: args.postgres,
         metrics: args.metrics,
         scrapes: args.metrics.then_some(scrapes),
         series: args.metrics.then(|| prometheus::series_count(&last_scrape)),
         seconds: elapsed.as_secs_f64(),
         envelopes_per_second: envelopes as f64 / elapsed.as_secs_f64(),
         cpu_us_per_envelope: cpu.as_secs_f64() * 1e6 / envelopes as f64,
+        store_cpu_us_per_envelope: store_loaded.zip(store_idle).map(|(loaded, idle)| {
+            loaded.saturating_sub(idle).as_secs_f64() * 1e6 / envelopes as f64
+        }),
         ack_latency_p50_us: percentile(0.50),
         ack_latency_p99_us: percentile(0.99),
         rss_idle_kib: idle.rss_kib,
@@ -315,6 +352,18 @@ async fn bench(args: &BenchArgs) -> Result<BenchReport, String> {
         rss_anon_idle_kib: idle.rss_anon_kib,
         rss_anon_peak_under_load_kib: peak_anon,
     })
+}
+
+/// CPU time so far of the PostgreSQL server and its sessions (one process each).
+fn store_cpu(pg: &Postgres) -> Duration {
+    let Some(server) = pg.pid() else {
+        return Duration::ZERO;
+    };
+    std::iter::once(server)
+        .chain(process::children(server))
+        .filter_map(|pid| process::usage(pid).ok())
+        .map(|usage| usage.cpu)
+        .sum()
 }
 
 /// From each acked envelope's first delivery to its ack, sorted.

@@ -68,6 +68,12 @@ pub struct BenchArgs {
     /// directory under $TMPDIR: on the disk to measure.
     #[arg(long, conflicts_with = "handovers")]
     pub no_inbox: bool,
+    /// Keep the inbox in PostgreSQL instead (`[cluster]`), as the members of a cluster do:
+    /// a server of the bench's own, from the distribution's server package, in a
+    /// temporary directory, reached over loopback TCP with a password. Events are acked
+    /// once committed there.
+    #[arg(long, conflicts_with_all = ["handovers", "no_inbox"])]
+    pub postgres: bool,
     /// Turn the Prometheus endpoint on (`[metrics] listen`) and scrape it every second
     /// during the run, as Prometheus would: the cost of the metrics.
     #[arg(long, conflicts_with = "handovers")]

@@ -188,6 +188,11 @@ impl Postgres {
         self.start_server().await;
     }
 
+    /// The server's main process (its sessions are its children), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.server.as_ref().and_then(|s| s.child.id())
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
