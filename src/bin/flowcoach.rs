@@ -114,8 +114,9 @@ fn check_config(cli: &DaemonCli) -> ExitCode {
                 None => println!("  store password: none (the server must not ask for one)"),
             }
             println!(
-                "  claim lease:  {}",
-                humantime::format_duration(cluster.lease)
+                "  claim lease:  {}, heartbeat every {}",
+                humantime::format_duration(cluster.lease),
+                humantime::format_duration(cluster.heartbeat)
             );
         }
         None => match flowcoach::inbox::file(&config, &ProcessEnv) {

@@ -931,7 +931,7 @@ fn check_config_reports_the_cluster_without_its_password_and_refuses_bad_setting
         "cluster:      prod (this member: host-a, at most 3 members)",
         "store:        postgres://flowcoach@db.example:5433/flowcoach",
         "store password: from PGPASSWORD",
-        "claim lease:  1m 30s",
+        "claim lease:  1m 30s, heartbeat every 30s",
         "inbox:        shared by the cluster's members",
     ] {
         assert!(text.contains(line), "{line:?} in {text}");
