@@ -270,14 +270,8 @@ async fn three_members_through_a_kill_9_a_restart_a_handover_and_a_postgresql_re
     let (addr, url) = vacant_address().await;
     const LEASE: &str = "5s";
     let members: Vec<Member> = ["m1", "m2", "m3"].map(Member::new).into();
-    let mut daemons: Vec<Daemon> = members
-        .iter()
-        .map(|m| m.start(&sim, &pg, &url, LEASE, ""))
-        .collect();
+    let mut daemons = start_connected(&members, &sim, &pg, &url, LEASE, "").await;
     let mut strays = Strays::default();
-    sim.wait_until(WAIT, |r| r.hellos() >= 3)
-        .await
-        .unwrap_or_else(|e| panic!("not every member connected: {e}\n{}", daemons[0].stderr()));
     // More than the scenario needs: stopped once it is over.
     let stream = sim.start_load(APP, load(500 * 600));
     let mut acks = acks_beyond(&sim, 0, 1000).await;
@@ -365,13 +359,7 @@ async fn a_postgresql_restart_acks_nothing_uncommitted_and_slash_commands_are_st
     );
     let extra = format!("commands_url = \"{}\"", commands.url());
     let members: Vec<Member> = ["m1", "m2"].map(Member::new).into();
-    let mut daemons: Vec<Daemon> = members
-        .iter()
-        .map(|m| m.start(&sim, &pg, &app.url(), "5s", &extra))
-        .collect();
-    sim.wait_until(WAIT, |r| r.hellos() >= 2)
-        .await
-        .unwrap_or_else(|e| panic!("not every member connected: {e}\n{}", daemons[0].stderr()));
+    let mut daemons = start_connected(&members, &sim, &pg, &app.url(), "5s", &extra).await;
     let stream = sim.start_load(APP, load(3000));
     sim.wait_until(WAIT, |r| acked_count(r) >= 500)
         .await
@@ -413,6 +401,26 @@ async fn a_postgresql_restart_acks_nothing_uncommitted_and_slash_commands_are_st
     for daemon in &mut daemons {
         daemon.stop().await;
     }
+}
+
+/// Every one of `members` started against `pg`, each with a connection to Slack.
+async fn start_connected(
+    members: &[Member],
+    sim: &Simulator,
+    pg: &Postgres,
+    url: &str,
+    lease: &str,
+    extra: &str,
+) -> Vec<Daemon> {
+    let before = sim.record().hellos();
+    let daemons: Vec<Daemon> = members
+        .iter()
+        .map(|m| m.start(sim, pg, url, lease, extra))
+        .collect();
+    sim.wait_until(WAIT, |r| r.hellos() >= before + members.len())
+        .await
+        .unwrap_or_else(|e| panic!("not every member connected: {e}\n{}", daemons[0].stderr()));
+    daemons
 }
 
 /// The members' names in a `status --json` report, as listed.
@@ -465,13 +473,7 @@ async fn every_member_lists_the_same_members_and_a_killed_one_is_gone_after_the_
     let sim = simulator(|_| {}).await;
     let (_, url) = vacant_address().await;
     let members: Vec<Member> = ["m1", "m2", "m3"].map(Member::new).into();
-    let mut daemons: Vec<Daemon> = members
-        .iter()
-        .map(|m| m.start(&sim, &pg, &url, "2s", ""))
-        .collect();
-    sim.wait_until(WAIT, |r| r.hellos() >= 3)
-        .await
-        .unwrap_or_else(|e| panic!("not every member connected: {e}\n{}", daemons[0].stderr()));
+    let mut daemons = start_connected(&members, &sim, &pg, &url, "2s", "").await;
     let all = logged(&["m1", "m2", "m3"]);
     for daemon in &mut daemons {
         daemon
@@ -563,13 +565,7 @@ async fn members_are_not_other_clients_but_a_stranger_with_the_same_token_is() {
     let sim = simulator(|_| {}).await;
     let (_, url) = vacant_address().await;
     let members: Vec<Member> = ["m1", "m2", "m3"].map(Member::new).into();
-    let mut daemons: Vec<Daemon> = members
-        .iter()
-        .map(|m| m.start(&sim, &pg, &url, "5s", ""))
-        .collect();
-    sim.wait_until(WAIT, |r| r.hellos() >= 3)
-        .await
-        .unwrap_or_else(|e| panic!("not every member connected: {e}\n{}", daemons[0].stderr()));
+    let mut daemons = start_connected(&members, &sim, &pg, &url, "5s", "").await;
     let all = logged(&["m1", "m2", "m3"]);
     for daemon in &mut daemons {
         daemon
@@ -691,13 +687,8 @@ async fn a_slow_delivery_keeps_its_claim_past_the_lease() {
         ),
     );
     let members: Vec<Member> = ["m1", "m2"].map(Member::new).into();
-    let mut daemons: Vec<Daemon> = members
-        .iter()
-        .map(|m| m.start(&sim, &pg, &app.url(), "1s", "timeout = \"10s\""))
-        .collect();
-    sim.wait_until(WAIT, |r| r.hellos() >= 2)
-        .await
-        .unwrap_or_else(|e| panic!("not every member connected: {e}\n{}", daemons[0].stderr()));
+    let mut daemons =
+        start_connected(&members, &sim, &pg, &app.url(), "1s", "timeout = \"10s\"").await;
     acked(&sim, flowcoach_harness::event("EvSlowOne", "slow")).await;
     app.wait_seen(1).await;
     // Bounded: until one member counts the delivery as done.
