@@ -11,9 +11,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
 use nix::sys::signal::Signal;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::watch;
 
 use crate::WAIT;
 
@@ -144,20 +142,8 @@ impl Postgres {
             .kill_on_drop(true)
             .spawn()
             .expect("postgres starts");
-        let (ready_tx, mut ready) = watch::channel(false);
-        let log = Arc::new(Mutex::new(String::new()));
-        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
-        let collected = log.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains(READY_LINE) {
-                    let _ = ready_tx.send(true);
-                }
-                let mut log = collected.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
+        let (log, mut ready) =
+            crate::process::watch_stderr(child.stderr.take().expect("piped"), READY_LINE);
         let became_ready = tokio::time::timeout(WAIT, ready.wait_for(|ready| *ready))
             .await
             .is_ok_and(|seen| seen.is_ok());

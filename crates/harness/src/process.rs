@@ -123,3 +123,30 @@ pub fn usage(pid: u32) -> Result<Usage, String> {
         rss_anon_kib: kib("RssAnon:"),
     })
 }
+
+/// A server's stderr, kept line by line for failure messages, with a flag that turns true
+/// at the first line containing `ready_line` (the server saying it serves).
+pub fn watch_stderr(
+    stderr: tokio::process::ChildStderr,
+    ready_line: &'static str,
+) -> (
+    std::sync::Arc<std::sync::Mutex<String>>,
+    tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (ready_tx, ready) = tokio::sync::watch::channel(false);
+    let collected = log.clone();
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains(ready_line) {
+                let _ = ready_tx.send(true);
+            }
+            let mut log = collected.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    (log, ready)
+}

@@ -8,9 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
-use tokio::sync::watch;
 
 use crate::WAIT;
 
@@ -173,21 +172,8 @@ impl Prometheus {
             .kill_on_drop(true)
             .spawn()
             .expect("spawn prometheus");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (ready_tx, mut ready) = watch::channel(false);
-        let stderr = child.stderr.take().unwrap();
-        let collected = log.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains(READY_LINE) {
-                    let _ = ready_tx.send(true);
-                }
-                let mut log = collected.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
+        let (log, mut ready) =
+            crate::process::watch_stderr(child.stderr.take().unwrap(), READY_LINE);
         let became_ready = tokio::time::timeout(WAIT, ready.wait_for(|ready| *ready)).await;
         assert!(
             matches!(became_ready, Ok(Ok(_))),
