@@ -7,6 +7,7 @@
 //! logs one failure per probe, and is found back within seconds; then everything waiting
 //! is due at once.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -81,7 +82,11 @@ impl Deliverer {
         // What a crashed process, or a predecessor, was delivering is pending again: it
         // delivers no longer (the lock is ours).
         loop {
-            match self.writer.change(Change::Unclaim).await {
+            match self
+                .writer
+                .change(Change::Unclaim { keep: Vec::new() })
+                .await
+            {
                 Ok(Applied::Count(count)) if count > 0 => {
                     tracing::info!(count, "inbox: resuming deliveries that were under way");
                     break;
@@ -97,9 +102,15 @@ impl Deliverer {
         }
         let self_ = Arc::new(self);
         let tracker = TaskTracker::new();
-        let (done_tx, mut done) = mpsc::unbounded_channel::<bool>();
+        // (id, delivered) of each attempt that ended.
+        let (done_tx, mut done) = mpsc::unbounded_channel::<(i64, bool)>();
         let settings = self_.settings;
-        let mut in_flight = 0usize;
+        let mut in_flight = BTreeSet::new();
+        // A claim failed: the store may have committed it all the same (the connection
+        // broke before its answer came). Its envelopes would wait marked as ours, their
+        // lease renewed by our heartbeat, delivered by nobody: released before claiming
+        // again, all but those under way.
+        let mut unclaim_first = false;
         let mut probes = Backoff::new(
             settings.retry_initial.min(PROBE_EVERY),
             settings.retry_max.min(PROBE_EVERY),
@@ -109,13 +120,17 @@ impl Deliverer {
         loop {
             let now = Instant::now();
             let room = match failing {
-                Some(probe_at) => usize::from(in_flight == 0 && now >= probe_at),
+                Some(probe_at) => usize::from(in_flight.is_empty() && now >= probe_at),
                 // Refilled in batches, not one claim (one transaction) per delivery.
-                None if in_flight > settings.max_concurrent / 2 => 0,
-                None => settings.max_concurrent - in_flight,
+                None if in_flight.len() > settings.max_concurrent / 2 => 0,
+                None => settings.max_concurrent - in_flight.len(),
             };
             let mut wait = POLL;
-            if room > 0 {
+            if room > 0 && unclaim_first {
+                let keep = in_flight.iter().copied().collect();
+                unclaim_first = self_.writer.change(Change::Unclaim { keep }).await.is_err();
+            }
+            if room > 0 && !unclaim_first {
                 let claim = Change::Claim {
                     limit: room,
                     probe: failing.is_some(),
@@ -124,22 +139,33 @@ impl Deliverer {
                 match self_.writer.change(claim).await {
                     Ok(Applied::Claimed(due)) => {
                         if due.is_empty() && failing.is_some() {
-                            // Nothing left to try it with.
+                            // Nothing left to try it with: what we put off while it
+                            // failed is due again, for whoever delivers next.
                             failing = None;
                             probes.reset();
+                            let _ = self_
+                                .writer
+                                .change(Change::Expedite {
+                                    now: SystemTime::now(),
+                                })
+                                .await;
                         }
                         for due in due {
-                            in_flight += 1;
+                            in_flight.insert(due.id);
                             let deliverer = self_.clone();
                             let done = done_tx.clone();
                             tracker.spawn(async move {
+                                let id = due.id;
                                 let delivered = deliverer.deliver(due).await;
-                                let _ = done.send(delivered);
+                                let _ = done.send((id, delivered));
                             });
                         }
                     }
                     Ok(_) => {}
-                    Err(_) => wait = POLL,
+                    Err(_) => {
+                        unclaim_first = true;
+                        wait = POLL;
+                    }
                 }
             }
             if let Some(probe_at) = failing {
@@ -152,12 +178,14 @@ impl Deliverer {
                 () = stop.cancelled() => break,
                 Some(first) = done.recv() => {
                     let mut outcomes = vec![first];
-                    while let Ok(delivered) = done.try_recv() {
-                        outcomes.push(delivered);
+                    while let Ok(outcome) = done.try_recv() {
+                        outcomes.push(outcome);
                     }
-                    in_flight -= outcomes.len();
+                    for (id, _) in &outcomes {
+                        in_flight.remove(id);
+                    }
                     // Any success says the target works; else the last failure counts.
-                    let delivered = outcomes.iter().any(|delivered| *delivered);
+                    let delivered = outcomes.iter().any(|(_, delivered)| *delivered);
                     match (delivered, failing) {
                         (true, Some(_)) => {
                             failing = None;

@@ -122,9 +122,13 @@ pub enum Change {
         id: i64,
         settlement: Settlement,
     },
-    /// Envelopes marked as being delivered by a process that no longer delivers (it
-    /// crashed or handed over) become pending again.
-    Unclaim,
+    /// Envelopes marked as being delivered by this member but not in `keep` become
+    /// pending again: a process that no longer delivers (it crashed or handed over)
+    /// claimed them, or a claim committed although its answer was lost with the
+    /// connection, so nobody delivers them.
+    Unclaim {
+        keep: Vec<i64>,
+    },
     /// Pending envelopes waiting for a retry become due at `now`: the target is back.
     Expedite {
         now: SystemTime,

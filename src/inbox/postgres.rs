@@ -385,7 +385,7 @@ const DEAD: &str = "UPDATE flowcoach_envelopes
 /// Only this member's claims: others' are theirs until their lease runs out.
 const UNCLAIM: &str = "UPDATE flowcoach_envelopes
      SET state = 'pending', claimed_by = NULL, claimed_until = NULL
-     WHERE cluster = $1 AND state = 'delivering' AND claimed_by = $2";
+     WHERE cluster = $1 AND state = 'delivering' AND claimed_by = $2 AND NOT (id = ANY($3))";
 const EXPEDITE: &str = "UPDATE flowcoach_envelopes SET next_attempt_at = $2
      WHERE cluster = $1 AND state = 'pending' AND next_attempt_at > $2";
 const RETRY_ONE: &str = "UPDATE flowcoach_envelopes SET state = 'pending', next_attempt_at = $3
@@ -523,7 +523,7 @@ fn apply_one(
             )?,
             Settlement::Dead { error } => run(DEAD, &[cluster, id, &scope.member, error])?,
         }),
-        Change::Unclaim => Applied::Count(run(UNCLAIM, &[cluster, &scope.member])?),
+        Change::Unclaim { keep } => Applied::Count(run(UNCLAIM, &[cluster, &scope.member, keep])?),
         Change::Expedite { now } => Applied::Count(run(EXPEDITE, &[cluster, &millis(*now)])?),
         Change::Retry { which, now } => Applied::Count(match which {
             Which::One(id) => run(RETRY_ONE, &[cluster, id, &millis(*now)])?,

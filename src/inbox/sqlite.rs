@@ -279,9 +279,10 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, change: &Change) -> rusqlite::Resul
                 )?
                 .execute(params![id, error])?,
         } as u64),
-        Change::Unclaim => Applied::Count(tx.execute(
-            "UPDATE envelopes SET state = 'pending' WHERE state = 'delivering'",
-            [],
+        Change::Unclaim { keep } => Applied::Count(tx.execute(
+            "UPDATE envelopes SET state = 'pending' WHERE state = 'delivering'
+             AND id NOT IN (SELECT value FROM json_each(?1))",
+            [serde_json::to_string(keep).expect("ids serialize")],
         )? as u64),
         Change::Expedite { now } => Applied::Count(tx.execute(
             "UPDATE envelopes SET next_attempt_at = ?1 WHERE state = 'pending' AND next_attempt_at > ?1",
@@ -486,11 +487,29 @@ mod tests {
                     id: due[0].id,
                     settlement: Settlement::Delivered,
                 },
-                Change::Unclaim,
+                Change::Unclaim { keep: Vec::new() },
             ])
             .unwrap();
         let counts = store.counts().unwrap();
         assert_eq!((counts.pending, counts.delivering, counts.dead), (1, 0, 0));
+        // A claim being delivered is kept when the others are released.
+        let Applied::Claimed(due) = store
+            .apply(&[Change::Claim {
+                limit: 10,
+                probe: false,
+                now,
+            }])
+            .unwrap()
+            .remove(0)
+        else {
+            panic!("not a claim");
+        };
+        store
+            .apply(&[Change::Unclaim {
+                keep: vec![due[0].id],
+            }])
+            .unwrap();
+        assert_eq!(store.counts().unwrap().delivering, 1);
         let mode = std::fs::metadata(&path).unwrap().permissions();
         assert_eq!(
             std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,

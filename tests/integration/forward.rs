@@ -133,14 +133,24 @@ impl App {
 
     /// Waits until the app has seen `count` requests; all of them.
     pub(crate) async fn wait_seen(&self, count: usize) -> Vec<Seen> {
+        self.try_wait_seen(count).await.unwrap_or_else(|seen| {
+            // The first few only: a long run's requests would bury the failure.
+            let first: Vec<_> = seen.iter().take(5).collect();
+            panic!(
+                "the app saw {} of {count} requests within {WAIT:?}; the first: {first:?}",
+                seen.len()
+            )
+        })
+    }
+
+    /// Waits until the app has seen `count` requests: all of them, or (after [`WAIT`])
+    /// the fewer it saw.
+    pub(crate) async fn try_wait_seen(&self, count: usize) -> Result<Vec<Seen>, Vec<Seen>> {
         let mut seen = self.state.seen.subscribe();
-        tokio::time::timeout(WAIT, seen.wait_for(|s| s.len() >= count))
-            .await
-            .unwrap_or_else(|_| {
-                panic!("the app saw fewer than {count} requests: {:?}", self.seen())
-            })
-            .unwrap()
-            .clone()
+        match tokio::time::timeout(WAIT, seen.wait_for(|s| s.len() >= count)).await {
+            Ok(seen) => Ok(seen.unwrap().clone()),
+            Err(_) => Err(self.seen()),
+        }
     }
 }
 

@@ -107,7 +107,8 @@ pub(crate) async fn every_acked_event_reached_the_app_once(sim: &Simulator, app:
         .await
         .unwrap_or_else(|e| panic!("envelopes still in flight: {e}"));
     let acked = acked_event_ids(&record);
-    app.wait_seen(acked.len()).await;
+    // Short or not, the ids tell what went missing.
+    let _ = app.try_wait_seen(acked.len()).await;
     let counts = seen_counts(app);
     let missing: Vec<&String> = acked
         .iter()
@@ -116,8 +117,12 @@ pub(crate) async fn every_acked_event_reached_the_app_once(sim: &Simulator, app:
     let twice: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
     assert!(
         missing.is_empty() && twice.is_empty(),
-        "{} acked events; missing at the app: {missing:?}; seen more than once: {twice:?}",
-        acked.len()
+        "{} acked events; {} missing at the app, the first: {:?}; {} seen more than once: {:?}",
+        acked.len(),
+        missing.len(),
+        &missing[..missing.len().min(20)],
+        twice.len(),
+        &twice[..twice.len().min(20)],
     );
 }
 
