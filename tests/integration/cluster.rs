@@ -10,9 +10,10 @@ use std::time::{Duration, SystemTime};
 use flowcoach::config::ClusterSettings;
 use flowcoach::inbox::postgres::PostgresStore;
 use flowcoach::inbox::{Applied, Change, NewEnvelope, Settlement, Store};
+use flowcoach_harness::lost_commit::LostCommits;
 use flowcoach_harness::postgres::{self, Postgres};
 use flowcoach_harness::process::{self, Strays};
-use flowcoach_harness::{APP, Daemon, WAIT, acked, ctl, simulator, slash};
+use flowcoach_harness::{APP, Daemon, WAIT, acked, ctl, event, simulator, slash};
 use flowcoach_sim::{CloseKind, LoadMix, LoadSpec, Simulator};
 use nix::sys::signal::Signal;
 use tokio::net::TcpListener;
@@ -41,20 +42,20 @@ impl Member {
     /// flowcoach forwarding to `url` (`extra` may add per-kind URLs), a member of the
     /// cluster `it` in `pg` over TCP, with the password in `PGPASSWORD`.
     fn start(&self, sim: &Simulator, pg: &Postgres, url: &str, lease: &str, extra: &str) -> Daemon {
-        self.launch(sim, &self.config(pg, url, lease, extra))
+        self.launch(sim, &self.config(&pg.tcp_url(), url, lease, extra))
     }
 
-    /// What [`Member::start`] runs with.
-    fn config(&self, pg: &Postgres, url: &str, lease: &str, extra: &str) -> String {
-        let cluster = self.cluster(pg, &format!("lease = \"{lease}\""));
+    /// What [`Member::start`] runs with, the store at `store`.
+    fn config(&self, store: &str, url: &str, lease: &str, extra: &str) -> String {
+        let cluster = self.cluster(store, &format!("lease = \"{lease}\""));
         config(url, &format!("{extra}\n{INBOX}{cluster}"))
     }
 
-    /// `[cluster]` for this member of the cluster `it` in `pg` over TCP, with `extra` keys.
-    fn cluster(&self, pg: &Postgres, extra: &str) -> String {
+    /// `[cluster]` for this member of the cluster `it` in the store at `store`, with
+    /// `extra` keys.
+    fn cluster(&self, store: &str, extra: &str) -> String {
         format!(
-            "[cluster]\nstore = \"{}\"\nname = \"it\"\nmember = \"{}\"\n{extra}\n",
-            pg.tcp_url(),
+            "[cluster]\nstore = \"{store}\"\nname = \"it\"\nmember = \"{}\"\n{extra}\n",
             self.name
         )
     }
@@ -403,6 +404,45 @@ async fn a_postgresql_restart_acks_nothing_uncommitted_and_slash_commands_are_st
     }
 }
 
+/// PostgreSQL commits a claim but its answer is lost with the connection: the member
+/// does not know the envelope is marked as its own, and its heartbeat would renew that
+/// claim for ever. It releases the claim once the store answers again, and delivers the
+/// envelope long before the lease (far beyond the test's wait) could run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_commit_answer_is_lost_is_released_and_delivered_once() {
+    if !postgres::runnable("cluster lost claim") {
+        return;
+    }
+    let pg = Postgres::start().await;
+    let proxy = LostCommits::start(&pg).await;
+    let sim = simulator(|_| {}).await;
+    let app = App::start_on(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        Reply::Ok("text/plain", String::new()),
+    );
+    let member = Member::new("m1");
+    let lease = "600s";
+    let mut daemon = member.launch(&sim, &member.config(&proxy.url(), &app.url(), lease, ""));
+    sim.wait_until(WAIT, |r| r.hellos() >= 1)
+        .await
+        .unwrap_or_else(|e| panic!("no connection: {e}\n{}", daemon.stderr()));
+    // Delivery works through the proxy.
+    acked(&sim, event("Ev-before", "before")).await;
+    app.wait_seen(1).await;
+
+    proxy.arm(1);
+    acked(&sim, event("Ev-lost", "its claim's answer is lost")).await;
+    app.wait_seen(2).await;
+    assert_eq!(proxy.lost(), 1, "no claim's commit was lost");
+    daemon
+        .wait_log("inbox cannot write", |l| {
+            l["cause"] == "the shared store cannot be reached"
+        })
+        .await;
+    every_acked_event_reached_the_app_once(&sim, &app).await;
+    daemon.stop().await;
+}
+
 /// Every one of `members` started against `pg`, each with a connection to Slack.
 async fn start_connected(
     members: &[Member],
@@ -626,7 +666,7 @@ async fn a_member_beyond_max_members_or_the_socket_budget_is_refused_with_69() {
         format!(
             "{}\n[forward]\nurl = \"{url}\"\n{INBOX}{}",
             flowcoach_harness::fast_config_with(&[("sockets", "2")]),
-            m.cluster(&pg, "max_members = 3\nlease = \"5s\"")
+            m.cluster(&pg.tcp_url(), "max_members = 3\nlease = \"5s\"")
         )
     };
     let members: Vec<Member> = ["m1", "m2", "m3"].map(Member::new).into();
@@ -651,7 +691,7 @@ async fn a_member_beyond_max_members_or_the_socket_budget_is_refused_with_69() {
         &url,
         &format!(
             "{INBOX}{}",
-            members[2].cluster(&pg, "max_members = 2\nlease = \"5s\"")
+            members[2].cluster(&pg.tcp_url(), "max_members = 2\nlease = \"5s\"")
         ),
     );
     let mut fourth = members[2].launch(&sim, &one_socket);
@@ -862,7 +902,7 @@ async fn a_handover_keeps_the_members_place_under_the_successors_pid() {
     }
     let mut successor = members[0].launch_args(
         &sim,
-        &members[0].config(&pg, &url, "5s", ""),
+        &members[0].config(&pg.tcp_url(), &url, "5s", ""),
         &["--takeover"],
     );
     assert_eq!(daemons[0].exit_code().await, 0, "{}", daemons[0].stderr());

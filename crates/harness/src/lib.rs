@@ -10,6 +10,7 @@ pub mod ctl;
 mod daemon;
 pub mod gate;
 pub mod logs;
+pub mod lost_commit;
 pub mod postgres;
 pub mod process;
 pub mod prometheus;

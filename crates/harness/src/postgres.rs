@@ -190,10 +190,7 @@ impl Postgres {
 
     /// A connection string over TCP (its password is [`PASSWORD`], given apart).
     pub fn tcp_url(&self) -> String {
-        format!(
-            "postgres://{USER}@127.0.0.1:{}/{DATABASE}?sslmode=disable",
-            self.port
-        )
+        tcp_url(self.port)
     }
 
     /// A connection string over the unix socket (trusted: no password).
@@ -261,4 +258,9 @@ impl Drop for Postgres {
             crate::process::signal(pid, Signal::SIGQUIT);
         }
     }
+}
+
+/// A connection string to the test's server (or a proxy to it) on `port` of `127.0.0.1`.
+pub fn tcp_url(port: u16) -> String {
+    format!("postgres://{USER}@127.0.0.1:{port}/{DATABASE}?sslmode=disable")
 }
