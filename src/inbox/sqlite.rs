@@ -443,6 +443,22 @@ mod tests {
         })
     }
 
+    /// Up to 10 envelopes due at `now`.
+    fn claim(store: &mut SqliteStore, now: SystemTime) -> Vec<Due> {
+        let Applied::Claimed(due) = store
+            .apply(&[Change::Claim {
+                limit: 10,
+                probe: false,
+                now,
+            }])
+            .unwrap()
+            .remove(0)
+        else {
+            panic!("not a claim");
+        };
+        due
+    }
+
     #[test]
     fn duplicates_are_not_kept_twice_and_claims_come_oldest_first() {
         let dir = tempfile::tempdir().unwrap();
@@ -467,17 +483,7 @@ mod tests {
             Applied::Accepted { fresh: false }
         ));
         let now = SystemTime::now();
-        let Applied::Claimed(due) = store
-            .apply(&[Change::Claim {
-                limit: 10,
-                probe: false,
-                now,
-            }])
-            .unwrap()
-            .remove(0)
-        else {
-            panic!("not a claim");
-        };
+        let due = claim(&mut store, now);
         assert_eq!(due.len(), 2);
         assert!(due[0].id < due[1].id);
         assert_eq!(store.counts().unwrap().delivering, 2);
@@ -493,17 +499,7 @@ mod tests {
         let counts = store.counts().unwrap();
         assert_eq!((counts.pending, counts.delivering, counts.dead), (1, 0, 0));
         // A claim being delivered is kept when the others are released.
-        let Applied::Claimed(due) = store
-            .apply(&[Change::Claim {
-                limit: 10,
-                probe: false,
-                now,
-            }])
-            .unwrap()
-            .remove(0)
-        else {
-            panic!("not a claim");
-        };
+        let due = claim(&mut store, now);
         store
             .apply(&[Change::Unclaim {
                 keep: vec![due[0].id],
